@@ -1,0 +1,233 @@
+"""Typed configuration: one `EngineConfig` flows from the CLI / `LLM(...)` to every subsystem.
+
+Owns: RoutingConfig (per-engine default and per-request override), ModelConfig (what the
+engine needs to know about a checkpoint, parsed from its config.json), CacheConfig,
+SchedulerConfig, and EngineConfig which bundles them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+RoutingPolicyName = Literal["top_k", "top_p", "threshold"]
+ROUTING_POLICIES: tuple[str, ...] = ("top_k", "top_p", "threshold")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How a MoE layer picks experts for a token.
+
+    policy:
+      - "top_k": the checkpoint's own rule (its k, its renormalisation), or `k` if given.
+      - "top_p": sort softmax probabilities descending, keep the smallest prefix whose cumulative
+        probability reaches `p` (Huang et al., 2024).
+      - "threshold": keep experts whose probability is >= `threshold`.
+    The number of experts is clamped to [min_experts, max_experts] (max_experts None = all).
+    renormalize None = do what the checkpoint's top-k rule does.
+    Models with native dynamic routing (ReLU routers, zero-computation experts) ignore the policy
+    and route as their checkpoint defines.
+    """
+
+    policy: str = "top_k"
+    p: float = 0.5
+    threshold: float = 0.2
+    k: int | None = None
+    min_experts: int = 1
+    max_experts: int | None = None
+    renormalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+        if self.policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing.policy must be one of {list(ROUTING_POLICIES)}, got {self.policy!r}")
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not (0.0 < self.p <= 1.0):
+            raise ValueError(f"routing.p must be a number in (0, 1], got {self.p!r}")
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or not (0.0 <= self.threshold <= 1.0)
+        ):
+            raise ValueError(f"routing.threshold must be a number in [0, 1], got {self.threshold!r}")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"routing.k must be a positive integer, got {self.k!r}")
+        if isinstance(self.min_experts, bool) or not isinstance(self.min_experts, int) or self.min_experts < 0:
+            raise ValueError(f"routing.min_experts must be an integer >= 0, got {self.min_experts!r}")
+        if self.max_experts is not None and (
+            isinstance(self.max_experts, bool) or not isinstance(self.max_experts, int) or self.max_experts < 1
+        ):
+            raise ValueError(f"routing.max_experts must be an integer >= 1, got {self.max_experts!r}")
+        if self.max_experts is not None and self.max_experts < self.min_experts:
+            raise ValueError(
+                f"routing.max_experts ({self.max_experts}) must be >= routing.min_experts ({self.min_experts})"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown routing field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class ModelConfig:
+    """What the engine needs to know about a checkpoint. `hf` keeps the raw config.json for the
+    architecture classes; the common fields are normalised here."""
+
+    model_dir: str
+    architecture: str
+    hf: dict[str, Any]
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_model_len: int
+    dtype: str = "float32"
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    num_experts: int = 0  # routed FFN experts per MoE layer (0 for dense models)
+    top_k: int = 0  # checkpoint's experts per token
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike, dtype: str = "auto", max_model_len: int | None = None) -> ModelConfig:
+        path = Path(model_dir)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"no config.json in model directory {str(path)!r}")
+        hf = json.loads(cfg_path.read_text())
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{cfg_path}: config.json has no 'architectures' entry")
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        num_experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts") or 0
+        top_k = hf.get("num_experts_per_tok") or hf.get("moe_topk") or 0
+        ctx = hf.get("max_position_embeddings", 2048)
+        if dtype == "auto":
+            dtype = "float32"  # CPU default; bfloat16 on request
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+        return cls(
+            model_dir=str(path),
+            architecture=archs[0],
+            hf=hf,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_model_len=min(max_model_len, ctx) if max_model_len else ctx,
+            dtype=dtype,
+            eos_token_ids=eos_ids,
+            bos_token_id=hf.get("bos_token_id"),
+            num_experts=int(num_experts),
+            top_k=int(top_k),
+        )
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache. The pool is `num_kv_blocks` blocks of `block_size` tokens, or sized from
+    `kv_cache_memory_bytes` when num_kv_blocks is None."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 2 * 1024**3
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits per step."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    max_queued_requests: int | None = None
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine instance is built from."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    device: str = "cpu"
+    seed: int = 0
+    use_triton: bool | None = None  # None: Triton on CUDA, torch references on CPU
+    record_expert_token_counts: bool = False  # per-(layer, expert) counts (high cardinality)
+    served_model_name: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_bytes: int = 2 * 1024**3,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+        max_queued_requests: int | None = None,
+        routing: RoutingConfig | dict[str, Any] | None = None,
+        use_triton: bool | None = None,
+        record_expert_token_counts: bool = False,
+        served_model_name: str | None = None,
+    ) -> EngineConfig:
+        """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
+        if model_dir is None:
+            from dynserve.model.loader import default_model_dir
+
+            model_dir = default_model_dir()
+        if isinstance(routing, dict):
+            routing = RoutingConfig.from_dict(routing)
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        model = ModelConfig.from_dir(model_dir, dtype=dtype, max_model_len=max_model_len)
+        if not enable_chunked_prefill and max_num_batched_tokens < model.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled"
+            )
+        return cls(
+            model=model,
+            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_queued_requests),
+            routing=routing or RoutingConfig(),
+            device=device,
+            seed=seed,
+            use_triton=use_triton,
+            record_expert_token_counts=record_expert_token_counts,
+            served_model_name=served_model_name,
+        )
+
+    def with_routing(self, routing: RoutingConfig) -> EngineConfig:
+        return replace(self, routing=routing)

@@ -1,0 +1,1 @@
+"""engine/: request state, block manager, scheduler, runner, sampler, detokenizer, LLMEngine, AsyncEngine."""

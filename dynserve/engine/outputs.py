@@ -1,0 +1,79 @@
+"""What the engine returns to its callers (LLM.generate, AsyncEngine, the server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExpertUsage:
+    """Experts a request used. expert_activations = sum over its computed token positions and MoE
+    layers of FFN experts used; avg_experts_per_token = that / (tokens x MoE layers);
+    per_layer[l] = activations in MoE layer l."""
+
+    expert_activations: int = 0
+    avg_experts_per_token: float = 0.0
+    per_layer: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # token positions routed (per layer)
+
+    @classmethod
+    def from_counts(cls, per_layer: list[int], num_tokens: int) -> ExpertUsage:
+        total = int(sum(per_layer))
+        denom = num_tokens * len(per_layer)
+        return cls(total, total / denom if denom else 0.0, list(per_layer), num_tokens)
+
+    @classmethod
+    def merge(cls, usages: list[ExpertUsage]) -> ExpertUsage:
+        if not usages:
+            return cls()
+        n_layers = max(len(u.per_layer) for u in usages)
+        per_layer = [sum(u.per_layer[i] if i < len(u.per_layer) else 0 for u in usages) for i in range(n_layers)]
+        return cls.from_counts(per_layer, sum(u.num_tokens for u in usages))
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    decoded: str = ""
+
+
+@dataclass
+class TokenLogprobs:
+    """The chosen token's logprob and the top-N alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    top: list[Logprob] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request. `text`/`token_ids` are cumulative; the *_delta fields hold what
+    is new since the previous RequestOutput of the same request (for streaming)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    logprobs_delta: list[TokenLogprobs] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    expert_usage: ExpertUsage = field(default_factory=ExpertUsage)
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # arrival/first_token/finish times

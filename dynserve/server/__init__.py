@@ -1,0 +1,1 @@
+"""server/: the FastAPI app, OpenAI protocol models, and Prometheus metrics."""
