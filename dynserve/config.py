@@ -102,7 +102,9 @@ class ModelConfig:
     top_k: int = 0  # checkpoint's experts per token
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, dtype: str = "auto", max_model_len: int | None = None) -> ModelConfig:
+    def from_dir(
+        cls, model_dir: str | os.PathLike, dtype: str = "auto", max_model_len: int | None = None
+    ) -> ModelConfig:
         path = Path(model_dir)
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
@@ -214,13 +216,13 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         model = ModelConfig.from_dir(model_dir, dtype=dtype, max_model_len=max_model_len)
         if not enable_chunked_prefill and max_num_batched_tokens < model.max_model_len:
-            raise ValueError(
-                "max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled"
-            )
+            raise ValueError("max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled")
         return cls(
             model=model,
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_queued_requests),
+            scheduler=SchedulerConfig(
+                max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_queued_requests
+            ),
             routing=routing or RoutingConfig(),
             device=device,
             seed=seed,

@@ -18,7 +18,8 @@ _CORPUS = [
     "def hello(name):\n    return 'hello ' + name\n",
     "The quick brown fox jumps over the lazy dog. 0123456789",
     "import os, sys\nfor i in range(10):\n    print(i * i)\n",
-    "class Foo(object):\n    pass\n# comment with unicode: caf\u00e9 \u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9 \u65e5\u672c\u8a9e \U0001f600\n",
+    "class Foo(object):\n    pass\n",
+    "# comment with unicode: caf\u00e9 \u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9 \u65e5\u672c\u8a9e \U0001f600\n",
 ]
 
 
@@ -54,18 +55,36 @@ def save_tokenizer(path: Path, vocab_size: int = 384) -> int:
 
 
 ARCH_CONFIGS = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+    ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
-        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=56,
-             intermediate_size=56, decoder_sparse_step=1, norm_topk_prob=False),
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=40,
+            shared_expert_intermediate_size=56,
+            intermediate_size=56,
+            decoder_sparse_step=1,
+            norm_topk_prob=False,
+        ),
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, intermediate_size=56,
-             decoder_sparse_step=1, norm_topk_prob=True, head_dim=16),
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=40,
+            intermediate_size=56,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=96)),
@@ -73,9 +92,7 @@ ARCH_CONFIGS = {
 }
 
 
-def make_checkpoint(
-    path: Path, arch: str = "mixtral", seed: int = 0, num_shards: int = 1, **overrides: object
-) -> Path:
+def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards: int = 1, **overrides: object) -> Path:
     """Save a tiny random-weight `arch` checkpoint (config.json, safetensors, tokenizer) to path."""
     import torch
     import transformers

@@ -21,7 +21,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, stop token id, or stop string
     LENGTH = "length"  # max_tokens or context limit
     ABORT = "abort"  # aborted by the client or the server

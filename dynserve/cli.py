@@ -1,0 +1,168 @@
+"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing.
+
+Flags use vLLM's names where the meaning is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from dynserve.config import ROUTING_POLICIES, EngineConfig, RoutingConfig
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=None, help="HF checkpoint directory (default: embedded demo model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    p.add_argument("--kv-cache-memory", type=float, default=2.0, help="KV cache budget in GiB (if no --num-kv-blocks)")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--use-triton", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the Triton kernels on/off (default: Triton on CUDA, torch on CPU)")
+    p.add_argument("--routing", default="top_k", choices=list(ROUTING_POLICIES), help="default expert routing policy")
+    p.add_argument("--routing-p", type=float, default=0.5, help="top_p: cumulative probability to reach")
+    p.add_argument("--routing-threshold", type=float, default=0.2, help="threshold: minimum expert probability")
+    p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
+    p.add_argument("--min-experts", type=int, default=1)
+    p.add_argument("--max-experts", type=int, default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineConfig:
+    routing = RoutingConfig(
+        policy=args.routing,
+        p=args.routing_p,
+        threshold=args.routing_threshold,
+        k=args.routing_k,
+        min_experts=args.min_experts,
+        max_experts=args.max_experts,
+    )
+    return EngineConfig.create(
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=int(args.kv_cache_memory * 1024**3),
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        routing=routing,
+        use_triton=args.use_triton,
+        **extra,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--api-key", default=None, help="require this bearer token (or env DYNSERVE_API_KEY)")
+    serve.add_argument("--max-queued-requests", type=int, default=None, help="503 beyond this many waiting requests")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight on SIGTERM")
+    serve.add_argument("--enable-expert-token-metrics", action="store_true",
+                       help="export per-(layer, expert) token counts (high cardinality)")
+    serve.add_argument("--log-level", default="info")
+
+    gen = sub.add_parser("generate", help="generate text offline")
+    _add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    ev = sub.add_parser("eval-routing", help="held-out perplexity vs experts per token across routing settings")
+    _add_engine_args(ev)
+    ev.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
+    ev.add_argument("--out-dir", default="eval_routing", help="where to write results.csv and plot.png")
+    ev.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens to score")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dynserve.llm import LLM
+    from dynserve.sampling_params import SamplingParams
+
+    llm = LLM.from_config(engine_config_from_args(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, n=args.n)
+    for out in llm.generate(args.prompt, params):
+        if args.json:
+            print(json.dumps({
+                "prompt": out.prompt,
+                "outputs": [{"text": o.text, "finish_reason": o.finish_reason} for o in out.outputs],
+                "expert_activations": out.expert_usage.expert_activations,
+                "avg_experts_per_token": round(out.expert_usage.avg_experts_per_token, 4),
+            }))
+        else:
+            for o in out.outputs:
+                print(f"{out.prompt}{o.text}")
+                print(f"--- finish_reason={o.finish_reason} avg_experts_per_token="
+                      f"{out.expert_usage.avg_experts_per_token:.3f}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dynserve.server.app import ServerSettings, run_server
+
+    config = engine_config_from_args(
+        args,
+        served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests,
+        record_expert_token_counts=args.enable_expert_token_metrics,
+    )
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("DYNSERVE_API_KEY"),
+        served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests,
+        shutdown_timeout=args.shutdown_timeout,
+        enable_expert_token_metrics=args.enable_expert_token_metrics,
+        log_level=args.log_level,
+    )
+    run_server(config, settings)
+    return 0
+
+
+def _eval_routing(args: argparse.Namespace) -> int:
+    from dynserve.bench.eval_routing import main as eval_main
+
+    return eval_main(args, engine_config_from_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "eval-routing":
+            return _eval_routing(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"dynserve: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

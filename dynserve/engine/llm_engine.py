@@ -1,0 +1,302 @@
+"""LLMEngine: the synchronous engine. add_request() queues work, step() runs one iteration.
+
+Owns the request table (prompt, its n sequences, their detokenizers), stop checks, and the
+assembly of RequestOutputs with deltas and expert usage. Delegates batching to the Scheduler,
+KV blocks to the BlockManager, compute and sampling to the ModelRunner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from dynserve.config import EngineConfig
+from dynserve.engine.block_manager import BlockManager
+from dynserve.engine.detokenizer import IncrementalDetokenizer
+from dynserve.engine.model_runner import ModelRunner
+from dynserve.engine.outputs import CompletionOutput, ExpertUsage, RequestOutput, TokenLogprobs
+from dynserve.engine.scheduler import Scheduler
+from dynserve.engine.sequence import FinishReason, Sequence
+from dynserve.engine.stats import EngineStats
+from dynserve.sampling_params import SamplingParams
+from dynserve.tokenizer import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested completion do not fit the model's context."""
+
+
+@dataclass
+class _SampleState:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    logprobs: list[TokenLogprobs] | None
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_logprobs: int = 0
+    text: str = ""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    samples: list[_SampleState] = field(default_factory=list)
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    """The synchronous engine: one `step()` = schedule, forward, sample, detokenize, stop checks."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model
+        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(config.model.model_dir)
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(
+            self.runner.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.requests: dict[str, _Request] = {}
+        self._pending_outputs: list[RequestOutput] = []  # aborted requests to report
+        L, E = self.runner.num_moe_layers, self.runner.num_experts
+        self._k_hist = torch.zeros(L, E + 1, dtype=torch.int64)  # [L, E+1]
+        self._expert_tokens = torch.zeros(L, E, dtype=torch.int64) if config.record_expert_token_counts else None
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._num_steps = 0
+        self._stop_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self._stop_ids.add(self.tokenizer.eos_token_id)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError (with a user-facing message) if it is invalid."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; send prompt token ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is out of range for vocabulary size {vocab}")
+        n_prompt = len(prompt_token_ids)
+        max_len = self.model_config.max_model_len
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max_len - n_prompt
+        if n_prompt + max(max_tokens, 1) > max_len or max_tokens < 1:
+            raise ContextLengthError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{n_prompt + max(max_tokens, 0)} tokens ({n_prompt} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+        if not self.scheduler.can_fit_ever(n_prompt + max_tokens):
+            raise ValueError(
+                f"the request needs {n_prompt + max_tokens} tokens of KV cache, more than the whole pool holds "
+                f"({self.runner.num_kv_blocks} blocks of {self.config.cache.block_size})"
+            )
+        if params.max_tokens != max_tokens:
+            params = _with_max_tokens(params, max_tokens)
+        routing = params.routing or self.config.routing
+        req = _Request(request_id, prompt, prompt_token_ids, params, arrival_time or time.monotonic())
+        for i in range(params.n):
+            seq = Sequence(request_id, prompt_token_ids, params, routing, sample_index=i, arrival_time=req.arrival_time)
+            seq.expert_activations_per_layer = [0] * self.runner.num_moe_layers
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            req.samples.append(_SampleState(seq, detok, [] if params.logprobs is not None else None))
+        self.requests[request_id] = req
+        self._prompt_tokens += n_prompt
+        for s in req.samples:
+            self.scheduler.add(s.seq)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Abort requests: their KV blocks are freed at once; a final output reports the abort."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            self.scheduler.abort(rid)
+            for s in req.samples:
+                self.runner.release(s.seq)
+            req.finished_time = time.monotonic()
+            self._pending_outputs.append(self._make_output(req))
+            del self.requests[rid]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return outputs
+        now = time.monotonic()
+        scheduled = [(s.seq, s.num_new_tokens) for s in sched.scheduled]
+        for seq, _ in scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        result = self.runner.execute(scheduled)
+        self.scheduler.postprocess(sched)
+        self._num_steps += 1
+        touched: dict[str, _Request] = {}
+        for (seq, n), usage in zip(scheduled, result.usage, strict=True):
+            seq.num_routed_tokens += n
+            for layer, c in enumerate(usage):
+                seq.expert_activations_per_layer[layer] += c
+        if result.k_histogram is not None:
+            self._k_hist += result.k_histogram
+        if result.expert_token_counts is not None and self._expert_tokens is not None:
+            self._expert_tokens += result.expert_token_counts
+        now = time.monotonic()
+        for seq, token, lp in zip(result.sampled_seqs, result.sampled, result.logprobs, strict=True):
+            req = self.requests[seq.request_id]
+            state = req.samples[seq.sample_index]
+            seq.append_token(token)
+            self._generation_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if state.logprobs is not None and lp is not None:
+                state.logprobs.append(lp)
+            reason = self._check_stop(state, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.runner.release(seq)
+            touched[req.request_id] = req
+        for req in touched.values():
+            if req.finished:
+                req.finished_time = now
+                del self.requests[req.request_id]
+            outputs.append(self._make_output(req))
+        return outputs
+
+    def _check_stop(self, state: _SampleState, token: int) -> FinishReason | None:
+        seq, params = state.seq, state.seq.sampling_params
+        if state.detok is not None:
+            state.detok.update([token])
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self._stop_ids:
+                seq.stop_reason = None
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+                return FinishReason.STOP
+            if state.detok is not None and state.detok.stop_string_hit is not None:
+                seq.stop_reason = state.detok.stop_string_hit
+                return FinishReason.STOP
+        if n_out >= (params.max_tokens or 0) or len(seq) >= self.model_config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        comps: list[CompletionOutput] = []
+        for i, st in enumerate(req.samples):
+            seq = st.seq
+            if seq.is_finished and st.detok is not None:
+                st.detok.finish()
+            text = st.detok.output_text if st.detok is not None else ""
+            out_ids = seq.output_token_ids
+            reason = seq.finish_reason.value if seq.finish_reason is not None else None
+            comps.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=list(out_ids),
+                    logprobs=list(st.logprobs) if st.logprobs is not None else None,
+                    finish_reason=reason,
+                    stop_reason=seq.stop_reason,
+                    text_delta=text[st.sent_text :],
+                    token_ids_delta=list(out_ids[st.sent_tokens :]),
+                    logprobs_delta=st.logprobs[st.sent_logprobs :] if st.logprobs is not None else None,
+                )
+            )
+            st.sent_text, st.sent_tokens = len(text), len(out_ids)
+            st.sent_logprobs = len(st.logprobs) if st.logprobs is not None else 0
+        usage = ExpertUsage.merge(
+            [ExpertUsage.from_counts(s.seq.expert_activations_per_layer, s.seq.num_routed_tokens) for s in req.samples]
+        )
+        first = req.samples[0].seq
+        metrics = {"arrival_time": req.arrival_time}
+        times = [s.seq.first_scheduled_time for s in req.samples if s.seq.first_scheduled_time is not None]
+        if times:
+            metrics["first_scheduled_time"] = min(times)
+        ftimes = [s.seq.first_token_time for s in req.samples if s.seq.first_token_time is not None]
+        if ftimes:
+            metrics["first_token_time"] = min(ftimes)
+        if req.finished_time is not None:
+            metrics["finished_time"] = req.finished_time
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=comps,
+            finished=req.finished_time is not None,
+            expert_usage=usage,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=metrics,
+        )
+
+    # ------------------------------------------------------------------- stats
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        return EngineStats(
+            num_running_requests=len(running),
+            num_waiting_requests=len(waiting),
+            kv_cache_usage=bm.usage,
+            num_kv_blocks_total=bm.num_total_blocks,
+            num_kv_blocks_free=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            num_moe_layers=self.runner.num_moe_layers,
+            num_experts=self.runner.num_experts,
+            expert_k_histogram=self._k_hist.tolist(),
+            expert_activations=int((self._k_hist * torch.arange(self._k_hist.shape[1])).sum()),
+            expert_token_counts=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
+            num_steps=self._num_steps,
+        )
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, max_tokens=max_tokens)

@@ -1,0 +1,149 @@
+"""ModelRunner: turns one scheduled step into batch tensors, runs the model, samples tokens.
+
+Owns the model, its paged KV cache tensors, and the sampler. Knows nothing of requests: it sees
+(sequence, number of new tokens) pairs and returns sampled tokens and per-sequence expert usage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dynserve.config import EngineConfig
+from dynserve.engine.outputs import TokenLogprobs
+from dynserve.engine.sampler import Sampler
+from dynserve.engine.sequence import Sequence
+from dynserve.model.base import ForwardBatch
+from dynserve.model.loader import allocate_kv_caches, kv_cache_bytes_per_block, load_model
+from dynserve.routing.base import RoutingBatch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    """What one forward step produced. `sampled[i]` belongs to `sampled_seqs[i]`;
+    `usage[b]` is the per-MoE-layer expert activations of scheduled sequence b."""
+
+    sampled_seqs: list[Sequence] = field(default_factory=list)
+    sampled: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    usage: list[list[int]] = field(default_factory=list)  # [B][L_moe]
+    k_histogram: torch.Tensor | None = None  # [L_moe, E+1] int64, this step
+    expert_token_counts: torch.Tensor | None = None  # [L_moe, E] int64, this step
+
+
+class ModelRunner:
+    """Owns the model, the KV cache and the sampler; executes scheduled steps."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        torch.manual_seed(config.seed)
+        self.model = load_model(config)
+        self.num_moe_layers = self.model.num_moe_layers
+        self.num_experts = mc.num_experts
+        self.num_kv_blocks = self._num_blocks()
+        self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, _DTYPES[mc.dtype])
+        self.sampler = Sampler(eos_token_ids=list(mc.eos_token_ids))
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            if cache.num_kv_blocks < 1:
+                raise ValueError(f"num_kv_blocks must be >= 1, got {cache.num_kv_blocks}")
+            return cache.num_kv_blocks
+        per_block = kv_cache_bytes_per_block(self.config.model, self.block_size, _DTYPES[self.config.model.dtype])
+        budget = max(1, cache.kv_cache_memory_bytes // per_block)
+        # no point in more blocks than max_num_seqs full-length sequences can use
+        blocks_per_seq = -(-self.config.model.max_model_len // self.block_size)
+        return int(min(budget, self.config.scheduler.max_num_seqs * blocks_per_seq + blocks_per_seq))
+
+    def build_batch(self, scheduled: list[tuple[Sequence, int]]) -> tuple[ForwardBatch, list[int]]:
+        """Flatten the step's tokens; return the batch and the indices (into `scheduled`) of the
+        sequences that reach their last token this step and so get a sampled token."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        logits_idx: list[int] = []
+        sample_rows: list[int] = []
+        max_blocks = 1
+        for i, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            if n == 1:
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            max_blocks = max(max_blocks, len(table))
+            if end == len(seq.token_ids):
+                logits_idx.append(qsl[-1] - 1)
+                sample_rows.append(i)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s, _ in scheduled]
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),  # [T]
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),  # [T]
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),  # [T]
+            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),  # [B+1]
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),  # [B]
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),  # [B, max_blocks]
+            max_query_len=max(n for _, n in scheduled),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),  # [S]
+            routing=RoutingBatch.from_per_sequence([s.routing for s, _ in scheduled], [n for _, n in scheduled]),
+            query_start_loc_host=qsl,
+            seq_lens_host=seq_lens,
+            expert_token_counts=[] if self.config.record_expert_token_counts else None,
+        )
+        return batch, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        batch, sample_rows = self.build_batch(scheduled)
+        hidden = self.model(batch, self.kv_caches)  # [T, H]
+        result = StepResult()
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S, V]
+            seqs = [scheduled[i][0] for i in sample_rows]
+            out = self.sampler.sample(logits, seqs)
+            result.sampled_seqs = seqs
+            result.sampled = out.token_ids
+            result.logprobs = out.logprobs
+        self._account_experts(batch, result)
+        return result
+
+    def _account_experts(self, batch: ForwardBatch, result: StepResult) -> None:
+        B = batch.num_seqs
+        if not batch.expert_counts:
+            result.usage = [[] for _ in range(B)]
+            return
+        counts = torch.stack(batch.expert_counts)  # [L, T]
+        L = counts.shape[0]
+        csum = torch.zeros(L, batch.num_tokens + 1, dtype=torch.int64, device=counts.device)
+        csum[:, 1:] = torch.cumsum(counts, dim=1)
+        qsl = batch.query_start_loc
+        per_seq = csum[:, qsl[1:]] - csum[:, qsl[:-1]]  # [L, B]
+        result.usage = per_seq.t().tolist()  # [B][L]
+        E = self.num_experts
+        offs = torch.arange(L, device=counts.device).unsqueeze(1) * (E + 1)  # [L, 1]
+        hist = torch.bincount((counts.clamp(max=E) + offs).reshape(-1), minlength=L * (E + 1))
+        result.k_histogram = hist.reshape(L, E + 1).cpu()  # [L, E+1]
+        if batch.expert_token_counts:
+            result.expert_token_counts = torch.stack(batch.expert_token_counts).cpu()  # [L, E]
+
+    def release(self, seq: Sequence) -> None:
+        """Forget per-sequence sampler state (seeded generators) of a finished sequence."""
+        self.sampler.release(seq.seq_id)
