@@ -61,8 +61,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model
-        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(config.model.model_dir)
-        self.runner = ModelRunner(config)
+        mdir = config.model.model_dir
+        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(mdir) if Tokenizer.exists(mdir) else None
+        self._stop_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self._stop_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(config, eos_token_ids=sorted(self._stop_ids))
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -75,9 +79,6 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._num_steps = 0
-        self._stop_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            self._stop_ids.add(self.tokenizer.eos_token_id)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -135,6 +136,7 @@ class LLMEngine:
                     skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 )
             req.samples.append(_SampleState(seq, detok, [] if params.logprobs is not None else None))
         self.requests[request_id] = req
@@ -205,9 +207,8 @@ class LLMEngine:
         return outputs
 
     def _check_stop(self, state: _SampleState, token: int) -> FinishReason | None:
+        """Stop checks in vLLM's order; a stop token's text never enters the output."""
         seq, params = state.seq, state.seq.sampling_params
-        if state.detok is not None:
-            state.detok.update([token])
         n_out = seq.num_output_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self._stop_ids:
@@ -216,8 +217,10 @@ class LLMEngine:
             if token in params.stop_token_ids:
                 seq.stop_reason = token
                 return FinishReason.STOP
-            if state.detok is not None and state.detok.stop_string_hit is not None:
-                seq.stop_reason = state.detok.stop_string_hit
+        if state.detok is not None:
+            hit = state.detok.update([token])
+            if hit is not None:
+                seq.stop_reason = hit
                 return FinishReason.STOP
         if n_out >= (params.max_tokens or 0) or len(seq) >= self.model_config.max_model_len:
             return FinishReason.LENGTH

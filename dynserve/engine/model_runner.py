@@ -37,7 +37,7 @@ class StepResult:
 class ModelRunner:
     """Owns the model, the KV cache and the sampler; executes scheduled steps."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, eos_token_ids: list[int] | None = None) -> None:
         self.config = config
         mc = config.model
         self.device = torch.device(config.device)
@@ -48,7 +48,7 @@ class ModelRunner:
         self.num_experts = mc.num_experts
         self.num_kv_blocks = self._num_blocks()
         self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, _DTYPES[mc.dtype])
-        self.sampler = Sampler(eos_token_ids=list(mc.eos_token_ids))
+        self.sampler = Sampler(eos_token_ids=list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids))
 
     def _num_blocks(self) -> int:
         cache = self.config.cache

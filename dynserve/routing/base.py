@@ -33,6 +33,7 @@ class Assignment:
     weights: torch.Tensor  # [P] float32
     token_offsets: torch.Tensor  # [T+1] int64
     identity_weight: torch.Tensor | None = None  # [T] float32
+    num_selected: torch.Tensor | None = None  # [T] int64; None = experts_per_token()
 
     @property
     def num_pairs(self) -> int:

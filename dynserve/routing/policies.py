@@ -1,13 +1,32 @@
 """Routing policies: router logits [T, E] + RoutingBatch -> Assignment.
 
-Engine-core version: the checkpoint's top-k rule only. (Adaptive policies extend `route`.)
+Policies (chosen per request through RoutingConfig; requests with different policies share one
+`route` call):
+  - "top_k":     the checkpoint's own rule (softmax in float32, torch.topk, optional renorm).
+  - "top_p":     Huang et al. 2024 ("Harder Tasks Need More Experts"): the smallest prefix of the
+                 descending probabilities whose cumulative sum reaches p.
+  - "threshold": every expert whose probability is >= threshold.
+The number of experts is then clamped to [min_experts, max_experts] per token.
+
+Native dynamic routing for architectures that define their own rule (no RoutingConfig):
+  - `relu_route`: ReLU routers (ReMoE, BlockFFN): an expert is active where the router output > 0.
+  - `route_with_zero_experts`: top-k over FFN + zero-computation experts (LongCat-Flash, MoE++,
+    AdaMoE null experts); only FFN experts become pairs, identity experts become `identity_weight`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
+from dynserve.config import RoutingConfig
 from dynserve.routing.base import Assignment, CheckpointRule, RoutingBatch
+
+TOP_K, TOP_P, THRESHOLD = 0, 1, 2
+_POLICY_CODE = {"top_k": TOP_K, "top_p": TOP_P, "threshold": THRESHOLD}
+ZERO_EXPERT_KINDS: tuple[str, ...] = ("zero", "identity")
 
 
 def checkpoint_top_k(router_logits: torch.Tensor, rule: CheckpointRule, k: int | None = None) -> Assignment:
@@ -20,7 +39,231 @@ def checkpoint_top_k(router_logits: torch.Tensor, rule: CheckpointRule, k: int |
     return Assignment.from_topk(topk_ids, topk_w, rule.num_experts)
 
 
+def router_probs(router_logits: torch.Tensor, rule: CheckpointRule) -> torch.Tensor:
+    """[T, E] float32 routing probabilities of a checkpoint (softmax in float32, as `checkpoint_top_k`)."""
+    if rule.scoring != "softmax":
+        raise NotImplementedError(
+            f"route() supports softmax routers only (got scoring={rule.scoring!r}); "
+            "models with other scoring route natively"
+        )
+    return torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+
+
 def route(router_logits: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) -> Assignment:
-    """Route every token of a batch by its own RoutingConfig."""
-    cfg = batch.configs[0]
-    return checkpoint_top_k(router_logits, rule, cfg.k)
+    """Route every token of a batch by its own RoutingConfig (see `route_probs`)."""
+    return route_probs(router_probs(router_logits, rule), batch, rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-config parameters
+
+
+@dataclass(frozen=True)
+class _ConfigRow:
+    """One RoutingConfig resolved against a checkpoint rule (plain Python numbers)."""
+
+    policy: int
+    k: int  # top_k only: experts per token, already clamped to [lo, hi]
+    p: float
+    threshold: float
+    lo: int  # min experts, <= E
+    hi: int  # max experts, <= E
+    renormalize: bool
+
+
+def _resolve(cfg: RoutingConfig, rule: CheckpointRule, num_experts: int) -> _ConfigRow:
+    hi = min(cfg.max_experts if cfg.max_experts is not None else num_experts, num_experts)
+    lo = min(cfg.min_experts, hi)
+    k = min(max(cfg.k or rule.top_k, lo), hi)
+    renorm = rule.renormalize if cfg.renormalize is None else cfg.renormalize
+    return _ConfigRow(_POLICY_CODE[cfg.policy], k, float(cfg.p), float(cfg.threshold), lo, hi, renorm)
+
+
+def _top_k_fast(probs: torch.Tensor, row: _ConfigRow, num_experts: int) -> Assignment:
+    """Every token the same k: exactly the ops of `checkpoint_top_k` (bit for bit)."""
+    topk_w, topk_ids = torch.topk(probs, row.k, dim=-1)  # [T, k]
+    if row.renormalize:
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+    return Assignment.from_topk(topk_ids, topk_w, num_experts)
+
+
+def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) -> Assignment:
+    """Route tokens from their routing probabilities `probs` [T, E] (float32, rows sum to 1).
+
+    Each token t follows `batch.configs[batch.config_index[t]]` (or `batch.configs[0]` when the
+    batch is uniform). All tokens are handled by one vectorised pass: the few distinct configs
+    become small parameter rows, gathered per token by `config_index`.
+
+    Rules (per token; E = number of experts, ranks are positions in the descending sort):
+      - top_k: k = config.k or rule.top_k; a uniform batch runs exactly the ops of
+        `checkpoint_top_k` (bit-for-bit equal), pairs in torch.topk order.
+      - top_p: keep rank i iff the cumulative probability of the ranks *before* i is strictly
+        `< p`, i.e. the smallest prefix whose cumulative sum reaches p (top-1 always kept).
+        Boundary: a prefix summing to exactly p is complete (the next expert is not added). This
+        is the `<` choice (XMoE-style); the MoE-Dynamic code's `<=` would add one more expert at
+        exact equality. Sums and the comparison are in float32 (p rounded to float32).
+      - threshold: keep experts with probability >= config.threshold (float32 comparison); the
+        kept set is a top-ranked prefix and may be empty.
+    Then the count is clamped to [min_experts, max_experts] (max None = E; both capped at E) by
+    taking that many top-ranked experts. min_experts = 0 lets a token use no expert (only the
+    residual stream passes); top_k and top_p still keep at least one by their own rule.
+    Weights are the kept probabilities; renormalised to sum to 1 over the kept experts if
+    config.renormalize (None -> rule.renormalize).
+    Pairs are token-major; within a token, in descending probability order.
+    """
+    T, E = probs.shape
+    device = probs.device
+    rows = [_resolve(c, rule, E) for c in batch.configs]
+    if batch.uniform and rows[0].policy == TOP_K:
+        return _top_k_fast(probs, rows[0], E)
+
+    index = None
+    if not batch.uniform:
+        if batch.config_index is None:
+            raise ValueError("RoutingBatch with several configs needs config_index")
+        index = batch.config_index.to(device=device, dtype=torch.int64)  # [T]
+
+    def per_token(values: list, dtype: torch.dtype) -> torch.Tensor:
+        """[C] parameter row gathered to [T] (or [1], broadcast, for a uniform batch)."""
+        t = torch.tensor(values, dtype=dtype, device=device)  # [C]
+        return t[:1] if index is None else t[index]  # [T] or [1]
+
+    policies = {r.policy for r in rows}
+    sorted_p, sorted_ids = torch.sort(probs, dim=-1, descending=True)  # [T, E]
+    counts: dict[int, torch.Tensor] = {}
+    if TOP_K in policies:
+        counts[TOP_K] = per_token([r.k for r in rows], torch.int64).expand(T)  # [T]
+    if TOP_P in policies:
+        p_t = per_token([r.p for r in rows], torch.float32)  # [T] or [1]
+        csum = torch.cumsum(sorted_p, dim=-1)  # [T, E]
+        before = torch.cat([torch.zeros_like(csum[:, :1]), csum[:, :-1]], dim=1)  # [T, E]
+        counts[TOP_P] = (before < p_t[:, None]).sum(dim=-1)  # [T]
+    if THRESHOLD in policies:
+        thr_t = per_token([r.threshold for r in rows], torch.float32)  # [T] or [1]
+        counts[THRESHOLD] = (sorted_p >= thr_t[:, None]).sum(dim=-1)  # [T]
+    if len(counts) == 1:
+        n = next(iter(counts.values()))
+    else:
+        policy_t = per_token([r.policy for r in rows], torch.int64)  # [T]
+        n = torch.zeros(T, dtype=torch.int64, device=device)
+        for code, c in counts.items():
+            n = torch.where(policy_t == code, c, n)  # [T]
+    lo_t = per_token([r.lo for r in rows], torch.int64)
+    hi_t = per_token([r.hi for r in rows], torch.int64)
+    n = torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
+
+    keep = torch.arange(E, device=device)[None, :] < n[:, None]  # [T, E] over ranks
+    tok, rank = keep.nonzero(as_tuple=True)  # [P], row-major => token-major, rank order
+    weights = sorted_p[tok, rank]  # [P]
+    if any(r.renormalize for r in rows):
+        kept_sum = (sorted_p * keep).sum(dim=-1)  # [T]
+        # top_k tokens: the same reduction as the uniform fast path, so a request's weights do not
+        # depend on what it is batched with.
+        for k in sorted({r.k for r in rows if r.policy == TOP_K and r.renormalize}):
+            exact = sorted_p[:, :k].contiguous().sum(dim=-1)  # [T]
+            is_k = per_token([r.policy == TOP_K and r.k == k for r in rows], torch.bool)
+            kept_sum = torch.where(is_k, exact, kept_sum)
+        kept_sum = kept_sum.clamp_min(torch.finfo(torch.float32).tiny)  # empty tokens: no 0/0
+        renorm_t = per_token([r.renormalize for r in rows], torch.bool).expand(T)  # [T]
+        weights = torch.where(renorm_t[tok], weights / kept_sum[tok], weights)  # [P]
+    offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(n, dim=0)
+    return Assignment(T, E, tok, sorted_ids[tok, rank], weights.float(), offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# native dynamic routing
+
+
+def relu_route(router_out: torch.Tensor) -> Assignment:
+    """ReLU routing (ReMoE; BlockFFN after its RMSNorm): expert e is active for token t where
+    `router_out[t, e] > 0`, with weight `router_out[t, e]` (float32). A token may use 0..E experts.
+
+    `router_out` [T, E] is the router output *before* the ReLU or after it (same result); apply any
+    normalisation (BlockFFN's RMSNorm) before calling. Pairs are token-major, by expert id.
+    """
+    out = router_out.float()  # [T, E]
+    return Assignment.from_mask(out > 0, out)
+
+
+def route_with_zero_experts(
+    scores: torch.Tensor,
+    num_ffn_experts: int,
+    zero_kinds: Sequence[str] | str,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    selection_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+) -> Assignment:
+    """Top-k routing over FFN experts plus zero-computation experts; only FFN experts cost work.
+
+    Columns of `scores` [T, N + Z]: 0..N-1 are the N = `num_ffn_experts` FFN experts, N..N+Z-1
+    the zero-computation experts, whose kinds `zero_kinds` gives (one per zero expert, or one
+    string for all):
+      - "zero":     contributes nothing (AdaMoE null expert, MoE++ zero expert);
+      - "identity": adds `w * x` (LongCat-Flash zero expert, MoE++ copy expert).
+    Steps: s = softmax(scores) ("softmax"), sigmoid(scores) ("sigmoid") or scores as given
+    ("none"), in float32; select the top `top_k` of `s + selection_bias` (the bias, e.g.
+    LongCat's `e_score_correction_bias` [N + Z], only steers selection); weights are the unbiased
+    s of the selected experts; if `renormalize`, divided by their sum over the selected experts
+    that are not "zero" kind (= AdaMoE renormalising over real experts; MoE++ zeroing the zero
+    expert then renormalising); finally multiplied by `scaling_factor` (LongCat's
+    `routed_scaling_factor`; LongCat uses renormalize=False).
+
+    Returns an Assignment over the N FFN experts (pairs token-major, in selection rank order; a
+    token may have 0..top_k pairs), with `identity_weight` [T] = summed weight of the selected
+    identity experts (None when no expert is of kind "identity") and `num_selected` [T] =
+    top_k for every token (FFN + zero-computation experts picked).
+    """
+    T, total = scores.shape
+    N = num_ffn_experts
+    Z = total - N
+    if Z < 0:
+        raise ValueError(f"num_ffn_experts ({N}) exceeds the number of score columns ({total})")
+    kinds = [zero_kinds] * Z if isinstance(zero_kinds, str) else list(zero_kinds)
+    if len(kinds) != Z or any(k not in ZERO_EXPERT_KINDS for k in kinds):
+        raise ValueError(f"zero_kinds must give one of {ZERO_EXPERT_KINDS} for each of the {Z} zero experts")
+    device = scores.device
+    if scoring == "softmax":
+        s = torch.softmax(scores.float(), dim=-1)  # [T, N+Z]
+    elif scoring == "sigmoid":
+        s = torch.sigmoid(scores.float())  # [T, N+Z]
+    elif scoring == "none":
+        s = scores.float()  # [T, N+Z]
+    else:
+        raise ValueError(f"scoring must be 'softmax', 'sigmoid' or 'none', got {scoring!r}")
+    k = min(top_k, total)
+    choice = s if selection_bias is None else s + selection_bias.float()  # [T, N+Z]
+    ids = torch.topk(choice, k, dim=-1).indices  # [T, k]
+    w = s.gather(1, ids)  # [T, k]
+    is_ffn = ids < N  # [T, k]
+    # kind per column: 0 = FFN, 1 = zero, 2 = identity
+    col_kind = torch.tensor([0] * N + [1 if x == "zero" else 2 for x in kinds], device=device)  # [N+Z]
+    sel_kind = col_kind[ids]  # [T, k]
+    if renormalize:
+        denom = (w * (sel_kind != 1)).sum(dim=-1, keepdim=True)  # [T, 1]
+        w = w / denom.clamp_min(torch.finfo(torch.float32).tiny)
+    w = w * scaling_factor  # [T, k]
+    identity_weight = None
+    if "identity" in kinds:
+        identity_weight = (w * (sel_kind == 2)).sum(dim=-1)  # [T]
+    tok, slot = is_ffn.nonzero(as_tuple=True)  # [P] token-major, rank order
+    offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(is_ffn.sum(dim=-1), dim=0)
+    num_selected = torch.full((T,), k, dtype=torch.int64, device=device)
+    return Assignment(
+        T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected
+    )
+
+
+__all__ = [
+    "ZERO_EXPERT_KINDS",
+    "checkpoint_top_k",
+    "relu_route",
+    "route",
+    "route_probs",
+    "route_with_zero_experts",
+    "router_probs",
+]

@@ -1,0 +1,140 @@
+"""`dynserve eval-routing`: held-out perplexity vs experts per token across routing settings.
+
+For each setting (the checkpoint's top-k, top-1, a sweep of top-p and of thresholds) the model
+scores the same held-out tokens in fixed windows; the table gives perplexity and the measured
+average number of FFN experts per token per MoE layer. Writes results.csv and plot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dynserve.config import EngineConfig, RoutingConfig
+
+WINDOW = 256
+
+
+def default_settings() -> list[tuple[str, RoutingConfig]]:
+    s: list[tuple[str, RoutingConfig]] = [("top_k (checkpoint)", RoutingConfig()), ("top_k k=1", RoutingConfig(k=1))]
+    s += [(f"top_p p={p}", RoutingConfig(policy="top_p", p=p)) for p in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    s += [(f"threshold t={t}", RoutingConfig(policy="threshold", threshold=t)) for t in (0.4, 0.3, 0.2, 0.1)]
+    return s
+
+
+@dataclass
+class EvalRow:
+    name: str
+    policy: str
+    param: float | int | None
+    perplexity: float
+    avg_experts_per_token: float
+    expert_fraction_of_top_k: float = 0.0
+    ppl_ratio_to_top_k: float = 0.0
+
+
+@torch.inference_mode()
+def evaluate(config: EngineConfig, token_ids: list[int], settings: list[tuple[str, RoutingConfig]]) -> list[EvalRow]:
+    """Score `token_ids` under each routing setting; return one row per setting."""
+    from dynserve.engine.model_runner import ModelRunner
+    from dynserve.engine.sequence import Sequence
+    from dynserve.sampling_params import SamplingParams
+
+    window = min(WINDOW, config.model.max_model_len)
+    bs = config.cache.block_size
+    config.cache.num_kv_blocks = -(-window // bs)
+    runner = ModelRunner(config)
+    windows = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window)]
+    windows = [w for w in windows if len(w) >= 2]
+    rows: list[EvalRow] = []
+    for name, rc in settings:
+        nll, n_pred, activations, routed = 0.0, 0, 0, 0
+        for w in windows:
+            seq = Sequence("eval", w, SamplingParams(), rc)
+            seq.block_table = list(range(-(-len(w) // bs)))
+            batch, _ = runner.build_batch([(seq, len(w))])
+            hidden = runner.model(batch, runner.kv_caches)  # [T, H]
+            logits = runner.model.compute_logits(hidden[:-1])  # [T-1, V]
+            target = torch.tensor(w[1:], device=logits.device)
+            nll += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+            n_pred += len(w) - 1
+            if batch.expert_counts:
+                activations += int(torch.stack(batch.expert_counts).sum())
+                routed += len(w) * len(batch.expert_counts)
+        param = rc.p if rc.policy == "top_p" else rc.threshold if rc.policy == "threshold" else rc.k
+        rows.append(EvalRow(name, rc.policy, param, math.exp(nll / max(n_pred, 1)), activations / max(routed, 1)))
+    base = rows[0]
+    for r in rows:
+        r.expert_fraction_of_top_k = r.avg_experts_per_token / base.avg_experts_per_token if base.avg_experts_per_token else 0
+        r.ppl_ratio_to_top_k = r.perplexity / base.perplexity
+    return rows
+
+
+def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path, Path | None]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "policy", "param", "perplexity", "avg_experts_per_token",
+                    "expert_fraction_of_top_k", "ppl_ratio_to_top_k"])
+        for r in rows:
+            w.writerow([r.name, r.policy, r.param, f"{r.perplexity:.4f}", f"{r.avg_experts_per_token:.4f}",
+                        f"{r.expert_fraction_of_top_k:.4f}", f"{r.ppl_ratio_to_top_k:.4f}"])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return csv_path, None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, marker in (("top_k", "s"), ("top_p", "o"), ("threshold", "^")):
+        pts = [r for r in rows if r.policy == policy]
+        if pts:
+            ax.plot([r.avg_experts_per_token for r in pts], [r.perplexity for r in pts], marker=marker,
+                    linestyle="-" if policy != "top_k" else "none", label=policy)
+            for r in pts:
+                ax.annotate(str(r.param if r.param is not None else "ckpt"),
+                            (r.avg_experts_per_token, r.perplexity), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xlabel("average FFN experts per token per MoE layer")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Quality vs expert compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    png = out / "plot.png"
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return csv_path, png
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    lines = ["| setting | avg experts/token | x top-k compute | perplexity | x top-k ppl |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.avg_experts_per_token:.3f} | {r.expert_fraction_of_top_k:.2f} | "
+                     f"{r.perplexity:.3f} | {r.ppl_ratio_to_top_k:.3f} |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace, config: EngineConfig) -> int:
+    from dynserve.tokenizer import Tokenizer
+
+    text_file = Path(args.text_file) if args.text_file else Path(config.model.model_dir) / "heldout.txt"
+    if not text_file.is_file():
+        raise FileNotFoundError(f"no held-out text: {text_file} (pass --text-file)")
+    tok = Tokenizer.from_dir(config.model.model_dir)
+    ids = tok.encode(text_file.read_text(errors="replace"), add_special_tokens=False)[: args.max_tokens]
+    rows = evaluate(config, ids, default_settings())
+    csv_path, png = write_outputs(rows, args.out_dir)
+    print(f"{len(ids)} held-out tokens from {text_file}")
+    print(format_table(rows))
+    print(f"wrote {csv_path}" + (f" and {png}" if png else " (install matplotlib for the plot)"))
+    return 0

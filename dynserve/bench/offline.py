@@ -1,0 +1,129 @@
+"""Offline throughput: dynserve LLM.generate vs transformers generate, same checkpoint and prompts.
+
+    python -m dynserve.bench.offline --num-prompts 64 --new-tokens 64
+    python -m dynserve.bench.offline --num-prompts 1 --new-tokens 64
+
+With no --model, builds (once, cached) a ~100M-parameter Mixtral-architecture checkpoint with
+random weights: hidden 512, 8 layers, 8 experts, top-2, ffn 1024. Greedy decoding with EOS
+ignored so both engines produce exactly num_prompts x new_tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
+
+
+def bench_checkpoint(path: str | None = None) -> Path:
+    """The ~100M Mixtral benchmark checkpoint (random weights, saved once)."""
+    import transformers
+
+    p = Path(path or os.path.join(tempfile.gettempdir(), "dynserve-bench", "mixtral-100m"))
+    if (p / "config.json").is_file():
+        return p
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**BENCH_CONFIG))
+    p.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(p, safe_serialization=True)
+    return p
+
+
+def make_prompts(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(100, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+def run_dynserve(model_dir: Path, prompts: list[list[int]], new_tokens: int, **opts) -> tuple[float, int]:
+    from dynserve import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), **opts)
+    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+    dt = time.perf_counter() - t0
+    return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int, batch_size: int) -> tuple[float, int]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    total = 0
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0][:8]]), max_new_tokens=4, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, p in enumerate(chunk):  # left padding
+                ids[j, width - len(p) :] = torch.tensor(p)
+                mask[j, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False,
+            )
+            total += (out.shape[1] - width) * len(chunk)
+        dt = time.perf_counter() - t0
+    return dt, total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M Mixtral bench checkpoint)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt-len", type=int, default=32)
+    ap.add_argument("--max-prompt-len", type=int, default=128)
+    ap.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else bench_checkpoint()
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(args.num_prompts, vocab, args.min_prompt_len, args.max_prompt_len)
+    res: dict = {"num_prompts": args.num_prompts, "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
+    dt, n = run_dynserve(model_dir, prompts, args.new_tokens, max_num_seqs=max(args.num_prompts, 1))
+    res["dynserve_tok_s"] = n / dt
+    print(f"dynserve:     {n} tokens in {dt:.2f} s = {n / dt:.1f} output tok/s", flush=True)
+    if not args.skip_transformers:
+        dt_hf, n_hf = run_transformers(model_dir, prompts, args.new_tokens, args.hf_batch_size or args.num_prompts)
+        res["transformers_tok_s"] = n_hf / dt_hf
+        res["ratio"] = res["dynserve_tok_s"] / res["transformers_tok_s"]
+        print(f"transformers: {n_hf} tokens in {dt_hf:.2f} s = {n_hf / dt_hf:.1f} output tok/s", flush=True)
+        print(f"ratio dynserve / transformers = {res['ratio']:.2f}x")
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

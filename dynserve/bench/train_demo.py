@@ -1,0 +1,424 @@
+"""Train the small demo MoE that ships inside the package as the default model.
+
+The corpus is the running Python's own standard library (``.py`` files only), so the script needs
+no network and no data download: every machine with Python has it. The result is a Mixtral-
+architecture model (8 experts, top-2) with a byte-level BPE tokenizer, saved in Hugging Face format
+(config.json, model.safetensors, tokenizer.json, tokenizer_config.json with a chat template,
+generation_config.json), plus ``heldout.txt`` (a sample of held-out files, for offline evaluation
+that does not depend on the stdlib version) and ``TRAINING.md`` (how it was produced).
+
+Run::
+
+    python -m dynserve.bench.train_demo --out dynserve/assets/default_model --minutes 25
+
+``--minutes`` measures the speed of the first steps and fixes the step count from it (the cosine
+schedule then runs over that fixed count); ``--steps N`` fixes the count directly, which is the
+exactly reproducible form (same seed, same corpus, same thread count -> same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+EOS_TOKEN = "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+MAX_FILE_BYTES = 256 * 1024  # drops pydoc_data/topics.py (750 KB of prose in one string literal)
+HOLDOUT_EVERY = 50  # every 50th file (by sorted path) is held out: ~2%
+HELDOUT_TXT_BYTES = 200 * 1024
+
+
+@dataclass
+class Corpus:
+    """The stdlib source files, split deterministically into training and held-out files."""
+
+    root: Path
+    train: list[tuple[str, str]] = field(default_factory=list)  # (relative path, text)
+    heldout: list[tuple[str, str]] = field(default_factory=list)
+
+
+def stdlib_root() -> Path:
+    """Directory of the running interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def collect_corpus(root: Path | None = None) -> Corpus:
+    """All .py files under the stdlib, sorted by path, minus tests, site-packages and huge files;
+    file number i (0-based, sorted order) is held out when i % HOLDOUT_EVERY == HOLDOUT_EVERY // 2."""
+    root = root or stdlib_root()
+    paths = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root)
+        if any(part in EXCLUDED_DIRS for part in rel.parts[:-1]):
+            continue
+        if p.stat().st_size > MAX_FILE_BYTES or p.stat().st_size == 0:
+            continue
+        paths.append(rel)
+    paths.sort(key=lambda r: r.as_posix())
+    corpus = Corpus(root=root)
+    for i, rel in enumerate(paths):
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        target = corpus.heldout if i % HOLDOUT_EVERY == HOLDOUT_EVERY // 2 else corpus.train
+        target.append((rel.as_posix(), text))
+    return corpus
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation, no prefix space) with the special tokens first
+    (``<|endoftext|>`` has id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def write_tokenizer_files(tok, out: Path, model_max_length: int) -> None:
+    """tokenizer.json plus a tokenizer_config.json with bos/eos and the chat template."""
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": None,
+        "pad_token": EOS_TOKEN,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def encode_files(tok, files: list[tuple[str, str]]):
+    """One long id stream: each file's tokens followed by <|endoftext|>."""
+    import torch
+
+    eos = tok.token_to_id(EOS_TOKEN)
+    encs = tok.encode_batch([text for _, text in files], add_special_tokens=False)
+    ids: list[int] = []
+    for enc in encs:
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)  # [N]
+
+
+def build_model(vocab_size: int, args: argparse.Namespace, eos_id: int):
+    """A randomly initialised MixtralForCausalLM of the demo size."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_position,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        output_router_logits=True,
+        router_aux_loss_coef=args.aux_coef,
+        tie_word_embeddings=args.tie,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        dtype="float32",
+    )
+    # grouped_mm: the experts' weights are applied per expert group without a Python loop over
+    # one-hot masks; several times faster on the CPU than "eager", same math
+    config._experts_implementation = "grouped_mm"
+    return MixtralForCausalLM(config)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor_frac: float = 0.1) -> float:
+    """Linear warmup to peak, then cosine down to floor_frac * peak at step == total."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor_frac + (1.0 - floor_frac) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def eval_loss(model, ids, seq_len: int, max_windows: int) -> tuple[float, int]:
+    """Mean next-token cross-entropy over non-overlapping windows of ids; returns (loss, tokens)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    n_windows = min(max_windows, (len(ids) - 1) // seq_len)
+    with torch.no_grad():
+        for w in range(0, n_windows, 8):
+            rows = [ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(w, min(n_windows, w + 8))]
+            batch = torch.stack(rows)  # [B, S+1]
+            logits = model(input_ids=batch[:, :-1]).logits  # [B, S, V]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += loss.item()
+            count += batch[:, 1:].numel()
+    model.train()
+    return total / max(1, count), count
+
+
+def heldout_sample(files: list[tuple[str, str]], limit: int) -> str:
+    """Held-out files concatenated (whole files, separated by a blank line) up to limit bytes."""
+    parts, size = [], 0
+    for _, text in files:
+        n = len(text.encode("utf-8")) + 2
+        if size + n > limit:
+            continue
+        parts.append(text)
+        size += n
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="output directory (HF checkpoint)")
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
+    p.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--max-position", type=int, default=512)
+    p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of seq-len tokens")
+    p.add_argument(
+        "--calibrate-every", type=int, default=25, help="with --minutes: re-estimate the step count this often"
+    )
+    args = p.parse_args(argv)
+
+    import torch
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    corpus = collect_corpus()
+    print(f"corpus: {corpus.root}: {len(corpus.train)} train files, {len(corpus.heldout)} held-out", flush=True)
+    tok = train_tokenizer([t for _, t in corpus.train], args.vocab)
+    vocab_size = tok.get_vocab_size()
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    train_ids = encode_files(tok, corpus.train)  # [N_train]
+    held_ids = encode_files(tok, corpus.heldout)  # [N_held]
+    t_data = time.time() - t_start
+    print(
+        f"tokenizer: vocab {vocab_size}; train tokens {len(train_ids):,}, held-out tokens {len(held_ids):,}"
+        f" ({t_data:.0f}s)",
+        flush=True,
+    )
+
+    model = build_model(vocab_size, args, eos_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_active = n_params - sum(
+        p.numel() * (args.experts - args.top_k) // args.experts
+        for n, p in model.named_parameters()
+        if ".experts." in n
+    )
+    print(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active per token)", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    max_start = len(train_ids) - args.seq_len - 1
+
+    total_steps = args.steps if args.steps is not None else None
+    budget_s = args.minutes * 60.0
+    history: list[tuple[int, float, float]] = []  # (step, loss, aux)
+    recent: list[float] = []
+    model.train()
+    t_train = time.time()
+    step = 0
+    while True:
+        if args.steps is None and step > 0 and step % args.calibrate_every == 0:
+            # the CPU may be shared: re-estimate how many steps fit in the rest of the budget from the
+            # mean step time so far (the cosine schedule follows the updated count)
+            per_step = (time.time() - t_train) / step
+            remaining = budget_s - (time.time() - t_start) - 60.0  # keep a minute for eval and saving
+            total_steps = step + max(1, int(remaining / per_step))
+        if total_steps is not None and step >= total_steps:
+            break
+        if args.steps is None and time.time() - t_start > budget_s * 1.1:
+            print(f"wall-clock budget exceeded at step {step}; stopping", flush=True)
+            break
+        lr = lr_at(step, total_steps or 10**9, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        starts = torch.randint(0, max_start, (args.batch,), generator=gen)  # [B]
+        batch = torch.stack([train_ids[s : s + args.seq_len + 1] for s in starts.tolist()])  # [B, S+1]
+        outputs = model(input_ids=batch[:, :-1])
+        logits = outputs.logits  # [B, S, V]
+        ce_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        aux_loss = outputs.aux_loss  # Mixtral load-balancing loss over all MoE layers
+        loss = ce_loss + args.aux_coef * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ce, aux = ce_loss.item(), aux_loss.item()
+        recent.append(ce)
+        step += 1
+        if step % args.log_every == 0 or step == 1:
+            avg = sum(recent) / len(recent)
+            history.append((step, avg, aux))
+            recent.clear()
+            print(
+                f"step {step}/{total_steps or '?'} lr {lr:.2e} loss {avg:.4f} aux {aux:.3f}"
+                f" ({time.time() - t_train:.0f}s)",
+                flush=True,
+            )
+    train_time = time.time() - t_train
+
+    train_loss, train_tokens = eval_loss(model, train_ids, args.seq_len, args.eval_windows)
+    held_loss, held_tokens = eval_loss(model, held_ids, args.seq_len, args.eval_windows)
+    print(f"final: train loss {train_loss:.4f}, held-out loss {held_loss:.4f} (ln V = {math.log(vocab_size):.3f})")
+
+    model.config.output_router_logits = False
+    model.save_pretrained(out)
+    write_tokenizer_files(tok, out, args.max_position)
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}, indent=2) + "\n"
+    )
+    (out / "heldout.txt").write_text(heldout_sample(corpus.heldout, HELDOUT_TXT_BYTES), encoding="utf-8")
+
+    model.eval()
+    prompt = "def "
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])  # [1, P]
+    with torch.no_grad():
+        sample_ids = model.generate(ids, max_new_tokens=60, do_sample=False, pad_token_id=eos_id)
+    sample = tok.decode(sample_ids[0].tolist(), skip_special_tokens=False)
+    wall = time.time() - t_start
+
+    cmd = "python -m dynserve.bench.train_demo " + " ".join(argv if argv is not None else sys.argv[1:])
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6 if (out / "model.safetensors").exists() else 0
+    lines = [
+        "# Demo model: how it was produced",
+        "",
+        "A small Mixtral-architecture MoE trained from scratch on the CPU by `dynserve/bench/train_demo.py`.",
+        "",
+        "## Command",
+        "",
+        f"    {cmd}",
+        "",
+        "With `--minutes` the step count is re-estimated from the measured speed as training runs, so it",
+        "depends on the machine's load. To rerun the same number of steps on any machine (a fixed cosine",
+        "schedule over them; deterministic for a given seed, thread count and standard library):",
+        "",
+        f"    python -m dynserve.bench.train_demo --out DIR --steps {step} --seed {args.seed} --threads {args.threads}",
+        "",
+        "## Corpus",
+        "",
+        f"The `.py` files of the Python {platform.python_version()} standard library (`{corpus.root}`), sorted by",
+        f"path, excluding the directories {sorted(EXCLUDED_DIRS)} and files over {MAX_FILE_BYTES // 1024} KB.",
+        f"{len(corpus.train)} training files ({len(train_ids):,} tokens); every {HOLDOUT_EVERY}th file (index",
+        f"i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY // 2}) is held out: {len(corpus.heldout)} files"
+        f" ({len(held_ids):,} tokens).",
+        "Files are joined with `<|endoftext|>`; training windows are drawn uniformly at random.",
+        "`heldout.txt` holds whole held-out files (at most 200 KB) for offline evaluation.",
+        "",
+        "## Tokenizer",
+        "",
+        f"Byte-level BPE (`tokenizers`), vocabulary {vocab_size}, trained on the training files; special tokens",
+        f"{', '.join('`' + s + '`' for s in SPECIAL_TOKENS)} (`<|endoftext|>` = id {eos_id} is bos, eos and pad).",
+        "Chat template: each message as `<|role|>\\ncontent<|end|>\\n`; the generation prompt is",
+        "`<|assistant|>\\n`.",
+        "",
+        "## Model",
+        "",
+        f"MixtralForCausalLM: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv),",
+        f"{args.experts} experts of intermediate size {args.intermediate}, top-{args.top_k},"
+        f" tied embeddings: {args.tie},",
+        f"max positions {args.max_position}. {n_params / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per",
+        f"token; float32 safetensors of {size_mb:.1f} MB. Experts run with transformers' `grouped_mm`",
+        "implementation during training (same math as the default; the saved checkpoint is standard).",
+        "",
+        "## Training",
+        "",
+        f"torch {torch.__version__} on the CPU with {args.threads} threads; seed {args.seed}. AdamW (betas 0.9/0.95,",
+        f"weight decay {args.weight_decay}), peak lr {args.lr} with {args.warmup} warmup steps and cosine decay to",
+        f"10%, gradient clipping 1.0, batch {args.batch} x {args.seq_len} tokens, Mixtral load-balancing loss",
+        f"x {args.aux_coef}. {step} steps ({step * args.batch * args.seq_len:,} tokens) in {train_time / 60:.1f} min;",
+        f"total wall time {wall / 60:.1f} min (including tokenizer training and evaluation).",
+        "",
+        "## Result",
+        "",
+        f"- train loss (on {train_tokens:,} tokens of training windows): {train_loss:.4f}",
+        f"- held-out loss (on {held_tokens:,} tokens of held-out files): {held_loss:.4f}",
+        f"- uniform baseline ln({vocab_size}) = {math.log(vocab_size):.4f}",
+        "",
+        "Loss curve (step: mean cross-entropy over the logging interval):",
+        "",
+        "    " + ", ".join(f"{s}: {lo:.3f}" for s, lo, _ in history[:: max(1, len(history) // 20)]),
+        "",
+        "Greedy sample from the prompt `def `:",
+        "",
+        "```python",
+        sample,
+        "```",
+        "",
+        "## Held-out files",
+        "",
+        *[f"- `{rel}`" for rel, _ in corpus.heldout],
+        "",
+    ]
+    (out / "TRAINING.md").write_text("\n".join(lines))
+    print(f"saved to {out} in {wall / 60:.1f} min\n--- sample ---\n{sample}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

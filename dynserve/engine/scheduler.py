@@ -1,0 +1,193 @@
+"""Continuous-batching scheduler. Plain Python, no torch.
+
+Each step packs up to `max_num_batched_tokens` tokens from up to `max_num_seqs` sequences:
+running sequences first (a decode takes 1 token, a sequence in the middle of a chunked prefill
+takes its next chunk), then waiting sequences in arrival order. When the KV pool runs out, the
+most recently admitted running sequence is preempted by recompute: its blocks are freed and it
+goes back to the front of the waiting queue, to be prefilled again (prefix-cache hits usually
+make that cheap). The scheduler touches the KV pool only through BlockManager's verbs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from dynserve.config import SchedulerConfig
+from dynserve.engine.block_manager import BlockManager
+from dynserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence in a step and how many of its tokens the step computes, starting at
+    seq.num_computed_tokens."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What one `Scheduler.schedule()` call decided."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list, and decides each step's batch."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add(self, seq: Sequence) -> None:
+        """Enqueue a new sequence at the back of the waiting queue."""
+        if seq.is_finished:
+            raise ValueError(f"sequence {seq.seq_id} is already finished")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def can_fit_ever(self, num_tokens: int) -> bool:
+        """Whether a sequence of `num_tokens` tokens (prompt + all it may generate) could ever be
+        scheduled: it must fit in the whole KV pool, and in one step's token budget when chunked
+        prefill is off (a preempted sequence is recomputed in one go)."""
+        if num_tokens < 1:
+            return True
+        if self.block_manager.num_blocks_for(num_tokens) > self.block_manager.num_total_blocks:
+            return False
+        if not self.config.enable_chunked_prefill and num_tokens > self.config.max_num_batched_tokens:
+            return False
+        return True
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------------ step
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's sequences and token counts; allocate their KV blocks."""
+        bm = self.block_manager
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running sequences, in order. Victims for preemption come off the tail, which is
+        #    always at or after the current index, so nothing already scheduled is preempted.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n <= 0:  # nothing to compute (the engine has not appended its token yet)
+                i += 1
+                continue
+            scheduled = True
+            while not bm.can_allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            bm.allocate(seq, n)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+
+        # 2. Waiting sequences, first come first served. Skipped after a preemption: the pool is
+        #    short, and the sequence just preempted would only be taken back in.
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[0]
+                n = self._try_admit(seq, budget)
+                if n == 0:
+                    break
+                self.waiting.popleft()
+                self.running.append(seq)
+                seq.status = SequenceStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = time.monotonic()
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _try_admit(self, seq: Sequence, budget: int) -> int:
+        """Look up the prefix cache and allocate for a waiting sequence; return the tokens granted,
+        or 0 (holding no blocks) if it cannot start this step."""
+        bm = self.block_manager
+        matched = False
+        if seq.num_computed_tokens == 0 and not seq.block_table:
+            bm.match_prefix(seq, record_stats=False)
+            matched = True
+        n = seq.num_uncomputed_tokens
+        if n > budget:
+            n = budget
+        if n <= 0 or not bm.can_allocate(seq, n):
+            # Give prefix-cache hits back so nothing leaks while it waits.
+            bm.free(seq)
+            seq.num_computed_tokens = 0
+            seq.num_cached_tokens = 0
+            return 0
+        bm.allocate(seq, n)
+        if matched:
+            bm.record_prefix_query(len(seq), seq.num_cached_tokens)
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, output: SchedulerOutput) -> None:
+        """After the model ran the step: advance computed counts and publish full blocks to the
+        prefix cache. (The engine appends sampled tokens itself.)"""
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(seq)
+
+    # ------------------------------------------------------------------ ending
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark the sequence finished, free its blocks and drop it from the queues."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        try:
+            self.running.remove(seq)
+        except ValueError:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of the request with reason ABORT; return them."""
+        seqs = [s for s in self.running if s.request_id == request_id]
+        seqs += [s for s in self.waiting if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, FinishReason.ABORT)
+        return seqs

@@ -1,0 +1,183 @@
+"""The pre-norm decoder-only transformer every supported family is an instance of.
+
+Owns `DecoderSpec` (the few facts in which the families differ: attention biases, q/k norm,
+which layers are MoE, expert naming, routing rule) and `DecoderForCausalLM`, the CausalLM that
+builds embedding -> [attention, dense MLP or MoE] x L -> norm -> lm_head from a spec and loads
+Hugging Face weights into it. Each family file (llama.py, mixtral.py, ...) only derives a spec.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynserve.config import ModelConfig
+from dynserve.model.base import CausalLM, ForwardBatch
+from dynserve.model.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, WeightSource, assign_param
+from dynserve.model.moe import ExpertNames, MoEBlock
+from dynserve.routing import CheckpointRule
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or a torch.dtype) -> torch.dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What distinguishes one family's decoder layers from another's."""
+
+    rms_norm_eps: float
+    intermediate_size: int  # dense MLP width (dense layers)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: str | None = None  # None | "head" | "full"
+    clip_qkv: float | None = None
+    moe_layers: tuple[int, ...] = ()  # indices of sparse MoE layers
+    moe_prefix: str = "mlp"  # HF module name of the MoE block inside a layer
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    expert_names: ExpertNames = ExpertNames()
+    rule: CheckpointRule | None = None
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); the MLP is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int, backend: str) -> None:
+        super().__init__()
+        H = cfg.hidden_size
+        self.is_moe = layer_idx in spec.moe_layers
+        self.input_layernorm = RMSNorm(H, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(H, spec.rms_norm_eps)
+        self.self_attn = Attention(
+            H,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            qkv_bias=spec.qkv_bias,
+            o_bias=spec.o_bias,
+            qk_norm=spec.qk_norm,
+            norm_eps=spec.rms_norm_eps,
+            clip_qkv=spec.clip_qkv,
+            backend=backend,
+        )
+        self.mlp: nn.Module
+        if self.is_moe:
+            assert spec.rule is not None
+            self.mlp = MoEBlock(
+                H, spec.moe_intermediate_size, spec.rule, shared_inter=spec.shared_expert_intermediate_size,
+                backend=backend,
+            )
+        else:
+            self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)  # [T, H]
+        return h + self.mlp(self.post_attention_layernorm(h), batch)  # [T, H]
+
+
+class DecoderForCausalLM(CausalLM):
+    """A decoder-only LM built from a `DecoderSpec`; subclasses implement `make_spec`.
+
+    Construction allocates parameters on the current default device (the loader builds under the
+    meta device and `load_weights` materialises every parameter on `device` in `dtype`).
+    """
+
+    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu", backend: str = "torch") -> None:
+        super().__init__()
+        self.config = config
+        self.spec = self.make_spec(config)
+        self.dtype = torch_dtype(config.dtype)
+        self.device = torch.device(device)
+        self.backend = backend
+        spec = self.spec
+        if spec.sliding_window is not None and spec.sliding_window < config.max_model_len:
+            logger.warning(
+                "%s: config has sliding_window=%d but attention is over the full context; outputs differ "
+                "from the checkpoint's for sequences longer than the window",
+                config.architecture,
+                spec.sliding_window,
+            )
+        H = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, H)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, spec, i, backend) for i in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(H, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.hf, config.head_dim)
+        self.moe_layer_ids = [i for i, layer in enumerate(self.layers) if layer.is_moe]
+        self.num_moe_layers = len(self.moe_layer_ids)
+        self.requires_grad_(False)
+
+    @classmethod
+    def make_spec(cls, config: ModelConfig) -> DecoderSpec:
+        raise NotImplementedError
+
+    @property
+    def num_attention_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        x = F.embedding(batch.input_ids, self.embed_tokens.weight)  # [T, H]
+        cos, sin = self.rotary(batch.positions, x.dtype)  # [T, D] each
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, batch)
+        return self.norm(x)  # [T, H]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()  # [S, V]
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        ws = WeightSource(weights, self.dtype)
+        dev = self.device
+        name = "model.embed_tokens.weight"
+        assign_param(self.embed_tokens, "weight", ws.get(name), dev, name)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            layer.input_layernorm.load_hf(ws, f"{p}.input_layernorm.weight", dev)
+            layer.post_attention_layernorm.load_hf(ws, f"{p}.post_attention_layernorm.weight", dev)
+            layer.self_attn.load_hf(ws, f"{p}.self_attn", dev)
+            if layer.is_moe:
+                # transformers-5 state dicts name every family's MoE block `mlp` (fused experts)
+                prefix = f"{p}.{self.spec.moe_prefix}"
+                if not ws.has(f"{prefix}.gate.weight") and ws.has(f"{p}.mlp.gate.weight"):
+                    prefix = f"{p}.mlp"
+                layer.mlp.load_hf(ws, prefix, dev, self.spec.expert_names)
+            else:
+                layer.mlp.load_hf(ws, f"{p}.mlp", dev)
+        self.norm.load_hf(ws, "model.norm.weight", dev)
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            assign_param(self.lm_head, "weight", ws.get("lm_head.weight"), dev, "lm_head.weight")
+        left = [n for n, prm in self.named_parameters() if prm.is_meta]
+        if left:
+            raise ValueError(f"parameters not loaded from the checkpoint: {left}")
+
+
+def moe_layer_indices(hf: dict, num_layers: int, num_experts: int) -> tuple[int, ...]:
+    """Qwen-style layer sparsity: layer i is MoE unless in `mlp_only_layers`, and only every
+    `decoder_sparse_step`-th layer (1-based) is sparse."""
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or [])
+    return tuple(i for i in range(num_layers) if i not in dense and num_experts > 0 and (i + 1) % step == 0)

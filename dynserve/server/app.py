@@ -1,0 +1,875 @@
+"""The OpenAI-compatible HTTP server: FastAPI app over an AsyncEngine, and `run_server` (uvicorn).
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or SSE),
+GET /health, GET /version, POST /tokenize, POST /detokenize, GET /metrics.
+Every error uses OpenAI's body {"error": {"message", "type", "param", "code"}}; validation errors
+are 400. A client that goes away (streaming or not) aborts its request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import dynserve
+from dynserve.config import EngineConfig
+from dynserve.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineStoppedError,
+    QueueFullError,
+    RequestAbortedError,
+    RequestStream,
+)
+from dynserve.engine.outputs import ExpertUsage, RequestOutput, TokenLogprobs
+from dynserve.sampling_params import SamplingParams
+from dynserve.server.metrics import ServerMetrics
+from dynserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    InvalidRequestError,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    UsageInfo,
+    conversation,
+)
+
+logger = logging.getLogger("dynserve.server")
+
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class ServerSettings:
+    """How the HTTP server runs (the engine's own options live in EngineConfig).
+
+    api_key None falls back to the DYNSERVE_API_KEY environment variable; empty means no auth.
+    served_model_name None falls back to EngineConfig.served_model_name, then the model path.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_queued_requests: int | None = None
+    shutdown_timeout: float = 30.0
+    enable_expert_token_metrics: bool = False
+    log_level: str = "info"
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get("DYNSERVE_API_KEY") or None
+
+
+# ------------------------------------------------------------------------------- errors
+class ApiError(Exception):
+    """An error to answer with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _engine_error(e: BaseException, retry_after: int, prompt_param: str = "prompt") -> ApiError:
+    """Map an AsyncEngine / engine exception to the API error the client sees."""
+    if isinstance(e, InvalidRequestError):
+        return ApiError(400, e.message, param=e.param, code=e.code)
+    if isinstance(e, QueueFullError):
+        return ApiError(
+            503,
+            str(e),
+            "server_error",
+            code="server_overloaded",
+            headers={"Retry-After": str(max(1, round(e.retry_after or retry_after)))},
+        )
+    if isinstance(e, EngineStoppedError):
+        return ApiError(503, str(e), "server_error", code="shutting_down", headers={"Retry-After": str(retry_after)})
+    if isinstance(e, EngineDeadError):
+        return ApiError(500, str(e), "server_error", code="engine_dead")
+    if isinstance(e, RequestAbortedError):
+        return ApiError(
+            503,
+            str(e) or "the request was aborted",
+            "server_error",
+            code="request_aborted",
+            headers={"Retry-After": str(retry_after)},
+        )
+    if isinstance(e, ValueError):
+        msg = str(e)
+        if msg.startswith("This model's maximum context length") or type(e).__name__ == "ContextLengthError":
+            return ApiError(400, msg, param=prompt_param, code="context_length_exceeded")
+        return ApiError(400, msg, param=prompt_param if "prompt" in msg else None)
+    logger.exception("internal error", exc_info=e)
+    return ApiError(500, f"internal server error: {type(e).__name__}", "server_error")
+
+
+def _loc_to_param(loc: Iterable[Any]) -> str | None:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] += f"[{item}]"
+            else:
+                parts.append(f"[{item}]")
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    err = errors[0]
+    loc = list(err.get("loc", ()))
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"invalid JSON body: {detail}".rstrip(": "), code="invalid_json")
+    if err.get("type") == "missing" and not loc:
+        return ApiError(400, "a JSON request body is required")
+    if err.get("type") in ("model_attributes_type", "dict_type", "model_type") and not loc:
+        if isinstance(err.get("input"), bytes | bytearray):  # not parsed: a non-JSON content type
+            return ApiError(400, "the request body must be JSON: send it with Content-Type: application/json")
+        return ApiError(400, "the request body must be a JSON object")
+    param = _loc_to_param(loc)
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        msg = "field required"
+    elif err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    message = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return ApiError(400, message, param=param)
+
+
+_HTTP_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+}
+
+
+# ------------------------------------------------------------------------------- auth
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/* (pure ASGI: keeps streaming intact)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope.get("method") != "OPTIONS":
+            auth = b""
+            for k, v in scope.get("headers", []):
+                if k == b"authorization":
+                    auth = v
+                    break
+            if not secrets.compare_digest(auth, self._expected):
+                err = ApiError(
+                    401,
+                    "Incorrect API key provided.",
+                    "authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+_SSE_DONE = "data: [DONE]\n\n"
+
+
+def _finite(x: float) -> float:
+    return x if x == x and x > _LOGPROB_FLOOR else _LOGPROB_FLOOR
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable alphabet, inverted: each of the 256 bytes is written as one
+    character (printable Latin-1 bytes as themselves, the rest shifted to 256 + i)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    char_of = {b: b for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in char_of:
+            char_of[b] = 256 + shift
+            shift += 1
+    return {chr(c): b for b, c in char_of.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+class _TokenText:
+    """Per-request cache of one token's (display string, UTF-8 bytes) for logprobs.
+
+    A token that is only part of a UTF-8 character (byte-level BPE, byte-fallback) has no text of
+    its own; its raw bytes are recovered from the vocabulary entry and it is shown as
+    `bytes:\\xNN...` the way OpenAI does, so distinct tokens keep distinct strings."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._resolve(token_id)
+        return hit
+
+    def _resolve(self, token_id: int) -> tuple[str, bytes]:
+        if self._tok is None:
+            return f"<{token_id}>", b""
+        try:
+            text = self._tok.decode([token_id], skip_special_tokens=False)
+        except Exception:
+            text = ""
+        if "\ufffd" not in text:
+            return text, text.encode("utf-8")
+        raw = self._raw_bytes(token_id)
+        if raw is None:
+            return text, text.encode("utf-8")
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+    def _raw_bytes(self, token_id: int) -> bytes | None:
+        piece = None
+        with contextlib.suppress(Exception):
+            piece = self._tok.id_to_token(token_id)
+        if not piece:
+            return None
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+            with contextlib.suppress(ValueError):
+                return bytes([int(piece[3:5], 16)])
+        if all(ch in _BYTE_OF_CHAR for ch in piece):
+            return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
+        return None
+
+
+def _completion_logprobs(lps: list[TokenLogprobs], text: _TokenText, offset: int) -> tuple[dict[str, Any], int]:
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for lp in lps:
+        tok, raw = text(lp.token_id)
+        tokens.append(tok)
+        token_logprobs.append(_finite(lp.logprob))
+        entry: dict[str, float] = {}
+        for t in lp.top:
+            entry.setdefault(text(t.token_id)[0], _finite(t.logprob))
+        entry.setdefault(tok, _finite(lp.logprob))
+        top.append(entry)
+        offsets.append(offset)
+        offset += len(raw.decode("utf-8", errors="replace")) if raw else len(tok)
+    return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}, offset
+
+
+def _chat_logprobs(lps: list[TokenLogprobs], text: _TokenText, num_top: int) -> dict[str, Any]:
+    content = []
+    for lp in lps:
+        tok, raw = text(lp.token_id)
+        tops = []
+        for t in lp.top[:num_top]:
+            s, b = text(t.token_id)
+            tops.append({"token": s, "logprob": _finite(t.logprob), "bytes": list(b)})
+        content.append({"token": tok, "logprob": _finite(lp.logprob), "bytes": list(raw), "top_logprobs": tops})
+    return {"content": content}
+
+
+def _usage(finals: list[RequestOutput]) -> dict[str, Any]:
+    prompt = sum(len(o.prompt_token_ids) for o in finals)
+    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    expert = ExpertUsage.merge([o.expert_usage for o in finals]) if finals else ExpertUsage()
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        expert_activations=expert.expert_activations,
+        avg_experts_per_token=expert.avg_experts_per_token,
+        prompt_tokens_details={"cached_tokens": sum(o.num_cached_tokens for o in finals)},
+    ).model_dump()
+
+
+def _public_finish_reason(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    if reason == "abort":
+        raise RequestAbortedError("the request was aborted by the server")
+    return reason if reason in ("stop", "length") else "stop"
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as (stream index, output)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+            await queue.put((i, done))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _ClientGone(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------- the app
+class _Server:
+    """The state behind the routes: engine, settings, metrics, model name."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        cfg = engine.config
+        self.model_name = settings.served_model_name or cfg.served_model_name or cfg.model.model_dir
+        self.max_model_len = cfg.model.max_model_len
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(engine.get_stats, self.model_name, settings.enable_expert_token_metrics)
+        engine.add_metrics_sink(self.metrics)
+
+    @property
+    def tokenizer(self) -> Any:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ApiError(400, "this model has no tokenizer; send token ids")
+        return tok
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(
+                404, f"The model `{model}` does not exist.", "not_found_error", param="model", code="model_not_found"
+            )
+
+    async def submit(
+        self,
+        base_id: str,
+        prompts: list[tuple[str | None, list[int] | None]],
+        params: SamplingParams,
+        prompt_param: str,
+    ) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for i, (text, ids) in enumerate(prompts):
+                rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                streams.append(await self.engine.add_request(rid, text, params, ids))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            if isinstance(e, Exception):
+                raise _engine_error(e, self.settings.retry_after_s, prompt_param) from None
+            raise
+        return streams
+
+    async def collect(self, streams: list[RequestStream], request: Request) -> list[RequestOutput]:
+        """Wait for every stream's final output; abort them all if the client disconnects."""
+        finals: list[RequestOutput | None] = [None] * len(streams)
+
+        async def consume() -> None:
+            async for i, out in _merge(streams):
+                finals[i] = out
+
+        task = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the handler itself was cancelled
+            task.cancel()
+            watcher.cancel()
+            _abort_all(streams)
+            raise
+        watcher.cancel()
+        if task not in done:
+            task.cancel()
+            _abort_all(streams)
+            raise _ClientGone()
+        exc = task.exception()
+        if exc is not None:
+            _abort_all(streams)
+            raise _engine_error(exc, self.settings.retry_after_s)
+        return [f for f in finals if f is not None]
+
+
+def _abort_all(streams: list[RequestStream]) -> None:
+    for s in streams:
+        s.abort()
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, owns_engine: bool = False) -> FastAPI:
+    """The FastAPI app serving `engine`. With owns_engine, app shutdown also shuts the engine
+    down (what `run_server` does)."""
+    settings = settings or ServerSettings()
+    if settings.max_queued_requests is not None:
+        engine.max_queued_requests = settings.max_queued_requests
+    srv = _Server(engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.remove_metrics_sink(srv.metrics)
+        if owns_engine:
+            await engine.shutdown(timeout=1.0)
+
+    app = FastAPI(
+        title="dynserve",
+        version=dynserve.__version__,
+        description="OpenAI-compatible server for Mixture-of-Experts models with adaptive expert routing.",
+        lifespan=lifespan,
+        strict_content_type=False,
+    )
+    app.state.server = srv
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid_params(_: Request, exc: InvalidRequestError) -> JSONResponse:
+        return ApiError(400, exc.message, param=exc.param, code=exc.code).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        type_ = _HTTP_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return ApiError(status, detail, type_, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return ApiError(500, f"internal server error: {type(exc).__name__}", "server_error").response()
+
+    errors = {
+        400: {"model": ErrorResponse},
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    }
+
+    # ---------------------------------------------------------------- info routes
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy:
+            return JSONResponse({"status": "ok"})
+        err = engine.dead_error
+        return ApiError(
+            503, f"the engine is not running{f': {err!r}' if err else ''}", "server_error", code="engine_dead"
+        ).response()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": dynserve.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = srv.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[_model_card(srv)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors)
+    async def get_model(model_id: str) -> ModelCard:
+        srv.check_model(model_id)
+        return _model_card(srv)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        srv.check_model(req.model)
+        tok = srv.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
+        try:
+            if req.messages is not None:
+                conv = conversation(req.messages)
+                text = tok.apply_chat_template(conv, add_generation_prompt=req.add_generation_prompt)
+                ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+            else:
+                add = True if req.add_special_tokens is None else req.add_special_tokens
+                ids = tok.encode(req.prompt, add_special_tokens=add)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return TokenizeResponse(tokens=list(ids), count=len(ids), max_model_len=srv.max_model_len)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        srv.check_model(req.model)
+        vocab = engine.config.model.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is out of range for vocabulary size {vocab}", param="tokens")
+        return DetokenizeResponse(prompt=srv.tokenizer.decode(req.tokens, skip_special_tokens=False))
+
+    # ---------------------------------------------------------------- completions
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        srv.check_model(req.model)
+        params = req.to_sampling_params(engine.config.routing)
+        prompts = _completion_prompts(req.prompt)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await srv.submit(request_id, prompts, params, "prompt")
+        echo_texts = [_echo_text(srv, t, ids) for t, ids in prompts] if req.echo else None
+        headers = {"x-request-id": request_id}
+        if req.stream:
+            gen = _completion_stream(srv, req, streams, request_id, created, echo_texts, len(prompts))
+            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        try:
+            finals = await srv.collect(streams, raw)
+        except _ClientGone:
+            return Response(status_code=499)
+        choices = []
+        tok_text = _TokenText(engine.tokenizer)
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                prefix = echo_texts[i] if echo_texts else ""
+                lp = None
+                if c.logprobs is not None and req.logprobs is not None:
+                    lp, _ = _completion_logprobs(c.logprobs, tok_text, len(prefix))
+                choices.append(
+                    {
+                        "index": i * req.n + c.index,
+                        "text": prefix + c.text,
+                        "logprobs": lp,
+                        "finish_reason": _finish_or_raise(srv, c.finish_reason),
+                        "stop_reason": c.stop_reason,
+                    }
+                )
+        body = CompletionResponse(
+            id=request_id, created=created, model=srv.model_name, choices=choices, usage=_usage(finals)
+        )
+        return JSONResponse(body.model_dump(), headers=headers)
+
+    # ---------------------------------------------------------------- chat
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        srv.check_model(req.model)
+        params = req.to_sampling_params(engine.config.routing)
+        tok = srv.tokenizer
+        try:
+            text = tok.apply_chat_template(conversation(req.messages), add_generation_prompt=req.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=False)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        except Exception as e:  # template rendering errors (jinja) are the request's fault too
+            raise ApiError(400, f"could not apply the chat template: {e}", param="messages") from None
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await srv.submit(request_id, [(text, ids)], params, "messages")
+        headers = {"x-request-id": request_id}
+        if req.stream:
+            gen = _chat_stream(srv, req, streams[0], request_id, created)
+            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        try:
+            finals = await srv.collect(streams, raw)
+        except _ClientGone:
+            return Response(status_code=499)
+        out = finals[0]
+        tok_text = _TokenText(engine.tokenizer)
+        num_top = req.top_logprobs or 0
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c.logprobs, tok_text, num_top)
+                if (req.logprobs and c.logprobs is not None)
+                else None,
+                "finish_reason": _finish_or_raise(srv, c.finish_reason),
+                "stop_reason": c.stop_reason,
+            }
+            for c in out.outputs
+        ]
+        body = ChatCompletionResponse(
+            id=request_id, created=created, model=srv.model_name, choices=choices, usage=_usage(finals)
+        )
+        return JSONResponse(body.model_dump(), headers=headers)
+
+    return app
+
+
+def _model_card(srv: _Server) -> ModelCard:
+    return ModelCard(
+        id=srv.model_name, created=srv.created, root=srv.engine.config.model.model_dir, max_model_len=srv.max_model_len
+    )
+
+
+def _finish_or_raise(srv: _Server, reason: str | None) -> str | None:
+    try:
+        return _public_finish_reason(reason)
+    except RequestAbortedError as e:
+        raise _engine_error(e, srv.settings.retry_after_s) from None
+
+
+def _completion_prompts(prompt: Any) -> list[tuple[str | None, list[int] | None]]:
+    if isinstance(prompt, str):
+        return [(prompt, None)]
+    if all(isinstance(x, str) for x in prompt):
+        return [(x, None) for x in prompt]
+    if all(isinstance(x, int) for x in prompt):
+        return [(None, list(prompt))]
+    return [(None, list(x)) for x in prompt]
+
+
+def _echo_text(srv: _Server, text: str | None, ids: list[int] | None) -> str:
+    if text is not None:
+        return text
+    try:
+        return srv.tokenizer.decode(ids or [], skip_special_tokens=False)
+    except Exception:
+        return ""
+
+
+def _stream_error(e: Exception, srv: _Server) -> str:
+    err = e if isinstance(e, ApiError) else _engine_error(e, srv.settings.retry_after_s)
+    return _sse(err.body())
+
+
+async def _completion_stream(
+    srv: _Server,
+    req: CompletionRequest,
+    streams: list[RequestStream],
+    request_id: str,
+    created: int,
+    echo_texts: list[str] | None,
+    num_prompts: int,
+) -> AsyncIterator[str]:
+    n = req.n
+    model = srv.model_name
+    tok_text = _TokenText(srv.engine.tokenizer)
+    offsets = [0] * (num_prompts * n)
+    finals: list[RequestOutput | None] = [None] * num_prompts
+    usage_null = {"usage": None} if req.include_usage else {}
+
+    def chunk(choices: list[dict[str, Any]]) -> str:
+        return _sse(
+            {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **usage_null,
+            }
+        )
+
+    try:
+        if echo_texts:
+            for i, t in enumerate(echo_texts):
+                for j in range(n):
+                    offsets[i * n + j] = len(t)
+                    yield chunk([{"index": i * n + j, "text": t, "logprobs": None, "finish_reason": None}])
+        async for i, out in _merge(streams):
+            if out.finished:
+                finals[i] = out
+            for c in out.outputs:
+                idx = i * n + c.index
+                finish = _public_finish_reason(c.finish_reason)
+                lp = None
+                if req.logprobs is not None and c.logprobs_delta:
+                    lp, offsets[idx] = _completion_logprobs(c.logprobs_delta, tok_text, offsets[idx])
+                if not c.text_delta and lp is None and finish is None:
+                    continue
+                choice: dict[str, Any] = {"index": idx, "text": c.text_delta, "logprobs": lp, "finish_reason": finish}
+                if finish is not None:
+                    choice["stop_reason"] = c.stop_reason
+                yield chunk([choice])
+        if req.include_usage:
+            yield _sse(
+                {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage([f for f in finals if f is not None]),
+                }
+            )
+        yield _SSE_DONE
+    except Exception as e:  # the stream has begun: report in-band, then end it properly
+        yield _stream_error(e, srv)
+        yield _SSE_DONE
+    finally:
+        _abort_all(streams)
+
+
+async def _chat_stream(
+    srv: _Server, req: ChatCompletionRequest, stream: RequestStream, request_id: str, created: int
+) -> AsyncIterator[str]:
+    model = srv.model_name
+    tok_text = _TokenText(srv.engine.tokenizer)
+    num_top = req.top_logprobs or 0
+    usage_null = {"usage": None} if req.include_usage else {}
+    final: RequestOutput | None = None
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+        return _sse(
+            {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                **usage_null,
+            }
+        )
+
+    try:
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for out in stream:
+            if out.finished:
+                final = out
+            for c in out.outputs:
+                finish = _public_finish_reason(c.finish_reason)
+                lp = None
+                if req.logprobs and c.logprobs_delta:
+                    lp = _chat_logprobs(c.logprobs_delta, tok_text, num_top)
+                if not c.text_delta and lp is None and finish is None:
+                    continue
+                delta = {"content": c.text_delta} if (c.text_delta or lp is not None) else {}
+                yield chunk(c.index, delta, lp, finish)
+        if req.include_usage:
+            yield _sse(
+                {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage([final] if final is not None else []),
+                }
+            )
+        yield _SSE_DONE
+    except Exception as e:  # the stream has begun: report in-band, then end it properly
+        yield _stream_error(e, srv)
+        yield _SSE_DONE
+    finally:
+        stream.abort()
+
+
+# ------------------------------------------------------------------------------- run_server
+def run_server(engine_config: EngineConfig, settings: ServerSettings | None = None) -> None:
+    """Load the engine, serve the app with uvicorn until SIGINT/SIGTERM, then shut down
+    gracefully: stop accepting, let in-flight requests finish for up to
+    `settings.shutdown_timeout` seconds, abort the rest, stop the engine thread."""
+    settings = settings or ServerSettings()
+    level = getattr(logging, str(settings.log_level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.enable_expert_token_metrics and not engine_config.record_expert_token_counts:
+        engine_config = replace(engine_config, record_expert_token_counts=True)
+    if settings.served_model_name and not engine_config.served_model_name:
+        engine_config = replace(engine_config, served_model_name=settings.served_model_name)
+    engine = AsyncEngine.from_config(engine_config, max_queued_requests=settings.max_queued_requests)
+    app = build_app(engine, settings, owns_engine=True)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=str(settings.log_level).lower(),
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        lifespan="on",
+    )
+    server = _UvicornServer(config, engine)
+    try:
+        server.run()
+    finally:
+        if engine.is_healthy:
+            engine.shutdown_sync(timeout=0.0)
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn.Server whose exit signal first makes the engine refuse new requests (503)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self._engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._engine.stop_accepting()
+        super().handle_exit(sig, frame)

@@ -1,0 +1,474 @@
+"""OpenAI protocol models (pydantic v2): completions and chat completions requests, responses and
+stream chunks, plus the dynserve extensions (sampling extras, per-request `routing`, expert usage).
+
+Request models are strict: a wrong JSON type (a string for a number, a float for an integer, a
+bool for a number) is rejected rather than coerced, and the server turns every validation error
+into a 400 naming the field path in `error.param`. Fields vLLM accepts beyond OpenAI's are
+accepted here with vLLM's names and meanings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from dynserve.config import ROUTING_POLICIES, RoutingConfig
+from dynserve.sampling_params import SamplingParams
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+
+
+class InvalidRequestError(ValueError):
+    """A request that parsed but cannot be served as asked (-> 400 with `param`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+# ------------------------------------------------------------------------------- field types
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+Str = Annotated[str, Field(strict=True)]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_prompt(v: Any) -> Any:
+    msg = "prompt must be a string, a list of strings, a list of token ids, or a list of token id lists"
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, list):
+        raise PydanticCustomError("prompt_type", msg)
+    if not v:
+        raise PydanticCustomError("prompt_empty", "prompt must not be empty")
+    if all(isinstance(x, str) for x in v):
+        return v
+    if all(_is_int(x) for x in v):
+        return v
+    if all(isinstance(x, list) and all(_is_int(t) for t in x) for x in v):
+        if any(not x for x in v):
+            raise PydanticCustomError("prompt_empty", "prompt token id lists must not be empty")
+        return v
+    raise PydanticCustomError("prompt_type", msg)
+
+
+def _check_stop(v: Any) -> Any:
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    raise PydanticCustomError("stop_type", "stop must be a string or a list of strings")
+
+
+def _check_content(v: Any) -> Any:
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        for part in v:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise PydanticCustomError("content_type", "content parts must be objects with a 'type'")
+            if part["type"] != "text":
+                raise PydanticCustomError(
+                    "content_type", "only text content parts are supported, got '{kind}'", {"kind": part["type"]}
+                )
+            if not isinstance(part.get("text"), str):
+                raise PydanticCustomError("content_type", "a text content part needs a string 'text'")
+        return v
+    raise PydanticCustomError("content_type", "content must be a string or a list of text content parts")
+
+
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1}, "minItems": 1},
+    ]
+}
+_STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+        {"type": "null"},
+    ]
+}
+
+PromptInput = Annotated[Any, AfterValidator(_check_prompt), WithJsonSchema(_PROMPT_SCHEMA)]
+StopInput = Annotated[Any, AfterValidator(_check_stop), WithJsonSchema(_STOP_SCHEMA)]
+ContentInput = Annotated[Any, AfterValidator(_check_content), WithJsonSchema(_CONTENT_SCHEMA)]
+
+
+# ------------------------------------------------------------------------------- request parts
+class RoutingParams(BaseModel):
+    """Per-request expert routing (dynserve extension). Fields left out keep the engine's
+    default routing; see dynserve.config.RoutingConfig for their meaning."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    policy: Literal[ROUTING_POLICIES] | None = None  # type: ignore[valid-type]
+    p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    threshold: Float | None = Field(default=None, ge=0.0, le=1.0)
+    k: Int | None = Field(default=None, ge=1)
+    min_experts: Int | None = Field(default=None, ge=0)
+    max_experts: Int | None = Field(default=None, ge=1)
+    renormalize: Bool | None = None
+
+    def to_routing_config(self, default: RoutingConfig) -> RoutingConfig:
+        """Overlay the fields this request set on the engine's default routing."""
+        changes = {name: getattr(self, name) for name in self.model_fields_set}
+        for name in ("policy", "p", "threshold", "min_experts"):  # not nullable in RoutingConfig
+            if name in changes and changes[name] is None:
+                del changes[name]
+        try:
+            return replace(default, **changes)
+        except ValueError as e:
+            msg = str(e)
+            param = msg.split(" ", 1)[0] if msg.startswith("routing.") else "routing"
+            raise InvalidRequestError(msg, param=param) from None
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: Bool | None = None
+    continuous_usage_stats: Bool | None = None
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model_config = _STRICT
+
+    model: Str | None = None
+    n: Int = Field(default=1, ge=1, le=MAX_N)
+    temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    presence_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stop: StopInput = None
+    user: Str | None = None
+    stream: Bool | None = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, Float] | None = None
+    # vLLM extras
+    top_k: Int | None = Field(default=None, ge=-1)
+    min_p: Float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Float | None = Field(default=None, gt=0.0)
+    min_tokens: Int = Field(default=0, ge=0)
+    ignore_eos: Bool = False
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    # dynserve extension
+    routing: RoutingParams | None = None
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options can only be set when stream is true", "stream_options")
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported", "logit_bias")
+        if self.stop is not None:
+            stops = [self.stop] if isinstance(self.stop, str) else self.stop
+            if any(not s for s in stops):
+                raise InvalidRequestError("stop strings must not be empty", "stop")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, default_routing: RoutingConfig
+    ) -> SamplingParams:
+        routing = self.routing.to_routing_config(default_routing) if self.routing is not None else None
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(
+                n=self.n,
+                temperature=1.0 if self.temperature is None else float(self.temperature),
+                top_p=1.0 if self.top_p is None else float(self.top_p),
+                top_k=-1 if self.top_k in (None, 0) else self.top_k,
+                min_p=0.0 if self.min_p is None else float(self.min_p),
+                presence_penalty=float(self.presence_penalty or 0.0),
+                frequency_penalty=float(self.frequency_penalty or 0.0),
+                repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+                seed=self.seed,
+                max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                stop=stop,
+                stop_token_ids=list(self.stop_token_ids or []),
+                ignore_eos=self.ignore_eos,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                logprobs=logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                routing=routing,
+            )
+        except ValueError as e:
+            msg = str(e)
+            head = msg.split(" ", 1)[0]
+            raise InvalidRequestError(msg, param=head if head in type(self).model_fields else None) from None
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: PromptInput
+    suffix: Str | None = None
+    echo: Bool = False
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int | None = Field(default=16, ge=1)
+    best_of: Int | None = Field(default=None, ge=1, le=MAX_N)
+
+    def to_sampling_params(self, default_routing: RoutingConfig) -> SamplingParams:
+        """Validate what pydantic cannot and build the engine's SamplingParams."""
+        self.check_common()
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of is not supported (it must equal n)", "best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        return self._sampling_params(self.max_tokens, self.logprobs, default_routing)
+
+
+class ChatMessage(BaseModel):
+    """One chat message; content is a string or a list of text parts (joined with newlines)."""
+
+    model_config = _STRICT
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: ContentInput = None
+    name: Str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part["text"] for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: Bool | None = False
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: Bool = True
+
+    def to_sampling_params(self, default_routing: RoutingConfig) -> SamplingParams:
+        self.check_common()
+        if self.tools:
+            raise InvalidRequestError("tools are not supported", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequestError("tool_choice is not supported", "tool_choice")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidRequestError("response_format other than {'type': 'text'} is not supported", "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":
+                raise InvalidRequestError(
+                    f"messages[{i}].content must not be null for role {m.role!r}", f"messages[{i}].content"
+                )
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, default_routing)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the plain dicts a chat template expects."""
+    return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: either a prompt or chat messages."""
+
+    model_config = _STRICT
+
+    model: Str | None = None
+    prompt: Str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool | None = None
+    add_generation_prompt: Bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    model: Str | None = None
+    tokens: list[Int]
+
+
+# ------------------------------------------------------------------------------- responses
+class UsageInfo(BaseModel):
+    """OpenAI usage plus dynserve's expert usage."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    expert_activations: int = 0
+    avg_experts_per_token: float = 0.0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dynserve"
+    root: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

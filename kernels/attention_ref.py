@@ -1,0 +1,115 @@
+"""Plain-torch paged attention: the CPU path of the engine and the reference for the Triton kernels.
+
+KV cache layout: kv_cache [2, num_blocks, block_size, Hkv, D]; slot s = block * block_size + offset.
+Sequence b's position p lives in block block_tables[b, p // block_size] at offset p % block_size.
+
+`paged_attention_ref` has two paths:
+- decode-only batches (one query per sequence): fully vectorised. K/V of all B sequences are
+  gathered through the block tables into [B, Lmax, Hkv, D] and one masked SDPA call runs with the
+  G = Hq // Hkv query heads of a kv head laid out as G "query rows", so GQA needs no K/V copy.
+- prefill / mixed batches: one SDPA call per sequence (host-side lengths, no device sync), with an
+  explicit causal mask offset by the cached prefix (chunked prefill).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dynserve.model.base import ForwardBatch
+
+
+def write_kv_ref(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write key/value [T, Hkv, D] into cache slots `slot_mapping` [T] in place; slots < 0 are skipped."""
+    if key.shape[0] == 0:
+        return
+    _, _, _, hkv, d = kv_cache.shape
+    if key.shape[1:] != (hkv, d) or value.shape != key.shape:
+        raise ValueError(f"key/value {tuple(key.shape)} do not match cache heads ({hkv}, {d})")
+    slots = slot_mapping.to(device=kv_cache.device, dtype=torch.int64)  # [T]
+    if bool((slots < 0).any()):  # padding tokens (slot -1) are not written
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
+    kv_cache[0].view(-1, hkv, d).index_copy_(0, slots, key.to(kv_cache.dtype))
+    kv_cache[1].view(-1, hkv, d).index_copy_(0, slots, value.to(kv_cache.dtype))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # CPU SDPA is fastest and exact enough in float32 / bfloat16; half goes through float32 there.
+    if t.device.type == "cpu" and t.dtype == torch.float16:
+        return torch.float32
+    return t.dtype
+
+
+def _host_lists(batch: ForwardBatch) -> tuple[list[int], list[int]]:
+    qsl = batch.query_start_loc_host or batch.query_start_loc.tolist()
+    lens = batch.seq_lens_host or batch.seq_lens.tolist()
+    return qsl, lens
+
+
+def _gather_seq(cache_half: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, Hkv, D] of one sequence read through its block table row."""
+    bs = cache_half.shape[1]
+    nblk = -(-length // bs)
+    return cache_half[block_table[:nblk]].flatten(0, 1)[:length]
+
+
+def paged_attention_ref(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float
+) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] over each sequence's paged K/V; returns [T, Hq, D] in q.dtype."""
+    T, hq, d = q.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    g = hq // hkv
+    if T == 0:
+        return q.new_empty(T, hq, d)
+    cdt = _compute_dtype(q)
+    if batch.max_query_len == 1 and T == batch.num_seqs:
+        return _decode(q, kv_cache, batch, scale, cdt).to(q.dtype)
+    out = torch.empty(T, hq, d, dtype=cdt, device=q.device)  # [T, Hq, D]
+    qsl, lens = _host_lists(batch)
+    for b, length in enumerate(lens):
+        s, e = qsl[b], qsl[b + 1]
+        n = e - s
+        if n == 0:
+            continue
+        k = _gather_seq(kv_cache[0], batch.block_tables[b], length).to(cdt)  # [L, Hkv, D]
+        v = _gather_seq(kv_cache[1], batch.block_tables[b], length).to(cdt)  # [L, Hkv, D]
+        qb = q[s:e].to(cdt).reshape(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)  # [Hkv, G*n, D]
+        kb, vb = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D]
+        if n == 1:
+            mask = None  # the single new token sees the whole context
+        else:
+            qpos = torch.arange(length - n, length, device=q.device)  # [n]
+            mask = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]  # [n, L]
+            mask = mask.repeat(g, 1)  # [G*n, L] (rows ordered g-major like qb)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [Hkv, G*n, D]
+        out[s:e] = ob.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+    return out.to(q.dtype)
+
+
+def _decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float, cdt: torch.dtype
+) -> torch.Tensor:
+    """One query per sequence (T == B), vectorised over the batch."""
+    B, hq, d = q.shape
+    _, _, bs, hkv, _ = kv_cache.shape
+    g = hq // hkv
+    lmax = max(int(batch.max_seq_len), 1)
+    nblk = min(-(-lmax // bs), batch.block_tables.shape[1])
+    lmax = min(lmax, nblk * bs)
+    blocks = batch.block_tables[:, :nblk]  # [B, nblk]
+    k = kv_cache[0][blocks].flatten(1, 2)[:, :lmax].to(cdt).transpose(1, 2)  # [B, Hkv, Lmax, D]
+    v = kv_cache[1][blocks].flatten(1, 2)[:, :lmax].to(cdt).transpose(1, 2)  # [B, Hkv, Lmax, D]
+    seq_lens = batch.seq_lens.to(q.device)
+    mask = torch.arange(lmax, device=q.device)[None, :] < seq_lens[:, None]  # [B, Lmax]
+    qb = q.to(cdt).reshape(B, hkv, g, d)  # [B, Hkv, G, D]: the G heads of a kv head as query rows
+    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(B, hq, d)

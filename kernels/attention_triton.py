@@ -1,0 +1,310 @@
+"""Triton paged attention: the GPU path of `write_kv` / `paged_attention` (references in attention_ref).
+
+- `_write_kv_kernel`: one program per new token copies its K and V rows ([Hkv * D] each) into the
+  cache slot `slot_mapping[t]` (negative slots, i.e. padding tokens, are skipped).
+- `_decode_kernel`: one query token per sequence. One program per (sequence, kv head) handles the
+  G = Hq // Hkv query heads that share the kv head as the rows of one tile, so each K/V tile is
+  read once for all of them (GQA). K/V are read BLOCK_N positions at a time through the block
+  table (position p -> block_tables[b, p // bs], offset p % bs), with an online softmax in float32.
+- `_prefill_kernel`: one program per (query tile, sequence, query head). Query row i of a sequence
+  with context length L and n new tokens sits at position L - n + i and attends to positions
+  0..L - n + i: the cached prefix (chunked prefill / prefix cache) and the causal part of the new
+  tokens, all read from the cache (the model writes the new K/V first).
+`paged_attention_triton` dispatches on `batch.max_query_len`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+if TYPE_CHECKING:
+    from dynserve.model.base import ForwardBatch
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    """True when the kernels were built for the interpreter (TRITON_INTERPRET=1 at import time)."""
+    return not isinstance(_write_kv_kernel, JITFunction)
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, half_stride, ROW, BLOCK: tl.constexpr
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.where(slot >= 0, ROW, 0)
+    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + offs, mask=mask)
+    v = tl.load(value_ptr + t.to(tl.int64) * stride_vt + offs, mask=mask)
+    dst = cache_ptr + slot * ROW + offs
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write key/value [T, Hkv, D] into kv_cache [2, N, bs, Hkv, D] at slot_mapping [T] (in place)."""
+    T = key.shape[0]
+    _, _, _, hkv, d = kv_cache.shape
+    if key.shape[1:] != (hkv, d) or value.shape != key.shape:
+        raise ValueError(f"key/value {tuple(key.shape)} do not match cache heads ({hkv}, {d})")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    if T == 0:
+        return
+    # rows may be strided (a slice of a fused qkv projection) but each row must be dense
+    if key.stride(2) != 1 or key.stride(1) != d:
+        key = key.contiguous()
+    if value.stride(2) != 1 or value.stride(1) != d:
+        value = value.contiguous()
+    slots = slot_mapping.to(device=kv_cache.device).contiguous()  # [T]
+    row = hkv * d
+    _write_kv_kernel[(T,)](
+        key, value, kv_cache, slots, key.stride(0), value.stride(0), kv_cache[0].numel(), row,
+        BLOCK=triton.next_power_of_2(row), num_warps=4 if row >= 1024 else 2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr, bt_row_ptr, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos
+):
+    """[BLOCK_N, BLOCK_D] rows of one kv head at positions `pos`, read through a block table row."""
+    blk = tl.load(bt_row_ptr + pos // block_size, mask=p_mask, other=0).to(tl.int64)
+    row = blk * stride_blk + (pos % block_size).to(tl.int64) * stride_pos + kv_off_h  # [BN]
+    return tl.load(
+        cache_ptr + row[:, None] + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    half_stride,
+    stride_blk,
+    stride_pos,
+    block_size,
+    G,
+    D,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    L = tl.load(seq_lens_ptr + b).to(tl.int32)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = kvh * G + offs_g  # [BG] query heads of this kv head
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BG, BD]
+    if UPCAST:
+        q = q.to(tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    kv_off_h = kvh.to(tl.int64) * D
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for start in range(0, L, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        p_mask = pos < L
+        k = _load_kv_tile(
+            cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos
+        )
+        v = _load_kv_tile(
+            cache_ptr + half_stride,
+            bt_row,
+            pos,
+            p_mask,
+            kv_off_h,
+            offs_d,
+            d_mask,
+            block_size,
+            stride_blk,
+            stride_pos,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BG, BN], log2 domain
+        s = tl.where(p_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=g_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    half_stride,
+    stride_blk,
+    stride_pos,
+    block_size,
+    G,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    mt = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b).to(tl.int32)
+    n = tl.load(qsl_ptr + b + 1).to(tl.int32) - q_start
+    L = tl.load(seq_lens_ptr + b).to(tl.int32)
+    prefix = L - n
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < n
+    d_mask = offs_d < D
+    qpos = prefix + offs_m  # [BM] positions of the query rows
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BM, BD]
+    if UPCAST:
+        q = q.to(tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    kv_off_h = (h // G).to(tl.int64) * D
+    # keys beyond the tile's last query position are never visible; empty tiles loop 0 times
+    end = tl.minimum(L, prefix + (mt + 1) * BLOCK_M)
+    end = tl.where(mt * BLOCK_M < n, end, 0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        p_mask = pos < L
+        k = _load_kv_tile(
+            cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos
+        )
+        v = _load_kv_tile(
+            cache_ptr + half_stride,
+            bt_row,
+            pos,
+            p_mask,
+            kv_off_h,
+            offs_d,
+            d_mask,
+            block_size,
+            stride_blk,
+            stride_pos,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 domain
+        visible = p_mask[None, :] & (pos[None, :] <= qpos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: position 0 is visible to every row
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+def paged_attention_triton(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float
+) -> torch.Tensor:
+    """Triton version of `paged_attention_ref`: q [T, Hq, D] -> [T, Hq, D] in q.dtype."""
+    T, hq, d = q.shape
+    _, _, bs, hkv, dc = kv_cache.shape
+    if dc != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    if q.dtype != kv_cache.dtype:
+        raise TypeError(f"q dtype {q.dtype} != cache dtype {kv_cache.dtype}")
+    out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)  # [T, Hq, D]
+    if T == 0:
+        return out
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    g = hq // hkv
+    B = batch.num_seqs
+    device = q.device
+    seq_lens = batch.seq_lens.to(device)  # [B]
+    tables = batch.block_tables.to(device)  # [B, max_blocks]
+    block_d = max(16, triton.next_power_of_2(d))
+    upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
+    interp = _interpreting()
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding for float32 inputs
+    common = dict(
+        qk_scale=scale * _LOG2E,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_bt=tables.stride(0), half_stride=kv_cache[0].numel(), stride_blk=kv_cache.stride(1),
+        stride_pos=kv_cache.stride(2), block_size=bs, G=g, D=d,
+    )  # fmt: skip
+    if batch.max_query_len == 1 and T == B:
+        block_g = max(16, triton.next_power_of_2(g))
+        _decode_kernel[(B, hkv)](
+            q, kv_cache, out, tables, seq_lens, **common,
+            BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=16 if interp else 64, UPCAST=upcast,
+            PRECISION=precision, num_warps=4,
+        )  # fmt: skip
+        return out
+    qsl = batch.query_start_loc.to(device)  # [B+1]
+    block_m = 16 if interp else (64 if d <= 128 else 32)
+    block_n = 16 if interp else (64 if d <= 128 else 32)
+    grid = (triton.cdiv(batch.max_query_len, block_m), B, hq)
+    _prefill_kernel[grid](
+        q, kv_cache, out, tables, seq_lens, qsl, **common,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,124 @@
+"""Paged attention and KV writes: torch reference and Triton kernels (interpreter on CPU) against a
+float64 loop over sequences, heads and query tokens, with shuffled (non-contiguous) block tables."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import dynserve_kernels
+import pytest
+import torch
+from kernel_utils import fill_prefix, make_batch, naive_attention, seq_slots
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+# (name, [(context length after the step, new tokens)], block size)
+LAYOUTS = [
+    ("decode", [(5, 1), (17, 1), (1, 1), (8, 1)], 4),
+    ("prefill", [(9, 9), (5, 5), (1, 1)], 4),
+    ("chunked_prefill", [(20, 4), (13, 7), (33, 16)], 8),
+    ("mixed", [(9, 9), (20, 4), (3, 1), (8, 2)], 4),
+    ("block_larger_than_seqs", [(3, 3), (6, 1)], 16),
+]
+HEADS = [(4, 4), (6, 2), (4, 1)]  # (Hq, Hkv): MHA, GQA, MQA
+
+
+def _setup(seqs, bs, hq, hkv, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch, num_blocks = make_batch(seqs, bs, seed=seed)
+    kv_cache = torch.zeros(2, num_blocks, bs, hkv, d, dtype=dtype)  # [2, N, bs, Hkv, D]
+    fill_prefix(kv_cache, batch, gen)
+    T = batch.num_tokens
+    key = torch.randn(T, hkv, d, generator=gen).to(dtype)
+    value = torch.randn(T, hkv, d, generator=gen).to(dtype)
+    q = torch.randn(T, hq, d, generator=gen).to(dtype)
+    return batch, kv_cache, key, value, q
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == dtype
+    err = (out.double() - ref).abs().max().item()
+    assert err <= TOL[dtype] * max(ref.abs().max().item(), 1.0), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("name,seqs,bs", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_reference_matches_naive(name, seqs, bs, hq, hkv, dtype):
+    batch, kv_cache, key, value, q = _setup(seqs, bs, hq, hkv, 8, dtype)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    scale = 8**-0.5
+    out = dynserve_kernels.paged_attention(q, kv_cache, batch, scale)
+    _check(out, naive_attention(q, kv_cache, batch, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,seqs,bs", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_triton_matches_naive(name, seqs, bs, dtype):
+    hq, hkv, d = 6, 2, 16
+    batch, kv_cache, key, value, q = _setup(seqs, bs, hq, hkv, d, dtype, seed=1)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
+    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, backend="triton")
+    _check(out, naive_attention(q, kv_cache, batch, 0.3), dtype)
+
+
+def test_triton_head_dim_not_power_of_two_and_mqa():
+    batch, kv_cache, key, value, q = _setup([(7, 3), (12, 1)], 4, 4, 1, 12, torch.float32, seed=2)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
+    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.25, backend="triton")
+    _check(out, naive_attention(q, kv_cache, batch, 0.25), torch.float32)
+
+
+def test_decode_attends_to_whole_context_only():
+    # a decode query sees exactly its own sequence's cached positions: changing a K/V row past
+    # seq_len or in another sequence's blocks leaves the output unchanged
+    batch, kv_cache, key, value, q = _setup([(6, 1), (9, 1)], 4, 2, 2, 8, torch.float32)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    before = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5)
+    slot_past_end = seq_slots(batch, 0, 8)[6:]  # positions 6, 7 of seq 0's second block
+    kv_cache.view(2, -1, 2, 8)[:, slot_past_end] = 100.0
+    after = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5)
+    torch.testing.assert_close(after, before)
+    # while changing a position inside the context does change it
+    kv_cache.view(2, -1, 2, 8)[1, seq_slots(batch, 0, 1)] = 100.0
+    assert not torch.allclose(dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5)[0], before[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_write_kv_writes_only_its_slots(backend):
+    batch, kv_cache, key, value, _ = _setup([(6, 3), (4, 4)], 4, 2, 2, 8, torch.bfloat16)
+    before = kv_cache.clone()
+    slots = batch.slot_mapping.clone()
+    slots[1] = -1  # a padding token: not written
+    dynserve_kernels.write_kv(key, value, kv_cache, slots, backend=backend)
+    flat, flat_before = kv_cache.view(2, -1, 2, 8), before.view(2, -1, 2, 8)
+    written = slots[slots >= 0]
+    assert torch.equal(flat[0, written], key[slots >= 0])
+    assert torch.equal(flat[1, written], value[slots >= 0])
+    untouched = torch.ones(flat.shape[1], dtype=torch.bool)
+    untouched[written] = False
+    assert torch.equal(flat[:, untouched], flat_before[:, untouched])
+
+
+def test_write_kv_strided_key_from_fused_projection():
+    # key/value as slices of a fused qkv output (rows strided, heads dense)
+    batch, kv_cache, _, _, _ = _setup([(5, 5)], 4, 2, 2, 8, torch.float32)
+    qkv = torch.randn(5, 48)
+    key = qkv[:, 16:32].view(5, 2, 8)
+    value = qkv[:, 32:48].view(5, 2, 8)
+    ref = kv_cache.clone()
+    dynserve_kernels.write_kv(key, value, ref, batch.slot_mapping)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
+    assert torch.equal(kv_cache, ref)
+
+
+def test_reference_decode_path_equals_sequence_loop():
+    # the vectorised decode path and the per-sequence path agree on the same decode batch
+    batch, kv_cache, key, value, q = _setup([(5, 1), (17, 1), (2, 1)], 4, 4, 2, 8, torch.float32)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    vec = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
+    batch.max_query_len = 2  # forces the loop path (the layout is unchanged)
+    loop = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
+    torch.testing.assert_close(vec, loop)
