@@ -109,9 +109,7 @@ class BlockManager:
         table = self._table_of(seq)
         n = self._num_new_blocks(seq, num_new_tokens)
         if n > self.num_free_blocks:
-            raise NoFreeBlocksError(
-                f"sequence {seq.seq_id} needs {n} more KV blocks, only {self.num_free_blocks} free"
-            )
+            raise NoFreeBlocksError(f"sequence {seq.seq_id} needs {n} more KV blocks, only {self.num_free_blocks} free")
         for _ in range(n):
             table.append(self._take_fresh_block())
 
@@ -124,9 +122,7 @@ class BlockManager:
             self._tables[seq.seq_id] = table
             self._seq_hashes[seq.seq_id] = []
         elif seq.block_table is not table:
-            raise RuntimeError(
-                f"sequence {seq.seq_id}: block_table was replaced without free() (blocks would leak)"
-            )
+            raise RuntimeError(f"sequence {seq.seq_id}: block_table was replaced without free() (blocks would leak)")
         return table
 
     def _take_fresh_block(self) -> int:

@@ -142,7 +142,7 @@ class Scheduler:
             matched = True
         n = seq.num_uncomputed_tokens
         if n > budget:
-            n = budget
+            n = budget if self.config.enable_chunked_prefill else 0
         if n <= 0 or not bm.can_allocate(seq, n):
             # Give prefix-cache hits back so nothing leaks while it waits.
             bm.free(seq)
