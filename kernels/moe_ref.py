@@ -35,14 +35,16 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assig
     GEMMs run in x.dtype; the weighted combine accumulates in float32. Tokens with no pair get 0.
     """
     T, H, E, inter = _check(x, w13, w2)
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)  # [T, H]
     P = a.num_pairs
     if P == 0 or T == 0:
-        return out.to(x.dtype)
-    order = torch.argsort(a.expert_ids, stable=True)  # [P] pairs grouped by expert
+        return torch.zeros(T, H, dtype=x.dtype, device=x.device)
+    order = torch.argsort(a.expert_ids, stable=True)  # [P] pair ids grouped by expert
     tok_sorted = a.token_ids[order]  # [P]
     w_sorted = a.weights[order].float()  # [P]
     counts = torch.bincount(a.expert_ids, minlength=E).tolist()  # the one host sync
+    # Weighted expert outputs land in pair order, which is token-major; one segmented sum per token
+    # then combines them. Copies, not accumulating scatters: index_add_ is serial on the CPU.
+    y_pairs = torch.empty(P, H, dtype=torch.float32, device=x.device)  # [P, H]
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -53,8 +55,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assig
         h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
         y = F.linear(h, w2[e]).float()  # [n, H]
         y.mul_(w_sorted[start : start + n, None])
-        out.index_add_(0, tok, y)
+        y_pairs.index_copy_(0, order[start : start + n], y)
         start += n
+    lengths = a.token_offsets[1:] - a.token_offsets[:-1]  # [T], zero-length segments sum to 0
+    out = torch.segment_reduce(y_pairs, "sum", lengths=lengths, axis=0)  # [T, H]
     return out.to(x.dtype)
 
 

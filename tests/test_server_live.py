@@ -412,6 +412,6 @@ def test_zz_graceful_shutdown_on_sigterm(server):
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all("error" not in c for c in chunks)
-    server.proc.wait(30)
+    assert server.proc.wait(30) == 0  # a graceful SIGTERM shutdown exits 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=2)

@@ -16,7 +16,7 @@ from torch import nn
 
 from dynserve.model.base import ForwardBatch
 from dynserve.model.layers import GatedMLP, WeightSource, assign_param
-from dynserve.routing import CheckpointRule, route
+from dynserve.routing import Assignment, CheckpointRule, route
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,13 @@ class MoEBlock(nn.Module):
         self.shared_expert = GatedMLP(hidden, shared_inter) if shared_inter > 0 else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_inter > 0 and shared_gate else None
 
+    def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
+        """Router logits [T, E] -> Assignment by each token's RoutingConfig; families with native
+        dynamic routing (ReLU routers, zero-computation experts) override this."""
+        return route(self.gate(x), batch.routing, self.rule)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        logits = self.gate(x)  # [T, E]
-        assignment = route(logits, batch.routing, self.rule)
+        assignment = self.assign(x, batch)
         out = dynserve_kernels.fused_moe(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
         batch.expert_counts.append(assignment.experts_per_token())
         if batch.expert_token_counts is not None:

@@ -873,3 +873,8 @@ class _UvicornServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self._engine.stop_accepting()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has shut down, which would make the process
+        # die of SIGTERM; the shutdown is graceful, so `dynserve serve` exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
