@@ -131,7 +131,7 @@ class ModelConfig:
             hf=hf,
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
-            num_layers=hf["num_hidden_layers"],
+            num_layers=hf.get("num_hidden_layers") or hf["num_layers"],
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,

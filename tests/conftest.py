@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in tests
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine extra threads
+# oversubscribe the cores (10-30x slower). Also inherited by the server subprocesses tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # Triton kernels run on the CPU interpreter in tests
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -129,6 +132,12 @@ def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards
         size = max(1, total // num_shards + 1)
     model.save_pretrained(path, safe_serialization=True, max_shard_size=size if size else "10GB")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

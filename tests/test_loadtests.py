@@ -276,7 +276,7 @@ def test_errors_are_counted_not_raised(fake):
     s = loadgen.summarize(_run(cfg, prompts))
     assert s["completed"] == 2 and s["failed"] == 4
     assert s["errors"] == {"HTTP 500: boom": 2, "stream error: engine died": 1, "stream ended without [DONE]": 1}
-    refused = loadgen.summarize(_run(replace(cfg, base_url=f"http://127.0.0.1:{free_port()}"), model="m"))
+    refused = loadgen.summarize(_run(replace(cfg, base_url=f"http://127.0.0.1:{free_port()}", model="m")))
     assert refused["failed"] == 6 and all(k.startswith("ConnectError") for k in refused["errors"])
 
 
