@@ -27,14 +27,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=2.0, help="KV cache budget in GiB (if no --num-kv-blocks)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    p.add_argument("--use-triton", action=argparse.BooleanOptionalAction, default=None,
-                   help="force the Triton kernels on/off (default: Triton on CUDA, torch on CPU)")
+    p.add_argument(
+        "--use-triton",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force the Triton kernels on/off (default: Triton on CUDA, torch on CPU)",
+    )
     p.add_argument("--routing", default="top_k", choices=list(ROUTING_POLICIES), help="default expert routing policy")
     p.add_argument("--routing-p", type=float, default=0.5, help="top_p: cumulative probability to reach")
     p.add_argument("--routing-threshold", type=float, default=0.2, help="threshold: minimum expert probability")
     p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
     p.add_argument("--min-experts", type=int, default=1)
     p.add_argument("--max-experts", type=int, default=None)
+    p.add_argument(
+        "--expert-parallel-size", type=int, default=1, help="ranks sharing each MoE layer's experts (torch.distributed)"
+    )
+    p.add_argument("--nnodes", type=int, default=1, help="machines of an expert-parallel job")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index (0 serves; others run workers)")
+    p.add_argument("--dist-init-addr", default=None, help="HOST:PORT where rank 0 rendezvous (multi-node)")
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineConfig:
@@ -61,6 +71,10 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineCon
         enable_chunked_prefill=args.enable_chunked_prefill,
         routing=routing,
         use_triton=args.use_triton,
+        expert_parallel_size=args.expert_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr,
         **extra,
     )
 
@@ -77,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require this bearer token (or env DYNSERVE_API_KEY)")
     serve.add_argument("--max-queued-requests", type=int, default=None, help="503 beyond this many waiting requests")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight on SIGTERM")
-    serve.add_argument("--enable-expert-token-metrics", action="store_true",
-                       help="export per-(layer, expert) token counts (high cardinality)")
+    serve.add_argument(
+        "--enable-expert-token-metrics",
+        action="store_true",
+        help="export per-(layer, expert) token counts (high cardinality)",
+    )
     serve.add_argument("--log-level", default="info")
 
     gen = sub.add_parser("generate", help="generate text offline")
@@ -106,17 +123,23 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, n=args.n)
     for out in llm.generate(args.prompt, params):
         if args.json:
-            print(json.dumps({
-                "prompt": out.prompt,
-                "outputs": [{"text": o.text, "finish_reason": o.finish_reason} for o in out.outputs],
-                "expert_activations": out.expert_usage.expert_activations,
-                "avg_experts_per_token": round(out.expert_usage.avg_experts_per_token, 4),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "prompt": out.prompt,
+                        "outputs": [{"text": o.text, "finish_reason": o.finish_reason} for o in out.outputs],
+                        "expert_activations": out.expert_usage.expert_activations,
+                        "avg_experts_per_token": round(out.expert_usage.avg_experts_per_token, 4),
+                    }
+                )
+            )
         else:
             for o in out.outputs:
                 print(f"{out.prompt}{o.text}")
-                print(f"--- finish_reason={o.finish_reason} avg_experts_per_token="
-                      f"{out.expert_usage.avg_experts_per_token:.3f}")
+                print(
+                    f"--- finish_reason={o.finish_reason} avg_experts_per_token="
+                    f"{out.expert_usage.avg_experts_per_token:.3f}"
+                )
     return 0
 
 
@@ -152,6 +175,10 @@ def _eval_routing(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "node_rank", 0) > 0:  # a non-head machine of an expert-parallel job: workers only
+            from dynserve.engine.expert_parallel import run_worker_node
+
+            return run_worker_node(engine_config_from_args(args))
         if args.command == "serve":
             return _serve(args)
         if args.command == "generate":

@@ -178,6 +178,11 @@ class EngineConfig:
     use_triton: bool | None = None  # None: Triton on CUDA, torch references on CPU
     record_expert_token_counts: bool = False  # per-(layer, expert) counts (high cardinality)
     served_model_name: str | None = None
+    # expert parallelism (dynserve/engine/expert_parallel.py): ranks, machines, this machine, rendezvous
+    expert_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0 (required with nnodes > 1)
 
     @classmethod
     def create(
@@ -200,6 +205,10 @@ class EngineConfig:
         use_triton: bool | None = None,
         record_expert_token_counts: bool = False,
         served_model_name: str | None = None,
+        expert_parallel_size: int = 1,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        dist_init_addr: str | None = None,
     ) -> EngineConfig:
         """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
         if model_dir is None:
@@ -214,7 +223,17 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if expert_parallel_size < 1 or nnodes < 1 or not (0 <= node_rank < nnodes):
+            raise ValueError(
+                f"need expert_parallel_size >= 1, nnodes >= 1, 0 <= node_rank < nnodes; got "
+                f"{expert_parallel_size}, {nnodes}, {node_rank}"
+            )
         model = ModelConfig.from_dir(model_dir, dtype=dtype, max_model_len=max_model_len)
+        if expert_parallel_size > 1 and model.num_experts < expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size ({expert_parallel_size}) exceeds the model's experts per layer "
+                f"({model.num_experts})"
+            )
         if not enable_chunked_prefill and max_num_batched_tokens < model.max_model_len:
             raise ValueError("max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled")
         return cls(
@@ -229,6 +248,10 @@ class EngineConfig:
             use_triton=use_triton,
             record_expert_token_counts=record_expert_token_counts,
             served_model_name=served_model_name,
+            expert_parallel_size=expert_parallel_size,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            dist_init_addr=dist_init_addr,
         )
 
     def with_routing(self, routing: RoutingConfig) -> EngineConfig:

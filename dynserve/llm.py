@@ -92,3 +92,13 @@ class LLM:
 
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (expert parallelism); also done at interpreter exit."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

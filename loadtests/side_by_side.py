@@ -25,7 +25,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loadtests.loadgen import WORDS, LoadConfig, add_load_args, config_from_args, format_summary, run_load, write_result
+from loadtests.loadgen import (
+    WORDS,
+    LoadConfig,
+    add_load_args,
+    config_from_args,
+    format_summary,
+    run_load,
+    write_result,
+)
 from loadtests.server import ServerProcess, dynserve_command, free_port, scrape, vllm_command, wait_healthy
 
 SERVED_NAME = "side-by-side"
@@ -94,8 +102,9 @@ def prepare_model_dir(src: str | os.PathLike, work_dir: str | os.PathLike) -> Pa
         link = dst / f.name
         if not link.exists():
             link.symlink_to(f)
-    tok_json, tok_cfg = word_level_tokenizer(int(cfg["vocab_size"]), cfg.get("bos_token_id") or 1,
-                                             cfg.get("eos_token_id") or 2)
+    tok_json, tok_cfg = word_level_tokenizer(
+        int(cfg["vocab_size"]), cfg.get("bos_token_id") or 1, cfg.get("eos_token_id") or 2
+    )
     (dst / "tokenizer.json").write_text(tok_json)
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
     return dst
@@ -119,20 +128,38 @@ def format_comparison(dyn: dict[str, Any], ref: dict[str, Any]) -> str:
         better = "" if ratio is None else ("dynserve" if (ratio > 1) == higher and ratio != 1 else "vLLM")
         rs = "n/a" if ratio is None else f"{ratio:.2f}x"
         lines.append(f"{label:<30}{dyn.get(key, 0):>12.2f}{ref.get(key, 0):>12.2f}{rs:>15}  {better}")
-    lines.append(f"{'completed / failed':<30}{str(dyn['completed']) + '/' + str(dyn['failed']):>12}"
-                 f"{str(ref['completed']) + '/' + str(ref['failed']):>12}")
+    lines.append(
+        f"{'completed / failed':<30}{str(dyn['completed']) + '/' + str(dyn['failed']):>12}"
+        f"{str(ref['completed']) + '/' + str(ref['failed']):>12}"
+    )
     return "\n".join(lines)
 
 
 async def _measure(load: LoadConfig, warmup: int) -> dict[str, Any]:
     if warmup:
-        await run_load(replace(load, num_requests=warmup, concurrency=load.concurrency or 1,
-                               seed=load.seed + 4242, warmup_requests=0))
+        await run_load(
+            replace(
+                load,
+                num_requests=warmup,
+                concurrency=load.concurrency or 1,
+                seed=load.seed + 4242,
+                warmup_requests=0,
+            )
+        )
     return await run_load(replace(load, warmup_requests=0))
 
 
-def run_one(name: str, load: LoadConfig, cmd: list[str] | None, port: int | None, url: str | None, log_dir: Path,
-            startup_timeout: float, warmup: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_one(
+    name: str,
+    load: LoadConfig,
+    cmd: list[str] | None,
+    port: int | None,
+    url: str | None,
+    log_dir: Path,
+    startup_timeout: float,
+    warmup: int,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Start the server (unless url is given), run the scenario, stop it; the summary plus the
     command line and a /metrics scrape."""
     if url is not None:
@@ -153,7 +180,9 @@ def run_one(name: str, load: LoadConfig, cmd: list[str] | None, port: int | None
         summary = asyncio.run(_measure(replace(load, base_url=server.base_url), warmup))
         try:
             m = scrape(server.base_url)
-            summary["server_metrics"] = {k: v for k, v in m.items() if "{" not in k and not k.endswith("_created")}
+            summary["server_metrics"] = {
+                k: v for k, v in m.items() if "{" not in k and not k.endswith("_created")
+            }
         except Exception as e:  # noqa: BLE001 - metrics are extra information only
             summary["server_metrics"] = {"error": str(e)}
     finally:
@@ -170,10 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="passed to both servers")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", "/tmp/vllm-venv/bin/python"),
-                   help="the python of the virtual environment vLLM's CPU build is installed in")
-    p.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3",
-                   help="extra `vllm serve` flags (default suits a 2-core, 24 GiB machine)")
+    p.add_argument(
+        "--vllm-python",
+        default=os.environ.get("VLLM_PYTHON", "/tmp/vllm-venv/bin/python"),
+        help="the python of the virtual environment vLLM's CPU build is installed in",
+    )
+    p.add_argument(
+        "--vllm-args",
+        default="--gpu-memory-utilization 0.3",
+        help="extra `vllm serve` flags (default suits a 2-core, 24 GiB machine)",
+    )
     p.add_argument("--dynserve-args", default="", help="extra `dynserve serve` flags")
     p.add_argument("--dynserve-url", default=None, help="use this running dynserve instead of starting one")
     p.add_argument("--vllm-url", default=None, help="use this running vLLM instead of starting one")
@@ -196,8 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dynserve-sbs-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(args.model_dir, work)
-    common = ["--served-model-name", SERVED_NAME, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-              "--max-num-seqs", str(args.max_num_seqs)]
+    common = [
+        "--served-model-name",
+        SERVED_NAME,
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+    ]
     results: dict[str, Any] = {"model_dir": str(model_dir), "scenario": {}}
     sides = [s for s in ("dynserve", "vllm") if args.only in (None, s)]
     for side in sides:
@@ -209,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
             cmd = dynserve_command(str(model_dir), port, [*common, *shlex.split(args.dynserve_args)])
         elif url is None:
             if not Path(args.vllm_python).exists():
-                print(f"side_by_side: {args.vllm_python} not found (see loadtests/README.md to install vLLM's CPU "
-                      "build into its own virtual environment)", file=sys.stderr)
+                print(
+                    f"side_by_side: {args.vllm_python} not found (see loadtests/README.md to install "
+                    "vLLM's CPU build into its own virtual environment)",
+                    file=sys.stderr,
+                )
                 return 2
-            cmd = vllm_command(args.vllm_python, str(model_dir), port, [*common, *shlex.split(args.vllm_args)])
+            cmd = vllm_command(
+                args.vllm_python, str(model_dir), port, [*common, *shlex.split(args.vllm_args)]
+            )
             env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
         try:
             summary = run_one(side, load, cmd, port, url, work, args.startup_timeout, args.warmup, env)

@@ -66,8 +66,9 @@ def rest_state(metrics: dict[str, float]) -> dict[str, Any]:
     return {
         "running": _gauge(metrics, "dynserve_num_requests_running", "vllm:num_requests_running"),
         "waiting": _gauge(metrics, "dynserve_num_requests_waiting", "vllm:num_requests_waiting"),
-        "kv_usage": _gauge(metrics, "dynserve_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc",
-                           "vllm:gpu_cache_usage_perc"),
+        "kv_usage": _gauge(
+            metrics, "dynserve_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"
+        ),
         "kv_blocks": metrics.get("dynserve_kv_cache_blocks"),
         "kv_free_blocks": metrics.get("dynserve_kv_cache_free_blocks"),
     }
@@ -104,16 +105,26 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     """Warm up, run the load for cfg.duration, let the server drain, and check it is at rest."""
     load = cfg.load
     base_url = check_target(load.base_url, load.allow_remote)
-    before = await asyncio.to_thread(scrape, base_url, load.api_key)
     if cfg.warmup_requests > 0:  # the same mix (streaming, disconnects) so allocator pools fill first
-        await run_load(replace(load, num_requests=cfg.warmup_requests, max_duration=max(30.0, cfg.duration),
-                               seed=load.seed + 7919, warmup_requests=0))
+        await run_load(
+            replace(
+                load,
+                num_requests=cfg.warmup_requests,
+                max_duration=max(30.0, cfg.duration),
+                seed=load.seed + 7919,
+                warmup_requests=0,
+            )
+        )
         await _wait_rest(base_url, load.api_key, cfg.settle_timeout)
+    before = await asyncio.to_thread(scrape, base_url, load.api_key)
     rss0 = rss_bytes(cfg.server_pid) if cfg.server_pid else None
     samples: list[tuple[float, int]] = []
     stop = asyncio.Event()
-    sampler = asyncio.ensure_future(_sample_rss(cfg.server_pid, cfg.sample_interval, samples, stop)) \
-        if cfg.server_pid else None
+    sampler = (
+        asyncio.ensure_future(_sample_rss(cfg.server_pid, cfg.sample_interval, samples, stop))
+        if cfg.server_pid
+        else None
+    )
     soak_load = replace(load, max_duration=cfg.duration, warmup_requests=0)
     try:
         summary = await run_load(soak_load)
@@ -135,8 +146,11 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             "free_blocks": state["kv_free_blocks"],
             "blocks": state["kv_blocks"],
         },
-        "no_failed_requests": {"ok": summary["failed"] == 0, "value": summary["failed"],
-                               "errors": summary["errors"]},
+        "no_failed_requests": {
+            "ok": summary["failed"] == 0,
+            "value": summary["failed"],
+            "errors": summary["errors"],
+        },
     }
     if rss0 is not None and rss1 is not None:
         growth = (rss1 - rss0) / MiB
@@ -155,7 +169,8 @@ async def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         "settle_seconds": round(settle_s, 2),
         "load": summary,
         "server_aborted_requests": (after.get(aborted_key, 0.0) - before.get(aborted_key, 0.0))
-        if aborted_key in after else None,
+        if aborted_key in after
+        else None,
         "rss_samples_mb": [(t, round(r / MiB, 1)) for t, r in samples],
     }
     return result
@@ -183,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rss-growth-mb", type=float, default=256.0)
     p.add_argument("--soak-warmup-requests", type=int, default=8)
     p.add_argument("--server-pid", type=int, default=None, help="pid of the server (for the memory check)")
-    p.add_argument("--launch-model", default=None,
-                   help="start `dynserve serve` on this checkpoint on a free loopback port (and stop it after)")
+    p.add_argument(
+        "--launch-model",
+        default=None,
+        help="start `dynserve serve` on this checkpoint on a free loopback port (and stop it after)",
+    )
     p.add_argument("--launch-args", default="", help="extra `dynserve serve` flags for --launch-model")
     p.add_argument("--result-file", default=None)
     return p
@@ -209,9 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"soak: error: {e}", file=sys.stderr)
         return 2
-    cfg = SoakConfig(load=load, duration=args.duration, settle_timeout=args.settle_timeout,
-                     max_rss_growth_mb=args.max_rss_growth_mb, warmup_requests=args.soak_warmup_requests,
-                     server_pid=args.server_pid)
+    cfg = SoakConfig(
+        load=load,
+        duration=args.duration,
+        settle_timeout=args.settle_timeout,
+        max_rss_growth_mb=args.max_rss_growth_mb,
+        warmup_requests=args.soak_warmup_requests,
+        server_pid=args.server_pid,
+    )
     try:
         if server is not None:
             server.start()

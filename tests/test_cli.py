@@ -18,9 +18,25 @@ DYNSERVE = [sys.executable, "-m", "dynserve.cli"]
 
 def test_generate_json(mixtral_dir):
     r = subprocess.run(
-        [*DYNSERVE, "generate", str(mixtral_dir), "--prompt", "def f(x):", "--prompt", "import os",
-         "--max-tokens", "5", "--json", "--routing", "top_p", "--routing-p", "0.3"],
-        capture_output=True, text=True, timeout=300,
+        [
+            *DYNSERVE,
+            "generate",
+            str(mixtral_dir),
+            "--prompt",
+            "def f(x):",
+            "--prompt",
+            "import os",
+            "--max-tokens",
+            "5",
+            "--json",
+            "--routing",
+            "top_p",
+            "--routing-p",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -30,8 +46,9 @@ def test_generate_json(mixtral_dir):
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):
-    r = subprocess.run([*DYNSERVE, "generate", str(tmp_path / "nope"), "--prompt", "x"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*DYNSERVE, "generate", str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2
     assert "config.json" in r.stderr and "Traceback" not in r.stderr
 
@@ -48,8 +65,12 @@ def test_unknown_architecture_is_named(mixtral_dir, tmp_path):
 
 
 def test_invalid_routing_flag_is_rejected(mixtral_dir):
-    r = subprocess.run([*DYNSERVE, "generate", str(mixtral_dir), "--prompt", "x", "--routing", "top_p",
-                        "--routing-p", "1.5"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*DYNSERVE, "generate", str(mixtral_dir), "--prompt", "x", "--routing", "top_p", "--routing-p", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "routing.p" in r.stderr
 
@@ -60,8 +81,23 @@ def test_serve_answers_then_exits_0_on_sigterm(mixtral_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([*DYNSERVE, "serve", str(mixtral_dir), "--port", str(port), "--served-model-name", "tiny",
-                             "--routing", "top_p", "--routing-p", "0.4"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            *DYNSERVE,
+            "serve",
+            str(mixtral_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--routing",
+            "top_p",
+            "--routing-p",
+            "0.4",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -75,8 +111,11 @@ def test_serve_answers_then_exits_0_on_sigterm(mixtral_dir, tmp_path):
             time.sleep(0.3)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                       json={"model": "tiny", "prompt": "import os", "max_tokens": 4, "temperature": 0}, timeout=60)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "tiny", "prompt": "import os", "max_tokens": 4, "temperature": 0},
+            timeout=60,
+        )
         assert r.status_code == 200
         usage = r.json()["usage"]
         assert usage["completion_tokens"] >= 1 and usage["avg_experts_per_token"] > 0

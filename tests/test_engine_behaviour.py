@@ -24,16 +24,18 @@ def test_stop_token_id_and_stop_string(llm):
     base = llm.generate("import os", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
     stop_tok = base.token_ids[5]
     cut = base.token_ids.index(stop_tok)
-    out = llm.generate("import os", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
-                                                   stop_token_ids=[stop_tok]))[0].outputs[0]
+    out = llm.generate(
+        "import os", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_tok])
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
     assert out.token_ids == base.token_ids[: cut + 1]
     # a stop string taken from the middle of the greedy text ends the text right before it
     text = base.text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     if stop.strip():
-        out = llm.generate("import os", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
-                                                       stop=[stop]))[0].outputs[0]
+        out = llm.generate("import os", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[
+            0
+        ].outputs[0]
         assert out.finish_reason == "stop" and out.stop_reason == stop
         assert out.text == text[: text.index(stop)]
 

@@ -87,7 +87,9 @@ def test_alone_equals_in_batch_of_32(mixtral_dir):
 
     vocab = json.loads((mixtral_dir / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(10, vocab, (int(n),), generator=g).tolist() for n in torch.randint(2, 40, (32,), generator=g)]
+    prompts = [
+        torch.randint(10, vocab, (int(n),), generator=g).tolist() for n in torch.randint(2, 40, (32,), generator=g)
+    ]
     llm = LLM(str(mixtral_dir), max_num_batched_tokens=64)
     batched = _gen(llm, prompts)
     alone = [_gen(llm, [p])[0] for p in prompts[:6]]

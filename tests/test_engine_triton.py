@@ -19,8 +19,9 @@ def test_triton_path_matches_torch_path(checkpoint_factory, arch):
     prompts = [torch.randint(10, vocab, (n,), generator=g).tolist() for n in (5, 13, 9)]
     params = [
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
-                       routing=RoutingConfig(policy="top_p", p=0.6, min_experts=0)),
+        SamplingParams(
+            temperature=0, max_tokens=6, ignore_eos=True, routing=RoutingConfig(policy="top_p", p=0.6, min_experts=0)
+        ),
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, routing=RoutingConfig(k=1)),
     ]
     # small chunks so the prefill kernel also runs over a cached prefix

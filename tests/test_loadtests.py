@@ -48,10 +48,17 @@ def _fake_app(state: FakeState) -> FastAPI:
         state.bodies.append(body)
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         if prompt.startswith("fail"):
-            return JSONResponse({"error": {"message": "boom", "type": "server_error", "param": None, "code": None}},
-                                status_code=500)
-        usage = {"prompt_tokens": 7, "completion_tokens": FAKE_TOKENS, "total_tokens": 7 + FAKE_TOKENS,
-                 "expert_activations": 30, "avg_experts_per_token": 1.25}
+            return JSONResponse(
+                {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}},
+                status_code=500,
+            )
+        usage = {
+            "prompt_tokens": 7,
+            "completion_tokens": FAKE_TOKENS,
+            "total_tokens": 7 + FAKE_TOKENS,
+            "expert_activations": 30,
+            "avg_experts_per_token": 1.25,
+        }
 
         def choice(text: str, finish: str | None) -> dict:
             if chat:
@@ -76,18 +83,26 @@ def _fake_app(state: FakeState) -> FastAPI:
             try:
                 yield ": keep-alive comment\n\n"
                 if chat:  # a role-only first chunk carries no content: not a token
-                    yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}) + "\n\n"
+                    yield (
+                        "data: "
+                        + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+                        + "\n\n"
+                    )
                 await asyncio.sleep(30 if prompt.startswith("slow") else FAKE_TTFT)
                 for i in range(FAKE_TOKENS):
                     if i:
                         await asyncio.sleep(FAKE_ITL)
                     if prompt.startswith("midfail") and i == 2:
-                        yield "data: " + json.dumps({"error": {"message": "engine died", "type": "server_error"}})
+                        yield "data: " + json.dumps(
+                            {"error": {"message": "engine died", "type": "server_error"}}
+                        )
                         yield "\n\n"
                         yield "data: [DONE]\n\n"
                         return
                     finish = "length" if i == FAKE_TOKENS - 1 else None
-                    yield "data: " + json.dumps({"choices": [choice(f"t{i} ", finish)], "usage": None}) + "\n\n"
+                    yield (
+                        "data: " + json.dumps({"choices": [choice(f"t{i} ", finish)], "usage": None}) + "\n\n"
+                    )
                 if prompt.startswith("nodone"):
                     return
                 yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
@@ -112,8 +127,9 @@ def _fake_app(state: FakeState) -> FastAPI:
 def fake():
     state = FakeState()
     port = free_port()
-    config = uvicorn.Config(_fake_app(state), host="127.0.0.1", port=port, log_level="error",
-                            timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        _fake_app(state), host="127.0.0.1", port=port, log_level="error", timeout_graceful_shutdown=1
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -142,8 +158,14 @@ def _run(cfg: LoadConfig, prompts: list[str] | None = None, **spec_kw) -> RunOut
 
 # ------------------------------------------------------------------------------- pure units
 def test_refuses_targets_off_loopback():
-    for url in ("http://10.0.0.1:8000", "http://192.168.1.10", "https://example.com/v1", "http://8.8.8.8:80",
-                "http://[2001:db8::1]:8000", "ftp://127.0.0.1"):
+    for url in (
+        "http://10.0.0.1:8000",
+        "http://192.168.1.10",
+        "https://example.com/v1",
+        "http://8.8.8.8:80",
+        "http://[2001:db8::1]:8000",
+        "ftp://127.0.0.1",
+    ):
         with pytest.raises(loadgen.TargetNotAllowedError):
             loadgen.check_target(url)
     for url in ("http://127.0.0.1:8000", "http://localhost:8000/", "http://[::1]:9000", "http://127.9.8.7"):
@@ -158,9 +180,16 @@ def test_refuses_targets_off_loopback():
 
 
 def test_config_validation_rejects_unbounded_runs():
-    for bad in (dict(max_duration=math.inf), dict(max_duration=0), dict(num_requests=0),
-                dict(concurrency=0), dict(request_rate=0), dict(stream_ratio=1.5),
-                dict(prompt_format="token-ids", endpoint="/v1/chat/completions"), dict(endpoint="/v1/embeddings")):
+    for bad in (
+        dict(max_duration=math.inf),
+        dict(max_duration=0),
+        dict(num_requests=0),
+        dict(concurrency=0),
+        dict(request_rate=0),
+        dict(stream_ratio=1.5),
+        dict(prompt_format="token-ids", endpoint="/v1/chat/completions"),
+        dict(endpoint="/v1/embeddings"),
+    ):
         with pytest.raises(ValueError):
             LoadConfig(**bad).validate()
     LoadConfig().validate()
@@ -188,27 +217,49 @@ def test_synthetic_and_jsonl_workloads(tmp_path):
     mixed = loadgen.build_requests(replace(cfg, stream_ratio=0.5, disconnect_prob=0.25))
     assert 60 < sum(s.stream for s in mixed) < 140
     assert 25 < sum(s.disconnect_after is not None for s in mixed) < 75
-    ids = loadgen.build_requests(replace(cfg, prompt_format="token-ids", token_id_range=(5, 9), range_ratio=0.0))
+    ids = loadgen.build_requests(
+        replace(cfg, prompt_format="token-ids", token_id_range=(5, 9), range_ratio=0.0)
+    )
     assert all(len(s.prompt) == 40 and set(s.prompt) <= {5, 6, 7, 8} for s in ids)
 
     data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"prompt": "a b c", "max_tokens": 3}) + "\n\n"
-                    + json.dumps({"prompt": [1, 2, 3, 4]}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "a b c", "max_tokens": 3})
+        + "\n\n"
+        + json.dumps({"prompt": [1, 2, 3, 4]})
+        + "\n"
+    )
     got = loadgen.build_requests(LoadConfig(num_requests=5, dataset_path=str(data), output_len=9))
     assert [s.prompt for s in got] == ["a b c", [1, 2, 3, 4], "a b c", [1, 2, 3, 4], "a b c"]
     assert [s.max_tokens for s in got] == [3, 9, 3, 9, 3]
     chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi there"}], "output_len": 4}) + "\n")
-    got = loadgen.build_requests(LoadConfig(num_requests=2, dataset_path=str(chat),
-                                            endpoint="/v1/chat/completions"))
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi there"}], "output_len": 4}) + "\n"
+    )
+    got = loadgen.build_requests(
+        LoadConfig(num_requests=2, dataset_path=str(chat), endpoint="/v1/chat/completions")
+    )
     assert got[0].messages[0]["content"] == "hi there" and got[0].max_tokens == 4
     with pytest.raises(ValueError):
-        loadgen.build_requests(LoadConfig(num_requests=2, dataset_path=str(chat)))  # chat rows need chat endpoint
+        loadgen.build_requests(
+            LoadConfig(num_requests=2, dataset_path=str(chat))
+        )  # chat rows need chat endpoint
 
 
 def test_sse_decoder():
-    lines = [": ping", "", "data: {\"a\": 1}", "", "event: message", "data:{\"b\":", "data: 2}", "", "",
-             "id: 7", "data: [DONE]"]
+    lines = [
+        ": ping",
+        "",
+        'data: {"a": 1}',
+        "",
+        "event: message",
+        'data:{"b":',
+        "data: 2}",
+        "",
+        "",
+        "id: 7",
+        "data: [DONE]",
+    ]
     assert list(SSEDecoder().events(lines)) == ['{"a": 1}', '{"b":\n2}', "[DONE]"]
     d = SSEDecoder()
     assert d.feed("data: x\r") is None and d.feed("\r") == "x"
@@ -216,12 +267,26 @@ def test_sse_decoder():
 
 def test_summary_fields_and_percentiles():
     def ok(ttft, itl, latency, out, inp=10):
-        return RequestResult(success=True, ttft=ttft, itl=itl, latency=latency, output_tokens=out, prompt_tokens=inp,
-                             expert_activations=out * 4, avg_experts_per_token=2.0)
+        return RequestResult(
+            success=True,
+            ttft=ttft,
+            itl=itl,
+            latency=latency,
+            output_tokens=out,
+            prompt_tokens=inp,
+            expert_activations=out * 4,
+            avg_experts_per_token=2.0,
+        )
 
-    results = [ok(0.1, [0.02, 0.02], 0.5, 5), ok(0.3, [0.04], 0.9, 3), ok(0.2, [], 0.2, 1),
-               RequestResult(error="HTTP 500: boom"), RequestResult(error="HTTP 500: boom"),
-               RequestResult(disconnected=True), RequestResult(cancelled=True)]
+    results = [
+        ok(0.1, [0.02, 0.02], 0.5, 5),
+        ok(0.3, [0.04], 0.9, 3),
+        ok(0.2, [], 0.2, 1),
+        RequestResult(error="HTTP 500: boom"),
+        RequestResult(error="HTTP 500: boom"),
+        RequestResult(disconnected=True),
+        RequestResult(cancelled=True),
+    ]
     s = loadgen.summarize(RunOutput(results, duration=2.0, not_sent=4))
     assert (s["completed"], s["failed"], s["disconnected"], s["incomplete"], s["not_sent"]) == (3, 2, 1, 1, 4)
     assert s["errors"] == {"HTTP 500: boom": 2}
@@ -259,8 +324,14 @@ def test_streaming_timings_from_fake_server(fake):
 def test_request_body_carries_routing_and_stream_options(fake):
     url, state = fake
     state.bodies.clear()
-    cfg = LoadConfig(base_url=url, num_requests=2, concurrency=1, routing={"policy": "top_p", "p": 0.5},
-                     output_len=7, extra_body={"seed": 3})
+    cfg = LoadConfig(
+        base_url=url,
+        num_requests=2,
+        concurrency=1,
+        routing={"policy": "top_p", "p": 0.5},
+        output_len=7,
+        extra_body={"seed": 3},
+    )
     _run(cfg)
     assert len(state.bodies) == 2
     for b in state.bodies:
@@ -275,14 +346,20 @@ def test_errors_are_counted_not_raised(fake):
     prompts = ["fail now", "midfail x", "nodone x", "ok", "ok", "fail again"]
     s = loadgen.summarize(_run(cfg, prompts))
     assert s["completed"] == 2 and s["failed"] == 4
-    assert s["errors"] == {"HTTP 500: boom": 2, "stream error: engine died": 1, "stream ended without [DONE]": 1}
+    assert s["errors"] == {
+        "HTTP 500: boom": 2,
+        "stream error: engine died": 1,
+        "stream ended without [DONE]": 1,
+    }
     refused = loadgen.summarize(_run(replace(cfg, base_url=f"http://127.0.0.1:{free_port()}", model="m")))
     assert refused["failed"] == 6 and all(k.startswith("ConnectError") for k in refused["errors"])
 
 
 def test_non_streaming_requests(fake):
     url, _ = fake
-    cfg = LoadConfig(base_url=url, endpoint="/v1/chat/completions", num_requests=3, concurrency=3, stream_ratio=0.0)
+    cfg = LoadConfig(
+        base_url=url, endpoint="/v1/chat/completions", num_requests=3, concurrency=3, stream_ratio=0.0
+    )
     run = _run(cfg)
     assert all(r.success and not r.stream and r.ttft is None and r.text == "hello" for r in run.results)
     s = loadgen.summarize(run)
@@ -334,7 +411,16 @@ def live(checkpoint_factory, tmp_path_factory):
     ckpt = str(checkpoint_factory("mixtral"))
     port = free_port()
     log = tmp_path_factory.mktemp("loadtests_server") / "server.log"
-    args = ["--served-model-name", "tiny-moe", "--num-kv-blocks", "96", "--max-num-seqs", "4", "--log-level", "warning"]
+    args = [
+        "--served-model-name",
+        "tiny-moe",
+        "--num-kv-blocks",
+        "96",
+        "--max-num-seqs",
+        "4",
+        "--log-level",
+        "warning",
+    ]
     server = ServerProcess(dynserve_command(ckpt, port, args), port, log, startup_timeout=240)
     try:
         server.start()
@@ -346,22 +432,56 @@ def live(checkpoint_factory, tmp_path_factory):
 
 def test_loadgen_cli_against_dynserve(live, tmp_path):
     out = tmp_path / "result.json"
-    rc = loadgen.main(["--base-url", live.base_url + "/v1", "--num-requests", "8", "--concurrency", "4",
-                       "--input-len", "12", "--output-len", "10", "--max-duration", "60", "--result-file", str(out)])
+    rc = loadgen.main(
+        [
+            "--base-url",
+            live.base_url + "/v1",
+            "--num-requests",
+            "8",
+            "--concurrency",
+            "4",
+            "--input-len",
+            "12",
+            "--output-len",
+            "10",
+            "--max-duration",
+            "60",
+            "--result-file",
+            str(out),
+        ]
+    )
     assert rc == 0
     s = json.loads(out.read_text())
     assert s["model"] == "tiny-moe" and s["completed"] == 8 and s["failed"] == 0
     assert s["total_output_tokens"] == 8 * 10  # ignore_eos: every request generates exactly max_tokens
     assert s["avg_experts_per_token"] == pytest.approx(2.0)  # the checkpoint's top-2
     assert s["mean_ttft_ms"] > 0 and s["mean_itl_ms"] > 0 and s["p99_e2el_ms"] >= s["median_e2el_ms"] > 0
-    for key in ("request_throughput", "output_throughput", "total_token_throughput", "duration",
-                "median_ttft_ms", "p99_tpot_ms", "p90_itl_ms", "mean_e2el_ms"):
+    for key in (
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "duration",
+        "median_ttft_ms",
+        "p99_tpot_ms",
+        "p90_itl_ms",
+        "mean_e2el_ms",
+    ):
         assert s[key] > 0
 
 
 def test_chat_mixed_streaming_against_dynserve(live):
-    cfg = LoadConfig(base_url=live.base_url, endpoint="/v1/chat/completions", num_requests=8, request_rate=20.0,
-                     concurrency=4, stream_ratio=0.5, input_len=10, output_len=6, range_ratio=0.5, max_duration=60)
+    cfg = LoadConfig(
+        base_url=live.base_url,
+        endpoint="/v1/chat/completions",
+        num_requests=8,
+        request_rate=20.0,
+        concurrency=4,
+        stream_ratio=0.5,
+        input_len=10,
+        output_len=6,
+        range_ratio=0.5,
+        max_duration=60,
+    )
     specs = loadgen.build_requests(cfg)
     s = loadgen.summarize(asyncio.run(loadgen.run_requests(cfg, specs)))
     assert s["completed"] == 8 and s["failed"] == 0
@@ -370,14 +490,21 @@ def test_chat_mixed_streaming_against_dynserve(live):
 
 
 def test_routing_sweep_against_dynserve(live):
-    base = LoadConfig(base_url=live.base_url, num_requests=6, concurrency=3, input_len=12, output_len=8,
-                      max_duration=60)
+    base = LoadConfig(
+        base_url=live.base_url, num_requests=6, concurrency=3, input_len=12, output_len=8, max_duration=60
+    )
     rows = asyncio.run(routing_sweep.run_sweep(base, routing_sweep.sweep_settings([0.2, 0.95])))
     by = {r["setting"]: r for r in rows}
     assert list(by) == ["top_k", "top_p=0.2", "top_p=0.95"]
     assert all(r["completed"] == 6 and r["failed"] == 0 for r in rows)
     assert by["top_k"]["avg_experts_per_token"] == pytest.approx(2.0)
-    assert 1.0 <= by["top_p=0.2"]["avg_experts_per_token"] < 2.0 < by["top_p=0.95"]["avg_experts_per_token"] <= 4.0
+    assert (
+        1.0
+        <= by["top_p=0.2"]["avg_experts_per_token"]
+        < 2.0
+        < by["top_p=0.95"]["avg_experts_per_token"]
+        <= 4.0
+    )
     assert len({r["total_output_tokens"] for r in rows}) == 1  # the same load for every setting
     table = routing_sweep.format_table(rows)
     assert "top_p=0.95" in table and "experts/tok" in table
@@ -385,11 +512,27 @@ def test_routing_sweep_against_dynserve(live):
 
 def test_soak_with_disconnects_returns_to_rest(live):
     before = scrape(live.base_url)
-    load = LoadConfig(base_url=live.base_url, num_requests=5000, concurrency=4, stream_ratio=0.5,
-                      disconnect_prob=0.3, disconnect_max_delay=0.4, input_len=16, output_len=24, range_ratio=0.5,
-                      seed=11)
-    cfg = soak.SoakConfig(load=load, duration=8.0, settle_timeout=20.0, max_rss_growth_mb=200.0, warmup_requests=4,
-                          server_pid=live.pid, sample_interval=0.5)
+    load = LoadConfig(
+        base_url=live.base_url,
+        num_requests=5000,
+        concurrency=4,
+        stream_ratio=0.5,
+        disconnect_prob=0.3,
+        disconnect_max_delay=0.4,
+        input_len=16,
+        output_len=24,
+        range_ratio=0.5,
+        seed=11,
+    )
+    cfg = soak.SoakConfig(
+        load=load,
+        duration=8.0,
+        settle_timeout=20.0,
+        max_rss_growth_mb=200.0,
+        warmup_requests=4,
+        server_pid=live.pid,
+        sample_interval=0.5,
+    )
     r = asyncio.run(soak.run_soak(cfg))
     assert r["ok"], soak.format_report(r)
     checks = r["checks"]

@@ -71,7 +71,9 @@ def evaluate(config: EngineConfig, token_ids: list[int], settings: list[tuple[st
         rows.append(EvalRow(name, rc.policy, param, math.exp(nll / max(n_pred, 1)), activations / max(routed, 1)))
     base = rows[0]
     for r in rows:
-        r.expert_fraction_of_top_k = r.avg_experts_per_token / base.avg_experts_per_token if base.avg_experts_per_token else 0
+        r.expert_fraction_of_top_k = (
+            r.avg_experts_per_token / base.avg_experts_per_token if base.avg_experts_per_token else 0
+        )
         r.ppl_ratio_to_top_k = r.perplexity / base.perplexity
     return rows
 
@@ -82,11 +84,29 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
     csv_path = out / "results.csv"
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["setting", "policy", "param", "perplexity", "avg_experts_per_token",
-                    "expert_fraction_of_top_k", "ppl_ratio_to_top_k"])
+        w.writerow(
+            [
+                "setting",
+                "policy",
+                "param",
+                "perplexity",
+                "avg_experts_per_token",
+                "expert_fraction_of_top_k",
+                "ppl_ratio_to_top_k",
+            ]
+        )
         for r in rows:
-            w.writerow([r.name, r.policy, r.param, f"{r.perplexity:.4f}", f"{r.avg_experts_per_token:.4f}",
-                        f"{r.expert_fraction_of_top_k:.4f}", f"{r.ppl_ratio_to_top_k:.4f}"])
+            w.writerow(
+                [
+                    r.name,
+                    r.policy,
+                    r.param,
+                    f"{r.perplexity:.4f}",
+                    f"{r.avg_experts_per_token:.4f}",
+                    f"{r.expert_fraction_of_top_k:.4f}",
+                    f"{r.ppl_ratio_to_top_k:.4f}",
+                ]
+            )
     try:
         import matplotlib
 
@@ -98,12 +118,21 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
     for policy, marker in (("top_k", "s"), ("top_p", "o"), ("threshold", "^")):
         pts = [r for r in rows if r.policy == policy]
         if pts:
-            ax.plot([r.avg_experts_per_token for r in pts], [r.perplexity for r in pts], marker=marker,
-                    linestyle="-" if policy != "top_k" else "none", label=policy)
+            ax.plot(
+                [r.avg_experts_per_token for r in pts],
+                [r.perplexity for r in pts],
+                marker=marker,
+                linestyle="-" if policy != "top_k" else "none",
+                label=policy,
+            )
             for r in pts:
-                ax.annotate(str(r.param if r.param is not None else "ckpt"),
-                            (r.avg_experts_per_token, r.perplexity), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    str(r.param if r.param is not None else "ckpt"),
+                    (r.avg_experts_per_token, r.perplexity),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     ax.set_xlabel("average FFN experts per token per MoE layer")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Quality vs expert compute")
@@ -119,8 +148,10 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
 def format_table(rows: list[EvalRow]) -> str:
     lines = ["| setting | avg experts/token | x top-k compute | perplexity | x top-k ppl |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.name} | {r.avg_experts_per_token:.3f} | {r.expert_fraction_of_top_k:.2f} | "
-                     f"{r.perplexity:.3f} | {r.ppl_ratio_to_top_k:.3f} |")
+        lines.append(
+            f"| {r.name} | {r.avg_experts_per_token:.3f} | {r.expert_fraction_of_top_k:.2f} | "
+            f"{r.perplexity:.3f} | {r.ppl_ratio_to_top_k:.3f} |"
+        )
     return "\n".join(lines)
 
 

@@ -85,7 +85,10 @@ def run_transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int,
                 ids[j, width - len(p) :] = torch.tensor(p)
                 mask[j, width - len(p) :] = 1
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 do_sample=False,
             )
             total += (out.shape[1] - width) * len(chunk)

@@ -63,7 +63,8 @@ def run_setting(llm: LLM, timer: MoETimer, rc: RoutingConfig, prefill_prompts, d
     prefill_moe = timer.total
     prefill_tokens = sum(len(p) for p in prefill_prompts)
     experts = sum(o.expert_usage.expert_activations for o in outs) / max(
-        1, sum(o.expert_usage.num_tokens * len(o.expert_usage.per_layer) for o in outs))
+        1, sum(o.expert_usage.num_tokens * len(o.expert_usage.per_layer) for o in outs)
+    )
     # decode: prefill the decode prompts first (untimed), then time the decode steps alone
     eng = llm.engine
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, routing=rc)
@@ -111,8 +112,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else bench_checkpoint()
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    llm = LLM(str(model_dir), enable_prefix_caching=False, max_num_seqs=max(args.prefill_prompts, args.decode_batch),
-              max_num_batched_tokens=args.prefill_prompts * args.prompt_len)
+    llm = LLM(
+        str(model_dir),
+        enable_prefix_caching=False,
+        max_num_seqs=max(args.prefill_prompts, args.decode_batch),
+        max_num_batched_tokens=args.prefill_prompts * args.prompt_len,
+    )
     timer = MoETimer(llm.engine.runner.model)
     prefill = make_prompts(args.prefill_prompts, vocab, args.prompt_len, args.prompt_len, seed=1)
     decode = make_prompts(args.decode_batch, vocab, 16, 16, seed=2)
@@ -126,20 +131,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["setting"] = name
         rows.append(r)
     base = rows[0]
-    print(f"model {model_dir}  threads={torch.get_num_threads()}  prefill {base['prefill_tokens']} tokens/setting, "
-          f"decode batch {args.decode_batch} x {args.new_tokens} tokens")
-    print("| setting | experts/token | x top-2 | prefill MoE ms | x top-2 | cost/experts | decode tok/s | "
-          "decode MoE ms/step | x top-2 |")
+    print(
+        f"model {model_dir}  threads={torch.get_num_threads()}  prefill {base['prefill_tokens']} tokens/setting, "
+        f"decode batch {args.decode_batch} x {args.new_tokens} tokens"
+    )
+    print(
+        "| setting | experts/token | x top-2 | prefill MoE ms | x top-2 | cost/experts | decode tok/s | "
+        "decode MoE ms/step | x top-2 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         e_ratio = r["avg_experts_per_token"] / base["avg_experts_per_token"]
         t_ratio = r["prefill_moe_s"] / base["prefill_moe_s"]
         d_ratio = r["decode_moe_ms_per_step"] / base["decode_moe_ms_per_step"]
-        r.update(experts_ratio=e_ratio, prefill_moe_ratio=t_ratio, cost_per_expert_ratio=t_ratio / e_ratio,
-                 decode_moe_ratio=d_ratio)
-        print(f"| {r['setting']} | {r['avg_experts_per_token']:.2f} | {e_ratio:.2f} | {1e3 * r['prefill_moe_s']:.0f} | "
-              f"{t_ratio:.2f} | {t_ratio / e_ratio:.2f} | {r['decode_tok_s']:.1f} | "
-              f"{r['decode_moe_ms_per_step']:.1f} | {d_ratio:.2f} |")
+        r.update(
+            experts_ratio=e_ratio,
+            prefill_moe_ratio=t_ratio,
+            cost_per_expert_ratio=t_ratio / e_ratio,
+            decode_moe_ratio=d_ratio,
+        )
+        print(
+            f"| {r['setting']} | {r['avg_experts_per_token']:.2f} | {e_ratio:.2f} | {1e3 * r['prefill_moe_s']:.0f} | "
+            f"{t_ratio:.2f} | {t_ratio / e_ratio:.2f} | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_moe_ms_per_step']:.1f} | {d_ratio:.2f} |"
+        )
     if args.json:
         print(json.dumps(rows))
     return rows

@@ -296,7 +296,14 @@ class LLMEngine:
             expert_activations=int((self._k_hist * torch.arange(self._k_hist.shape[1])).sum()),
             expert_token_counts=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
             num_steps=self._num_steps,
+            expert_parallel_pairs_per_rank=(
+                self.runner.expert_parallel.pairs_per_rank() if self.runner.expert_parallel is not None else None
+            ),
         )
+
+    def close(self) -> None:
+        """Release resources held outside this process (expert-parallel workers); idempotent."""
+        self.runner.close()
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:

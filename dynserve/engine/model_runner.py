@@ -49,6 +49,11 @@ class ModelRunner:
         self.num_kv_blocks = self._num_blocks()
         self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, _DTYPES[mc.dtype])
         self.sampler = Sampler(eos_token_ids=list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids))
+        self.expert_parallel = None  # ExpertParallelRuntime when config.expert_parallel_size > 1
+        if config.expert_parallel_size > 1:
+            from dynserve.engine.expert_parallel import ExpertParallelRuntime
+
+            self.expert_parallel = ExpertParallelRuntime(config, self.model, self.num_kv_blocks)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -113,6 +118,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
         batch, sample_rows = self.build_batch(scheduled)
+        if self.expert_parallel is not None:
+            self.expert_parallel.send_step(batch)
         hidden = self.model(batch, self.kv_caches)  # [T, H]
         result = StepResult()
         if sample_rows:
@@ -143,6 +150,11 @@ class ModelRunner:
         result.k_histogram = hist.reshape(L, E + 1).cpu()  # [L, E+1]
         if batch.expert_token_counts:
             result.expert_token_counts = torch.stack(batch.expert_token_counts).cpu()  # [L, E]
+
+    def close(self) -> None:
+        """Stop the expert-parallel workers, if any (idempotent)."""
+        if self.expert_parallel is not None:
+            self.expert_parallel.close()
 
     def release(self, seq: Sequence) -> None:
         """Forget per-sequence sampler state (seeded generators) of a finished sequence."""

@@ -27,3 +27,5 @@ class EngineStats:
     # per MoE layer, per expert: token positions routed to it (only when enabled)
     expert_token_counts: list[list[int]] | None = None
     num_steps: int = 0
+    # expert parallelism: (token, expert) pairs computed by each rank, cumulative (None with 1 rank)
+    expert_parallel_pairs_per_rank: list[int] | None = None

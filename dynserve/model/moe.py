@@ -7,6 +7,7 @@ bookkeeping on the ForwardBatch, and the mapping from Hugging Face expert tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dynserve_kernels
@@ -48,6 +49,10 @@ class MoEBlock(nn.Module):
     identity experts in the Assignment add identity_weight * x.
     """
 
+    # set by dynserve.engine.expert_parallel.shard_model_experts: w13/w2 then hold only this rank's
+    # experts and the expert compute goes through the cross-rank exchange
+    expert_parallel: Callable[..., torch.Tensor] | None = None
+
     def __init__(
         self,
         hidden: int,
@@ -76,7 +81,10 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)
-        out = dynserve_kernels.fused_moe(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
+        if self.expert_parallel is not None:
+            out = self.expert_parallel(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
+        else:
+            out = dynserve_kernels.fused_moe(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
         batch.expert_counts.append(assignment.experts_per_token())
         if batch.expert_token_counts is not None:
             batch.expert_token_counts.append(torch.bincount(assignment.expert_ids, minlength=self.num_experts))

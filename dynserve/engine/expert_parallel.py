@@ -1,0 +1,493 @@
+"""Expert parallelism over torch.distributed: N ranks, each holding 1/N of every MoE layer's experts.
+
+Owns the whole multi-process side of the engine:
+- `expert_range` / `token_range`: which experts a rank owns (contiguous, uneven allowed: 4 experts on
+  3 ranks = 2/1/1) and which tokens of a step it dispatches in an MoE layer.
+- `ExpertExchange` (interface) and `TorchDistributedExchange` (all_to_all_single; gloo on CPU, NCCL on
+  CUDA): the only place bytes move between ranks inside an MoE layer, so a faster GPU all-to-all can
+  replace it.
+- `ExpertParallelMoE`: the MoE layer's expert computation under expert parallelism. Every rank computes
+  the same routing (the router is replicated, like attention); rank r takes the (token, expert) pairs of
+  its token slice, sends each pair's hidden row to the rank owning the expert (counts first, then the
+  ragged payloads), runs its local experts with the same `fused_moe` kernel on what it received, sends
+  the results back, weighted-combines them per token, and all-gathers the token slices. Variable k costs
+  only the pairs that exist; zero-computation experts never become pairs, so they cost no bytes.
+- `ExpertParallelRuntime`: on rank 0 (the engine process) spawns the worker ranks of this machine,
+  broadcasts every step's ForwardBatch to them and stops them on `close()`.
+- `worker_main` / `run_worker_node`: the worker side (`python -m dynserve.engine.expert_parallel`):
+  load the model shard, keep a full KV-cache copy, follow rank 0's steps in lockstep.
+
+Multi-node: every machine runs the same command with `--nnodes M --node-rank k --dist-init-addr HOST:PORT`;
+node 0 serves, node k > 0 runs ranks k*N/M .. (k+1)*N/M - 1 as workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import dynserve_kernels
+import torch
+import torch.distributed as dist
+
+from dynserve.routing.base import Assignment
+
+if TYPE_CHECKING:
+    from dynserve.config import EngineConfig
+    from dynserve.model.base import ForwardBatch
+
+_COLLECTIVE_TIMEOUT_S = float(os.environ.get("DYNSERVE_EP_TIMEOUT", "600"))
+_IDLE_TIMEOUT = timedelta(days=365)  # workers wait on the control channel while the engine is idle
+
+
+# ------------------------------------------------------------------------------------------ partitions
+def expert_range(num_experts: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the experts `rank` owns: contiguous, the first E % N ranks get one more."""
+    base, extra = divmod(num_experts, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def token_range(num_tokens: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the step's tokens whose pairs `rank` dispatches in an MoE layer."""
+    return rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
+
+
+# ------------------------------------------------------------------------------------------ exchange
+@dataclass
+class ExchangeStats:
+    """Cumulative counters of one rank's exchanges and expert compute."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    exchange_s: float = 0.0
+    experts_s: float = 0.0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.bytes_sent = self.bytes_received = self.calls = 0
+        self.exchange_s = self.experts_s = 0.0
+
+
+class ExpertExchange(ABC):
+    """Moves ragged rows between ranks. `send_counts[j]` rows of the input go to rank j (rows are
+    grouped by destination rank, in rank order); the output holds `recv_counts[i]` rows from rank i."""
+
+    rank: int
+    world_size: int
+
+    @abstractmethod
+    def exchange_counts(self, send_counts: list[int]) -> list[int]:
+        """Tell every rank how many rows it will get from this one; return how many this one gets."""
+
+    @abstractmethod
+    def exchange(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Ragged all-to-all of `rows` [sum(send_counts), ...] -> [sum(recv_counts), ...]."""
+
+    @abstractmethod
+    def all_gather_rows(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Concatenate every rank's `rows` ([counts[r], ...] on rank r) in rank order, on every rank."""
+
+    def dispatch(
+        self, rows: torch.Tensor, expert_ids: torch.Tensor, send_counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Send each pair's row and (destination-local) expert id to the owning rank; returns the
+        received rows, their expert ids and the per-source counts (needed to `combine`)."""
+        recv_counts = self.exchange_counts(send_counts)
+        recv_rows = self.exchange(rows, send_counts, recv_counts)  # [R, H]
+        recv_ids = self.exchange(expert_ids, send_counts, recv_counts)  # [R]
+        return recv_rows, recv_ids, recv_counts
+
+    def combine(self, results: torch.Tensor, recv_counts: list[int], send_counts: list[int]) -> torch.Tensor:
+        """Send expert results back to the ranks the rows came from; returns them in send order."""
+        return self.exchange(results, recv_counts, send_counts)
+
+
+class TorchDistributedExchange(ExpertExchange):
+    """`ExpertExchange` over torch.distributed's `all_to_all_single` with uneven splits (gloo on the
+    CPU, NCCL on CUDA). Counts cross as one small int64 all-to-all; payload bytes are counted."""
+
+    def __init__(self, group: Any = None, stats: ExchangeStats | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.stats = stats if stats is not None else ExchangeStats()
+
+    def _count_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else (
+            torch.device("cpu")
+        )
+
+    def exchange_counts(self, send_counts: list[int]) -> list[int]:
+        t0 = time.perf_counter()
+        dev = self._count_device()
+        send = torch.tensor(send_counts, dtype=torch.int64, device=dev)  # [N]
+        recv = torch.empty_like(send)  # [N]
+        dist.all_to_all_single(recv, send, group=self.group)
+        out = recv.tolist()
+        self.stats.bytes_sent += send.numel() * 8
+        self.stats.bytes_received += recv.numel() * 8
+        self.stats.exchange_s += time.perf_counter() - t0
+        return out
+
+    def exchange(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        rows = rows.contiguous()
+        out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+        dist.all_to_all_single(
+            out, rows, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group
+        )
+        self.stats.bytes_sent += rows.numel() * rows.element_size()
+        self.stats.bytes_received += out.numel() * out.element_size()
+        self.stats.exchange_s += time.perf_counter() - t0
+        return out
+
+    def all_gather_rows(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        width = max(counts)
+        padded = rows.new_zeros((width, *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=self.group)
+        out = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+        self.stats.bytes_sent += padded.numel() * padded.element_size() * (len(counts) - 1)
+        self.stats.bytes_received += out.numel() * out.element_size()
+        self.stats.exchange_s += time.perf_counter() - t0
+        return out
+
+
+# ------------------------------------------------------------------------------------------ MoE layer
+class ExpertParallelMoE:
+    """The expert computation of every MoE layer of one rank under expert parallelism: replaces
+    `fused_moe(x, w13, w2, assignment)` where w13/w2 hold only this rank's experts.
+
+    Also counts (on every rank, from the full assignment) the pairs each rank computes:
+    `pairs_per_rank` [N] int64, cumulative."""
+
+    def __init__(self, exchange: ExpertExchange, num_experts: int) -> None:
+        self.exchange = exchange
+        self.num_experts = num_experts
+        N = exchange.world_size
+        starts = [expert_range(num_experts, N, r)[0] for r in range(N)]
+        owner = torch.zeros(num_experts, dtype=torch.int64)
+        for r in range(N):
+            s, e = expert_range(num_experts, N, r)
+            owner[s:e] = r
+        self.owner = owner  # [E] rank owning each expert
+        self.first_expert = torch.tensor(starts, dtype=torch.int64)  # [N]
+        self.pairs_per_rank = torch.zeros(N, dtype=torch.int64)  # [N]
+        self.local_range = expert_range(num_experts, N, exchange.rank)
+        self.profile_cuda = False
+
+    @property
+    def stats(self) -> ExchangeStats:
+        return getattr(self.exchange, "stats", ExchangeStats())
+
+    def __call__(
+        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment, backend: str = "torch"
+    ) -> torch.Tensor:
+        ex = self.exchange
+        N, r = ex.world_size, ex.rank
+        T, H = x.shape
+        if self.owner.device != x.device:
+            self.owner = self.owner.to(x.device)
+            self.first_expert = self.first_expert.to(x.device)
+        # load accounting, from the full (replicated) assignment: no communication
+        self.pairs_per_rank += torch.bincount(self.owner[a.expert_ids], minlength=N).cpu()
+        t0, t1 = token_range(T, N, r)
+        p0, p1 = a.token_offsets[[t0, t1]].tolist()
+        tok = a.token_ids[p0:p1]  # [p]
+        exp = a.expert_ids[p0:p1]  # [p]
+        dest = self.owner[exp]  # [p]
+        order = torch.argsort(dest, stable=True)  # [p] pairs grouped by destination rank
+        send_counts = torch.bincount(dest, minlength=N).tolist()
+        send_rows = x.index_select(0, tok[order])  # [p, H]
+        send_ids = (exp - self.first_expert[dest])[order]  # [p] expert ids local to the destination
+        recv_rows, recv_ids, recv_counts = ex.dispatch(send_rows, send_ids, send_counts)  # [R, H], [R]
+        # local experts: every received row is its own token with one pair of weight 1
+        tstart = time.perf_counter()
+        R = recv_rows.shape[0]
+        ar = torch.arange(R + 1, device=x.device, dtype=torch.int64)  # [R+1]
+        local = Assignment(
+            R, int(w13.shape[0]), ar[:R], recv_ids, torch.ones(R, dtype=torch.float32, device=x.device), ar
+        )
+        y = dynserve_kernels.fused_moe(recv_rows, w13, w2, local, backend)  # [R, H]
+        if self.profile_cuda and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.stats.experts_s += time.perf_counter() - tstart
+        back = ex.combine(y, recv_counts, send_counts)  # [p, H], send order
+        # weighted combine per token, in token-major pair order (the 1-rank kernel's order)
+        y_pairs = torch.empty_like(back)  # [p, H]
+        y_pairs[order] = back
+        n_tok = t1 - t0
+        if p1 > p0:
+            y_pairs = y_pairs.float() * a.weights[p0:p1, None].float()  # [p, H]
+            lengths = a.token_offsets[t0 + 1 : t1 + 1] - a.token_offsets[t0:t1]  # [n_tok]
+            out_slice = torch.segment_reduce(y_pairs, "sum", lengths=lengths, axis=0).to(x.dtype)  # [n_tok, H]
+        else:
+            out_slice = torch.zeros(n_tok, H, dtype=x.dtype, device=x.device)
+        sizes = [token_range(T, N, j)[1] - token_range(T, N, j)[0] for j in range(N)]
+        self.stats.calls += 1
+        return ex.all_gather_rows(out_slice, sizes)  # [T, H]
+
+
+def shard_model_experts(model: torch.nn.Module, ep: ExpertParallelMoE | None, rank: int, world_size: int) -> int:
+    """Keep only this rank's experts in every MoE block of `model` and route their expert compute
+    through `ep`; returns the number of MoE blocks sharded."""
+    from dynserve.model.moe import MoEBlock
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoEBlock):
+            s, e = expert_range(m.num_experts, world_size, rank)
+            m.w13 = torch.nn.Parameter(m.w13.data[s:e].clone(), requires_grad=False)  # [E_local, 2I, H]
+            m.w2 = torch.nn.Parameter(m.w2.data[s:e].clone(), requires_grad=False)  # [E_local, H, I]
+            m.expert_parallel = ep
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------ runtime
+@dataclass
+class _WorkerSpec:
+    config: Any
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str
+    parent_pid: int | None
+
+
+@dataclass
+class _Runtime:
+    group: Any = None
+    control: Any = None
+    ep: ExpertParallelMoE | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+
+def _backend_for(device: str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _init_method(config: EngineConfig) -> str:
+    if config.dist_init_addr:
+        return f"tcp://{config.dist_init_addr}"
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
+def _spawn_workers(config: EngineConfig, init_method: str, ranks: list[int], base_rank: int) -> list[subprocess.Popen]:
+    procs = []
+    for rank in ranks:
+        spec = _WorkerSpec(config, rank, config.expert_parallel_size, rank - base_rank, init_method, os.getpid())
+        p = subprocess.Popen(
+            [sys.executable, "-m", "dynserve.engine.expert_parallel"], stdin=subprocess.PIPE, close_fds=True
+        )
+        assert p.stdin is not None
+        p.stdin.write(pickle.dumps(spec))
+        p.stdin.close()
+        procs.append(p)
+    return procs
+
+
+def _init_groups(backend: str, init_method: str, rank: int, world_size: int) -> tuple[Any, Any]:
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=_COLLECTIVE_TIMEOUT_S),
+    )
+    control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)  # step broadcasts (CPU objects)
+    return dist.group.WORLD, control
+
+
+def _batch_to(batch: ForwardBatch, device: torch.device | str) -> ForwardBatch:
+    """A copy of `batch` with every tensor on `device` and empty per-layer outputs."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, torch.Tensor):
+            changes[f.name] = v.to(device)
+    routing = batch.routing
+    if routing.config_index is not None:
+        routing = dataclasses.replace(routing, config_index=routing.config_index.to(device))
+    changes["routing"] = routing
+    changes["expert_counts"] = []
+    changes["expert_token_counts"] = None
+    return dataclasses.replace(batch, **changes)
+
+
+class ExpertParallelRuntime:
+    """Rank 0's side of expert parallelism: owns the process groups, the worker processes of this
+    machine, the model's `ExpertParallelMoE`; broadcasts each step to the workers; `close()` stops
+    them (also registered with atexit, so no worker outlives the engine process)."""
+
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, num_kv_blocks: int) -> None:
+        N = config.expert_parallel_size
+        nnodes = config.nnodes
+        if N % nnodes:
+            raise ValueError(f"expert_parallel_size ({N}) must be a multiple of nnodes ({nnodes})")
+        self.config = config
+        self.world_size = N
+        self._closed = False
+        init_method = _init_method(config)
+        if nnodes > 1 and not config.dist_init_addr:
+            raise ValueError("--dist-init-addr HOST:PORT is required with --nnodes > 1")
+        per_node = N // nnodes
+        self.procs = _spawn_workers(config, init_method, list(range(1, per_node)), 0)
+        try:
+            if torch.device(config.device).type == "cuda":
+                torch.cuda.set_device(torch.device(config.device))
+            self.group, self.control = _init_groups(_backend_for(config.device), init_method, 0, N)
+            self.ep = ExpertParallelMoE(TorchDistributedExchange(self.group), config.model.num_experts)
+            shard_model_experts(model, self.ep, 0, N)
+            dist.broadcast_object_list([("init", num_kv_blocks)], src=0, group=self.control)
+            self._wait_for(dist.barrier(group=self.control, async_op=True), "loading the model shard")
+        except BaseException:
+            self._kill()
+            raise
+        ref = weakref.ref(self)
+        atexit.register(lambda: (rt := ref()) is not None and rt.close())
+
+    def _wait_for(self, work: Any, what: str) -> None:
+        while not work.is_completed():
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"expert-parallel worker (pid {p.pid}) exited with {p.returncode} {what}")
+            time.sleep(0.01)
+        work.wait()
+
+    def send_step(self, batch: ForwardBatch) -> None:
+        """Hand this step's batch to every worker (they run the same forward in lockstep)."""
+        dist.broadcast_object_list([("step", _batch_to(batch, "cpu"))], src=0, group=self.control)
+
+    def pairs_per_rank(self) -> list[int]:
+        return self.ep.pairs_per_rank.tolist()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers and leave the process group (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            work = dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
+            del work
+        except Exception:  # noqa: BLE001 - a dead worker must not block shutdown
+            pass
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _kill(self) -> None:
+        self._closed = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once if the engine process that spawned this worker is gone (never orphaned)."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _worker_loop(config: EngineConfig, rank: int, world_size: int, local_rank: int, init_method: str) -> None:
+    from dynserve.model.loader import allocate_kv_caches, load_model
+    from dynserve.model.decoder import torch_dtype
+
+    device = config.device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+        config = dataclasses.replace(config, device=device)
+    group, control = _init_groups(_backend_for(device), init_method, rank, world_size)
+    torch.manual_seed(config.seed)
+    model = load_model(config)
+    ep = ExpertParallelMoE(TorchDistributedExchange(group), config.model.num_experts)
+    shard_model_experts(model, ep, rank, world_size)
+    msg: list[Any] = [None]
+    dist.broadcast_object_list(msg, src=0, group=control)
+    kind, num_blocks = msg[0]
+    assert kind == "init"
+    mc = config.model
+    kv_caches = allocate_kv_caches(mc, num_blocks, config.cache.block_size, device, torch_dtype(mc.dtype))
+    dist.barrier(group=control)
+    with torch.inference_mode():
+        while True:
+            msg = [None]
+            dist.broadcast_object_list(msg, src=0, group=control)
+            kind, payload = msg[0]
+            if kind == "stop":
+                break
+            model(_batch_to(payload, device), kv_caches)
+
+
+def run_worker_node(config: EngineConfig) -> int:
+    """Node `config.node_rank` > 0 of a multi-node job: spawn this node's other ranks, become the
+    first one, follow rank 0 until it stops. Returns the exit code."""
+    N, nnodes, node = config.expert_parallel_size, config.nnodes, config.node_rank
+    if N % nnodes:
+        raise ValueError(f"expert_parallel_size ({N}) must be a multiple of nnodes ({nnodes})")
+    if not config.dist_init_addr:
+        raise ValueError("--dist-init-addr HOST:PORT is required with --nnodes > 1")
+    per_node = N // nnodes
+    base = node * per_node
+    init_method = f"tcp://{config.dist_init_addr}"
+    procs = _spawn_workers(config, init_method, list(range(base + 1, base + per_node)), base)
+    try:
+        _worker_loop(config, base, N, 0, init_method)
+    finally:
+        for p in procs:
+            try:
+                p.wait(10.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+def worker_main() -> int:
+    """Entry of a spawned worker: its spec (pickled) arrives on stdin."""
+    spec: _WorkerSpec = pickle.loads(sys.stdin.buffer.read())
+    if spec.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(spec.parent_pid,), daemon=True).start()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    _worker_loop(spec.config, spec.rank, spec.world_size, spec.local_rank, spec.init_method)
+    # leave at once: tearing down the process group and the interpreter takes seconds, and the
+    # sockets close with the process anyway
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,342 @@
+"""deploy/: Dockerfiles, Kubernetes manifests, the Prometheus scrape config and the Grafana dashboard
+agree with the app: probe paths and ports are routes and flags the server has, container args parse
+with the real CLI, the grace period outlasts the shutdown timeout, and every metric that the
+dashboard, the autoscaler and the adapter query is one the server exports (checked against a real
+app's /metrics after traffic)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynserve.cli import build_parser
+from dynserve.config import EngineConfig
+from dynserve.engine.async_engine import AsyncEngine
+from dynserve.server.app import ServerSettings, build_app
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+
+
+# ------------------------------------------------------------------------------- helpers
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _k8s() -> dict[str, dict]:
+    """kind -> object, over every manifest in deploy/kubernetes (one object per kind here)."""
+    out = {}
+    for f in sorted(K8S.glob("*.yaml")):
+        for d in _docs(f):
+            if "kind" in d and "apiVersion" in d:
+                assert d["kind"] not in out, f"two {d['kind']} objects"
+                out[d["kind"]] = d
+    return out
+
+
+def _container() -> dict:
+    (c,) = _k8s()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _serve_args(args: list[str]):
+    """Parse `dynserve serve ARGS` with the real CLI parser (SystemExit on an unknown flag)."""
+    return build_parser().parse_args(["serve", *args])
+
+
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects: identifiers left after removing strings, label
+    matchers, ranges, grouping clauses, Grafana variables, function calls and keywords.
+    For Grafana's `label_values(metric, label)` only the metric counts."""
+    m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr)
+    if m:
+        expr = m.group(1)
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\$\{?\w+\}?", " ", e)
+    names = set()
+    for tok in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        before = e[tok.start() - 1] if tok.start() else " "
+        if before.isdigit() or before == ".":  # exponent of a number such as 1e3
+            continue
+        if e[tok.end() :].lstrip().startswith("(") or tok.group(0).lower() in _KEYWORDS:
+            continue
+        names.add(tok.group(0))
+    return names
+
+
+def _dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dynserve-dashboard.json").read_text())
+
+
+def _dashboard_exprs(dash: dict) -> list[tuple[str, str]]:
+    """(panel title, expression) for every query in panels and template variables."""
+    out = []
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            out.append((p["title"], t["expr"]))
+    for v in dash.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            out.append((f"variable {v['name']}", q))
+    return out
+
+
+def _dockerfile(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / name).read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            ins, _, rest = line.partition(" ")
+            out.append((ins.upper(), rest.strip()))
+    return out
+
+
+# ------------------------------------------------------------------------------- the real app
+@pytest.fixture(scope="module")
+def app(checkpoint_factory):
+    """A real app (engine on a tiny MoE checkpoint) after some traffic: its routes and the sample
+    names its /metrics exports."""
+    cfg = EngineConfig.create(
+        str(checkpoint_factory("mixtral")), num_kv_blocks=64, max_num_seqs=4, record_expert_token_counts=True
+    )
+    engine = AsyncEngine.from_config(cfg)
+    try:
+        application = build_app(
+            engine, ServerSettings(served_model_name="m", api_key="", enable_expert_token_metrics=True)
+        )
+        client = TestClient(application)
+        r = client.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "import os"}],
+                "max_tokens": 5,
+                "stream": True,
+                "routing": {"policy": "top_p", "p": 0.5},
+                "ignore_eos": True,
+            },
+        )
+        assert r.status_code == 200 and "[DONE]" in r.text
+        text = client.get("/metrics").text
+        samples = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+        routes = {(m, r.path) for r in application.routes for m in getattr(r, "methods", None) or ()}
+        yield {"samples": samples, "routes": routes, "health": client.get("/health").status_code}
+    finally:
+        engine.shutdown_sync(timeout=0)
+
+
+# ------------------------------------------------------------------------------- tests
+def test_promql_extractor():
+    assert promql_metric_names(
+        "histogram_quantile(0.99, sum by (le) (rate(dynserve_time_to_first_token_seconds_bucket"
+        '{instance=~"$instance"}[$__rate_interval])))'
+    ) == {"dynserve_time_to_first_token_seconds_bucket"}
+    assert promql_metric_names(
+        "sum by (layer) (rate(a_sum[5m])) / ignoring(le) group_left sum(rate(a_count[5m])) > 1e3"
+    ) == {"a_sum", "a_count"}
+    assert promql_metric_names('vllm:num_requests_waiting{model_name="x"} offset 5m') == {
+        "vllm:num_requests_waiting"
+    }
+    assert promql_metric_names("label_values(dynserve_num_requests_running, instance)") == {
+        "dynserve_num_requests_running"
+    }
+
+
+def test_every_manifest_parses():
+    files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    assert len(files) >= 7
+    for f in files:
+        assert _docs(f), f"{f} is empty"
+    kinds = _k8s()
+    for kind in (
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "PersistentVolumeClaim",
+    ):
+        assert kind in kinds
+    kust = _docs(K8S / "kustomization.yaml")[0]
+    for res in kust["resources"]:
+        assert (K8S / res).is_file(), res
+
+
+def test_deployment_probes_ports_args_and_grace(app):
+    dep = _k8s()["Deployment"]
+    pod = dep["spec"]["template"]
+    c = _container()
+    args = _serve_args(c["args"])  # every flag in the manifest exists in the CLI
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == args.port and args.host == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert ("GET", get["path"]) in app["routes"], probe
+        assert ports.get(get["port"], get["port"]) == args.port
+    assert app["health"] == 200
+    assert (
+        c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
+    )  # slow model loads
+    pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    assert pod["spec"]["terminationGracePeriodSeconds"] > args.shutdown_timeout + pre_stop
+    req = c["resources"]["requests"]
+    assert req.get("cpu") and req.get("memory")
+    assert (
+        pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        and pod["spec"]["securityContext"]["runAsUser"] > 0
+    )
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert args.model_dir in mounts and mounts[args.model_dir]["readOnly"] is True
+    ann = pod["metadata"]["annotations"]
+    assert int(ann["prometheus.io/port"]) == args.port and ("GET", ann["prometheus.io/path"]) in app["routes"]
+    labels = pod["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_service_and_servicemonitor_reach_the_pod(app):
+    k = _k8s()
+    svc, mon = k["Service"], k["ServiceMonitor"]
+    pod_labels = k["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] in container_ports or port["targetPort"] in container_ports.values()
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    (ep,) = mon["spec"]["endpoints"]
+    assert ep["port"] == port["name"] and ("GET", ep["path"]) in app["routes"]
+
+
+def test_autoscaler_scales_the_deployment_on_an_exported_metric(app):
+    k = _k8s()
+    hpa = k["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == k["Deployment"]["metadata"]["name"]
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert names == ["dynserve_num_requests_waiting"]
+    assert set(names) <= app["samples"]
+    adapter = _docs(K8S / "prometheus-adapter-values.yaml")[0]
+    rules = adapter["rules"]["custom"]
+    assert {r["name"]["as"] for r in rules} >= set(names)
+    for r in rules:
+        assert promql_metric_names(r["seriesQuery"]) <= app["samples"], r["seriesQuery"]
+
+
+def test_prometheus_scrape_config(app):
+    prom = _docs(DEPLOY / "prometheus" / "prometheus.yml")[0]
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    default_port = _serve_args([]).port
+    static = jobs["dynserve"]
+    assert ("GET", static["metrics_path"]) in app["routes"]
+    assert static["static_configs"][0]["targets"] == [f"127.0.0.1:{default_port}"]
+    pods = jobs["dynserve-pods"]
+    relabel = " ".join(str(r.get("source_labels")) for r in pods["relabel_configs"])
+    for ann in ("prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path"):
+        assert ann in relabel
+
+
+def test_dashboard_queries_only_exported_metrics(app):
+    dash = _dashboard()
+    exprs = _dashboard_exprs(dash)
+    used: set[str] = set()
+    for title, expr in exprs:
+        names = promql_metric_names(expr)
+        assert names, f"{title}: no metric in {expr!r}"
+        missing = names - app["samples"]
+        assert not missing, f"panel {title!r} queries metrics the server does not export: {missing}"
+        used |= names
+    # the panels the dashboard promises
+    for needed in (
+        "dynserve_generation_tokens_total",
+        "dynserve_request_success_total",
+        "dynserve_time_to_first_token_seconds_bucket",
+        "dynserve_inter_token_latency_seconds_bucket",
+        "dynserve_kv_cache_usage_ratio",
+        "dynserve_num_requests_waiting",
+        "dynserve_experts_per_token_sum",
+        "dynserve_experts_per_token_count",
+    ):
+        assert needed in used, needed
+    by_layer = [e for t, e in exprs if "dynserve_experts_per_token_sum" in e and "by (layer)" in e]
+    assert by_layer, "no experts-per-token-by-layer panel"
+    flagged = [t for t, e in exprs if "dynserve_expert_tokens_total" in e]
+    assert all("--enable-expert-token-metrics" in t for t in flagged)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles(name):
+    ins = _dockerfile(name)
+    get = lambda key: [rest for i, rest in ins if i == key]  # noqa: E731
+    user = get("USER")[-1]
+    assert user.split(":")[0] not in ("root", "0") and user.split(":")[0].isdigit()
+    assert json.loads(get("ENTRYPOINT")[-1]) == ["dynserve", "serve"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["dynserve"] == "dynserve.cli:main"
+    cmd = json.loads(get("CMD")[-1])
+    args = _serve_args(cmd)
+    assert args.model_dir in json.loads(get("VOLUME")[-1])
+    assert int(get("EXPOSE")[-1]) == args.port and args.host == "0.0.0.0"
+    assert "/health" in get("HEALTHCHECK")[-1] and str(args.port) in get("HEALTHCHECK")[-1]
+    ignore = (DEPLOY / f"{name}.dockerignore").read_text().splitlines()
+    for copy in get("COPY"):
+        *sources, _dest = shlex.split(copy)
+        for src in sources:
+            assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+            assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is excluded by the .dockerignore"
+    assert any("pip install ." in r for i, r in ins if i == "RUN")
+    if name == "Dockerfile.cuda":
+        base = [r for i, r in ins if i == "ARG" and r.startswith("BASE_IMAGE=")][0]
+        assert base.split("=", 1)[1].startswith("pytorch/pytorch:") and "cuda" in base
+        assert "--device" in cmd and args.device == "cuda"
+
+
+def test_manifests_match_the_kubernetes_schemas():
+    """Strict validation against the Kubernetes OpenAPI schemas (1.30, the oldest with the preStop
+    `sleep` action enabled by default, and the newest bundled) when `kubernetes-validate` is
+    installed; the ServiceMonitor is a CRD and has no bundled schema."""
+    kv = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for f in sorted(K8S.glob("*.yaml")):
+        for d in _docs(f):
+            if "kind" not in d or d["apiVersion"].startswith(("monitoring.coreos.com", "kustomize")):
+                continue
+            for version in ("1.30.0", kv.latest_version()):
+                kv.validate(d, version, strict=True)
+            checked += 1
+    assert checked >= 4
