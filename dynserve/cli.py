@@ -121,7 +121,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     llm = LLM.from_config(engine_config_from_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, n=args.n)
-    for out in llm.generate(args.prompt, params):
+    try:
+        outs = llm.generate(args.prompt, params)
+    finally:
+        llm.close()  # stops expert-parallel workers, if any
+    for out in outs:
         if args.json:
             print(
                 json.dumps(

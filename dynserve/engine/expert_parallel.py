@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -126,9 +125,9 @@ class TorchDistributedExchange(ExpertExchange):
         self.stats = stats if stats is not None else ExchangeStats()
 
     def _count_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else (
-            torch.device("cpu")
-        )
+        if dist.get_backend(self.group) == "nccl":  # NCCL moves only CUDA tensors
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         t0 = time.perf_counter()
@@ -343,12 +342,17 @@ class ExpertParallelRuntime:
         nnodes = config.nnodes
         if N % nnodes:
             raise ValueError(f"expert_parallel_size ({N}) must be a multiple of nnodes ({nnodes})")
+        if dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is already initialized in this process (another expert-parallel engine "
+                "that was not closed?): call LLM.close() on it first"
+            )
         self.config = config
         self.world_size = N
         self._closed = False
-        init_method = _init_method(config)
         if nnodes > 1 and not config.dist_init_addr:
             raise ValueError("--dist-init-addr HOST:PORT is required with --nnodes > 1")
+        init_method = _init_method(config)
         per_node = N // nnodes
         self.procs = _spawn_workers(config, init_method, list(range(1, per_node)), 0)
         try:
@@ -362,8 +366,7 @@ class ExpertParallelRuntime:
         except BaseException:
             self._kill()
             raise
-        ref = weakref.ref(self)
-        atexit.register(lambda: (rt := ref()) is not None and rt.close())
+        atexit.register(self.close)  # workers never outlive the engine process
 
     def _wait_for(self, work: Any, what: str) -> None:
         while not work.is_completed():
@@ -385,9 +388,9 @@ class ExpertParallelRuntime:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         try:
-            work = dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
-            del work
+            dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
         except Exception:  # noqa: BLE001 - a dead worker must not block shutdown
             pass
         deadline = time.monotonic() + timeout
@@ -422,8 +425,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _worker_loop(config: EngineConfig, rank: int, world_size: int, local_rank: int, init_method: str) -> None:
-    from dynserve.model.loader import allocate_kv_caches, load_model
     from dynserve.model.decoder import torch_dtype
+    from dynserve.model.loader import allocate_kv_caches, load_model
 
     device = config.device
     if torch.device(device).type == "cuda":
@@ -445,7 +448,11 @@ def _worker_loop(config: EngineConfig, rank: int, world_size: int, local_rank: i
     with torch.inference_mode():
         while True:
             msg = [None]
-            dist.broadcast_object_list(msg, src=0, group=control)
+            try:
+                dist.broadcast_object_list(msg, src=0, group=control)
+            except RuntimeError as e:  # rank 0 is gone without saying stop (killed, crashed)
+                print(f"dynserve expert-parallel rank {rank}: lost rank 0 ({e}); exiting", file=sys.stderr)
+                raise SystemExit(1) from None
             kind, payload = msg[0]
             if kind == "stop":
                 break
