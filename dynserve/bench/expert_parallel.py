@@ -73,6 +73,7 @@ def run(model_dir: str, ranks: int, prompts: list[list[int]], max_tokens: int, r
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2))  # warm-up
         if rt is not None:
             rt.ep.stats.reset()
+            rt.ep.profile_cuda = True  # synchronize around the expert GEMMs so their time is real
         steps0 = llm.get_stats().num_steps
         t0 = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)

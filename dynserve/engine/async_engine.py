@@ -343,6 +343,13 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(join_timeout)
+            if not self._thread.is_alive():
+                # no step can be running now: release what the engine holds outside this process
+                # (expert-parallel worker processes)
+                try:
+                    self.engine.close()
+                except Exception:  # shutdown must go on
+                    logger.exception("engine.close failed")
 
     # ------------------------------------------------------------------ engine thread
     _abort_reason = "the request was aborted"

@@ -250,6 +250,8 @@ def shard_model_experts(model: torch.nn.Module, ep: ExpertParallelMoE | None, ra
     n = 0
     for m in model.modules():
         if isinstance(m, MoEBlock):
+            if ep is not None and m.num_experts != ep.num_experts:
+                raise ValueError(f"MoE block with {m.num_experts} experts, expected {ep.num_experts}")
             s, e = expert_range(m.num_experts, world_size, rank)
             m.w13 = torch.nn.Parameter(m.w13.data[s:e].clone(), requires_grad=False)  # [E_local, 2I, H]
             m.w2 = torch.nn.Parameter(m.w2.data[s:e].clone(), requires_grad=False)  # [E_local, H, I]
