@@ -103,7 +103,8 @@ def test_heldout_loss_is_far_below_chance(hf_model, heldout_ids):
         logits = model(input_ids=ids[:, :-1]).logits  # [1, 512, V]
     loss = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item()
     uniform = math.log(model.config.vocab_size)
-    assert loss < 0.5 * uniform, f"held-out loss {loss:.3f} vs ln(V) = {uniform:.3f}"
+    # uniform guessing scores ln(V) = 8.3 here and a unigram model about 7.0; the shipped model ~3.8
+    assert loss < 0.6 * uniform, f"held-out loss {loss:.3f} vs ln(V) = {uniform:.3f}"
 
 
 def test_router_spreads_tokens_over_all_experts(hf_model, heldout_ids):
@@ -124,11 +125,28 @@ def test_greedy_generation_looks_like_python(hf_model):
     import torch
 
     model, tok = hf_model
-    prompt = "import os\n\n\ndef"
+    prompt = "class Cache:\n    def __init__(self"
     inputs = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tok.eos_token_id)
     text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.strip()) > 10, repr(text)
     assert "(" in text and ("\n" in text or ":" in text), repr(text)
+    assert sum(c.isascii() for c in text) / len(text) > 0.95, repr(text)
+
+
+def test_sampled_generation_uses_python_vocabulary(hf_model):
+    import torch
+
+    model, tok = hf_model
+    inputs = tok(["import", "def", "class", "    if"], return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.95, pad_token_id=tok.eos_token_id
+        )  # [4, P+40]
+    text = "\n".join(tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    words = set(text.replace("(", " ").replace(")", " ").replace(".", " ").replace(":", " ").split())
+    keywords = {"self", "return", "if", "def", "in", "not", "None", "for", "is", "import", "else", "raise", "and"}
+    assert len(words & keywords) >= 3, repr(text)
     assert sum(c.isascii() for c in text) / len(text) > 0.95, repr(text)

@@ -11,9 +11,12 @@ Run::
 
     python -m dynserve.bench.train_demo --out dynserve/assets/default_model --minutes 25
 
-``--minutes`` measures the speed of the first steps and fixes the step count from it (the cosine
-schedule then runs over that fixed count); ``--steps N`` fixes the count directly, which is the
-exactly reproducible form (same seed, same corpus, same thread count -> same weights).
+``--minutes`` re-estimates from the measured speed, every few steps, how many steps fit in the
+budget (the cosine schedule follows that count, so a shared CPU still ends with a decayed learning
+rate); ``--steps N`` fixes the count, which is the exactly reproducible form (same seed, standard
+library, torch build and thread count -> same weights). TRAINING.md records the N a run reached.
+One thread is the default: for a model this small a second thread gains little on an idle machine
+and loses several times over on a busy one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import platform
 import random
 import sys
 import sysconfig
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,10 +386,20 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             sample_ids = model.generate(ids, max_new_tokens=60, do_sample=False, pad_token_id=eos_id)  # [1, P+60]
         samples.append(tok.decode(sample_ids[0].tolist(), skip_special_tokens=False))
+    torch.manual_seed(args.seed)
+    ids = torch.tensor([tok.encode("import", add_special_tokens=False).ids])  # [1, P]
+    with torch.no_grad():
+        sample_ids = model.generate(
+            ids, max_new_tokens=100, do_sample=True, temperature=0.8, top_p=0.95, pad_token_id=eos_id
+        )  # [1, P+100]
+    sampled = tok.decode(sample_ids[0].tolist(), skip_special_tokens=False)
     wall = time.time() - t_start
 
     cmd = "python -m dynserve.bench.train_demo " + " ".join(argv if argv is not None else sys.argv[1:])
-    size_mb = (out / "model.safetensors").stat().st_size / 1e6 if (out / "model.safetensors").exists() else 0
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    excluded = ", ".join(f"`{d}/`" for d in sorted(EXCLUDED_DIRS))
+    specials = ", ".join(f"`{t}`" for t in SPECIAL_TOKENS)
+    curve = ", ".join(f"{s}: {lo:.2f}" for s, lo, _ in history[:: max(1, len(history) // 20)])
     lines = [
         "# Demo model: how it was produced",
         "",
@@ -395,72 +409,81 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"    {cmd}",
         "",
-        "With `--minutes` the step count is re-estimated from the measured speed as training runs, so it",
-        "depends on the machine's load. To rerun the same number of steps on any machine (a fixed cosine",
-        "schedule over them; deterministic for a given seed, thread count and standard library):",
+        "With `--minutes` the step count is re-estimated from the measured speed while training runs, so it",
+        "depends on the machine and its load. To rerun the same number of steps anywhere (a fixed cosine",
+        "schedule over them; deterministic for a given seed, thread count, torch build and standard library):",
         "",
         f"    python -m dynserve.bench.train_demo --out DIR --steps {step} --seed {args.seed} --threads {args.threads}",
         "",
         "## Corpus",
         "",
-        f"The `.py` files of the Python {platform.python_version()} standard library (`{corpus.root}`), sorted by",
-        f"path, excluding the directories {sorted(EXCLUDED_DIRS)} and files over {MAX_FILE_BYTES // 1024} KB.",
-        f"{len(corpus.train)} training files ({len(train_ids):,} tokens); every {HOLDOUT_EVERY}th file (index",
-        f"i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY // 2}) is held out: {len(corpus.heldout)} files"
-        f" ({len(held_ids):,} tokens).",
-        "Files are joined with `<|endoftext|>`; training windows are drawn uniformly at random.",
-        "`heldout.txt` holds whole held-out files (at most 200 KB) for offline evaluation.",
+        f"The `.py` files of the Python {platform.python_version()} standard library, sorted by path, excluding",
+        f"the directories {excluded} and files over {MAX_FILE_BYTES // 1024} KB.",
+        f"{len(corpus.train)} training files ({len(train_ids):,} tokens). Every {HOLDOUT_EVERY}th file"
+        f" (index i % {HOLDOUT_EVERY} == {HOLDOUT_EVERY // 2}) is held out:",
+        f"{len(corpus.heldout)} files ({len(held_ids):,} tokens), listed below. Files are joined with"
+        " `<|endoftext|>`; training",
+        "windows are drawn uniformly at random. `heldout.txt` holds whole held-out files (at most 200 KB),",
+        "for offline evaluation that does not depend on the installed Python.",
         "",
         "## Tokenizer",
         "",
-        f"Byte-level BPE (`tokenizers`), vocabulary {vocab_size}, trained on the training files; special tokens",
-        f"{', '.join('`' + s + '`' for s in SPECIAL_TOKENS)} (`<|endoftext|>` = id {eos_id} is bos, eos and pad).",
-        "Chat template: each message as `<|role|>\\ncontent<|end|>\\n`; the generation prompt is",
-        "`<|assistant|>\\n`.",
+        f"Byte-level BPE (`tokenizers`), vocabulary {vocab_size}, trained on the training files. Special tokens:",
+        f"{specials}; `<|endoftext|>` (id {eos_id}) is bos, eos and pad.",
+        "Chat template: each message as `<|role|>\\ncontent<|end|>\\n`; the generation prompt is `<|assistant|>\\n`.",
         "",
         "## Model",
         "",
-        f"MixtralForCausalLM: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv),",
-        f"{args.experts} experts of intermediate size {args.intermediate}, top-{args.top_k},"
-        f" tied embeddings: {args.tie},",
-        f"max positions {args.max_position}. {n_params / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per",
-        f"token; float32 safetensors of {size_mb:.1f} MB. Experts run with transformers' `grouped_mm`",
-        "implementation during training (same math as the default; the saved checkpoint is standard).",
+        f"MixtralForCausalLM: hidden {args.hidden}, {args.layers} layers, {args.heads} attention heads"
+        f" ({args.kv_heads} kv), {args.experts} experts",
+        f"of intermediate size {args.intermediate}, top-{args.top_k}, {'tied' if args.tie else 'untied'} embeddings,"
+        f" max positions {args.max_position}.",
+        f"{n_params / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active per token; float32 safetensors of"
+        f" {size_mb:.1f} MB.",
         "",
         "## Training",
         "",
-        f"torch {torch.__version__} on the CPU with {args.threads} threads; seed {args.seed}. AdamW (betas 0.9/0.95,",
-        f"weight decay {args.weight_decay}), peak lr {args.lr} with {args.warmup} warmup steps and cosine decay to",
-        f"10%, gradient clipping 1.0, batch {args.batch} x {args.seq_len} tokens, load-balancing loss",
-        f"x {args.aux_coef} (per layer). {step} steps ({step * args.batch * args.seq_len:,} tokens) in",
-        f"{train_time / 60:.1f} min of wall time ({train_cpu / 60:.1f} min of process CPU time); total wall time",
-        f"{wall / 60:.1f} min",
-        "(including tokenizer training, encoding, evaluation and saving).",
+        f"torch {torch.__version__} on the CPU, {args.threads} thread(s), seed {args.seed}. AdamW (betas 0.9/0.95,"
+        f" weight decay {args.weight_decay}),",
+        f"peak lr {args.lr}, {args.warmup} warmup steps, cosine decay to 10%, gradient clipping 1.0;"
+        f" batch {args.batch} x {args.seq_len} tokens;",
+        f"a load-balancing loss computed per MoE layer, weight {args.aux_coef}. Experts ran with"
+        " transformers' `grouped_mm`",
+        "implementation (same math as the default; the saved checkpoint is standard).",
+        f"{step} steps ({step * args.batch * args.seq_len:,} tokens) in {train_time / 60:.1f} min of wall time"
+        f" ({train_cpu / 60:.1f} min of process CPU time);",
+        f"{wall / 60:.1f} min in all, with tokenizer training, encoding, evaluation and saving.",
         "",
         "## Result",
         "",
-        f"- train loss (on {train_tokens:,} tokens of training windows): {train_loss:.4f}",
-        f"- held-out loss (on {held_tokens:,} tokens of held-out files): {held_loss:.4f}",
+        f"- train loss ({train_tokens:,} tokens of training windows): {train_loss:.4f}",
+        f"- held-out loss ({held_tokens:,} tokens of held-out files): {held_loss:.4f}",
         f"- uniform baseline ln({vocab_size}) = {math.log(vocab_size):.4f}",
         "",
-        "Share of top-2 assignments per expert on the first held-out tokens, per layer:",
+        f"Share of top-{args.top_k} assignments per expert on the first {args.max_position} held-out tokens:",
         "",
         *[f"    layer {i}: " + " ".join(f"{x:.3f}" for x in row) for i, row in enumerate(shares)],
         "",
-        "Loss curve (step: mean cross-entropy over the logging interval):",
+        "Training loss (step: mean over the logging interval):",
         "",
-        "    " + ", ".join(f"{s}: {lo:.3f}" for s, lo, _ in history[:: max(1, len(history) // 20)]),
+        *textwrap.wrap(curve, width=100, initial_indent="    ", subsequent_indent="    "),
         "",
-        "Greedy continuations (60 new tokens) of the prompts " + ", ".join(repr(p) for p in SAMPLE_PROMPTS) + ":",
+        "Greedy continuations (60 new tokens; a model this small soon repeats itself under greedy decoding):",
         "",
         *[line for text in samples for line in ("```python", text, "```", "")],
+        f"Sampled continuation of `import` (temperature 0.8, top-p 0.95, 100 tokens, seed {args.seed}):",
+        "",
+        "```python",
+        sampled,
+        "```",
+        "",
         "## Held-out files",
         "",
         *[f"- `{rel}`" for rel, _ in corpus.heldout],
         "",
     ]
     (out / "TRAINING.md").write_text("\n".join(lines))
-    print(f"saved to {out} in {wall / 60:.1f} min\n--- samples ---\n" + "\n---\n".join(samples), flush=True)
+    print(f"saved to {out} in {wall / 60:.1f} min\n--- samples ---\n" + "\n---\n".join([*samples, sampled]))
     return 0
 
 
