@@ -31,13 +31,12 @@ def test_stop_token_id_and_stop_string(llm):
     assert out.token_ids == base.token_ids[: cut + 1]
     # a stop string taken from the middle of the greedy text ends the text right before it
     text = base.text
-    stop = text[len(text) // 2 : len(text) // 2 + 3]
-    if stop.strip():
-        out = llm.generate("import os", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[
-            0
-        ].outputs[0]
-        assert out.finish_reason == "stop" and out.stop_reason == stop
-        assert out.text == text[: text.index(stop)]
+    start = next(i for i in range(len(text) // 2, len(text)) if not text[i].isspace())
+    stop = text[start : start + 3]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop])
+    out = llm.generate("import os", sp)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
 
 
 def test_n_samples_and_seed_reproducible(llm):

@@ -457,3 +457,17 @@ def test_error_after_stream_began_is_an_sse_error_event(engine, then, code):
         assert len(events) == 3  # never a finish_reason "abort"
     finally:
         scripted.shutdown_sync(timeout=0)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_n2_each_choice_finishes_exactly_once(client, engine, route):
+    # a third of the vocabulary stops generation, so the two sampled choices end at different steps
+    stops = list(range(10, engine.tokenizer.vocab_size, 3))
+    body = {"model": MODEL, "max_tokens": 16, "temperature": 1.0, "seed": 7, "n": 2, "stream": True,
+            "stop_token_ids": stops}
+    body.update({"prompt": "import os"} if "chat" not in route else
+                {"messages": [{"role": "user", "content": "hello"}]})
+    chunks = _events(client.post(route, json=body))
+    ends = [(pos, ch["choices"][0]["index"]) for pos, ch in enumerate(chunks) if ch["choices"][0]["finish_reason"]]
+    assert sorted(i for _, i in ends) == [0, 1]  # each choice finishes once, never repeated
+    assert ends[0][0] != ends[1][0]

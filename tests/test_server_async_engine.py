@@ -163,7 +163,8 @@ def test_shutdown_finishes_in_flight_then_refuses(aengine):
 
     async def run():
         short = await eng.add_request("short", "x = 1", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-        long = await eng.add_request("long", "import os", SamplingParams(max_tokens=400, ignore_eos=True))
+        # the whole remaining context (~509 tokens): far longer than the shutdown window below
+        long = await eng.add_request("long", "import os", SamplingParams(max_tokens=None, ignore_eos=True))
 
         async def drain(stream):
             try:
@@ -173,7 +174,7 @@ def test_shutdown_finishes_in_flight_then_refuses(aengine):
 
         tasks = [asyncio.ensure_future(drain(short)), asyncio.ensure_future(drain(long))]
         await asyncio.sleep(0)
-        await eng.shutdown(timeout=1.0)
+        await eng.shutdown(timeout=0.5)
         short_out, long_out = await asyncio.gather(*tasks)
         assert short_out[-1].finished and short_out[-1].outputs[0].finish_reason == "length"
         assert isinstance(long_out, RequestAbortedError)

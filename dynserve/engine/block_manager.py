@@ -18,6 +18,7 @@ Only full, committed blocks are ever shared, and a sequence only writes slots at
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections import OrderedDict, deque
@@ -35,6 +36,13 @@ def _chain_hash(parent: bytes, token_ids: Iterable[int]) -> bytes:
     h.update(array("q", token_ids).tobytes())
     return h.digest()
 
+
+
+@functools.lru_cache(maxsize=1024)
+def _routing_root(routing: object) -> bytes:
+    """Root of a prefix-hash chain: K/V depend on the routing config, so it is part of every key.
+    Bounded: per-request routing values come from clients."""
+    return hashlib.blake2b(b"dynserve-kv:" + repr(routing).encode(), digest_size=16).digest()
 
 class BlockManager:
     """Owns the KV block pool: reference counts, the free list, the prefix-cache hash map and
@@ -60,7 +68,6 @@ class BlockManager:
         # seq.block_table while in sync) and the chain hashes of its committed full blocks.
         self._tables: dict[int, list[int]] = {}
         self._seq_hashes: dict[int, list[bytes]] = {}
-        self._roots: dict[object, bytes] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
 
@@ -156,12 +163,7 @@ class BlockManager:
 
     # ------------------------------------------------------------------ prefix cache
     def _root_hash(self, seq: Sequence) -> bytes:
-        key = seq.routing
-        root = self._roots.get(key)
-        if root is None:
-            root = hashlib.blake2b(b"dynserve-kv:" + repr(key).encode(), digest_size=16).digest()
-            self._roots[key] = root
-        return root
+        return _routing_root(seq.routing)
 
     def match_prefix(self, seq: Sequence, *, record_stats: bool = True) -> int:
         """Reuse the longest run of cached full blocks that starts seq.token_ids.

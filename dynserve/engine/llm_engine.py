@@ -239,12 +239,12 @@ class LLMEngine:
                 CompletionOutput(
                     index=i,
                     text=text,
-                    token_ids=list(out_ids),
+                    token_ids=out_ids,  # output_token_ids is already a fresh list
                     logprobs=list(st.logprobs) if st.logprobs is not None else None,
                     finish_reason=reason,
                     stop_reason=seq.stop_reason,
                     text_delta=text[st.sent_text :],
-                    token_ids_delta=list(out_ids[st.sent_tokens :]),
+                    token_ids_delta=out_ids[st.sent_tokens :],
                     logprobs_delta=st.logprobs[st.sent_logprobs :] if st.logprobs is not None else None,
                 )
             )

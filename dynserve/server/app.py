@@ -744,12 +744,17 @@ async def _completion_stream(
                 for j in range(n):
                     offsets[i * n + j] = len(t)
                     yield chunk([{"index": i * n + j, "text": t, "logprobs": None, "finish_reason": None}])
+        ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
         async for i, out in _merge(streams):
             if out.finished:
                 finals[i] = out
             for c in out.outputs:
                 idx = i * n + c.index
+                if idx in ended:
+                    continue
                 finish = _public_finish_reason(c.finish_reason)
+                if finish is not None:
+                    ended.add(idx)
                 lp = None
                 if req.logprobs is not None and c.logprobs_delta:
                     lp, offsets[idx] = _completion_logprobs(c.logprobs_delta, tok_text, offsets[idx])
@@ -802,11 +807,16 @@ async def _chat_stream(
     try:
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
+        ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
         async for out in stream:
             if out.finished:
                 final = out
             for c in out.outputs:
+                if c.index in ended:
+                    continue
                 finish = _public_finish_reason(c.finish_reason)
+                if finish is not None:
+                    ended.add(c.index)
                 lp = None
                 if req.logprobs and c.logprobs_delta:
                     lp = _chat_logprobs(c.logprobs_delta, tok_text, num_top)
