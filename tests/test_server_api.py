@@ -394,6 +394,7 @@ class _DeadEngine:
 
     def __init__(self, real) -> None:
         self.config, self.tokenizer, self.added = real.config, real.tokenizer, []
+        self.num_steps = 0
 
     def add_request(self, request_id, *a, **k):
         self.added.append(request_id)

@@ -194,6 +194,7 @@ class _ExplodingEngine:
         self.config = real.config
         self.tokenizer = real.tokenizer
         self.added: list[str] = []
+        self.num_steps = 0
 
     def add_request(self, request_id, prompt, params, prompt_token_ids=None, arrival_time=None):
         self.added.append(request_id)

@@ -66,6 +66,7 @@ class RequestMetricsSink(Protocol):
 
 
 _SENTINEL_END = object()
+_STATS_REFRESH_S = 0.05  # most frequent stats snapshot while the engine is busy
 
 
 @dataclass(eq=False)
@@ -156,6 +157,7 @@ class AsyncEngine:
         self._pending_adds = 0  # submitted, not yet processed by the engine thread
         self._num_waiting = 0  # engine's waiting count at the last refresh
         self._stats = EngineStats()
+        self._last_stats_refresh = 0.0
         self._stop = False
         self._accepting = True
         self._dead_error: BaseException | None = None
@@ -392,11 +394,20 @@ class AsyncEngine:
             self._process_inbox(inbox)
             if not engine.has_unfinished_requests():
                 continue
-            steps_before = self._stats.num_steps
+            steps_before = engine.num_steps
             outputs = engine.step()
             self._deliver(outputs)
-            self._refresh_stats()
-            if not outputs and self._stats.num_steps == steps_before and engine.has_unfinished_requests():
+            # the stats snapshot (for /metrics and backpressure) is not needed every step: refresh it at
+            # most every 50 ms, and always when the engine goes idle or a request finishes
+            now = time.monotonic()
+            if (
+                now - self._last_stats_refresh >= _STATS_REFRESH_S
+                or not engine.has_unfinished_requests()
+                or any(o.finished for o in outputs)
+            ):
+                self._refresh_stats()
+                self._last_stats_refresh = now
+            if not outputs and engine.num_steps == steps_before and engine.has_unfinished_requests():
                 # nothing could be scheduled: wait briefly for news instead of spinning
                 with self._cond:
                     if not self._inbox.adds and not self._inbox.aborts and not self._stop:

@@ -158,6 +158,11 @@ class LLMEngine:
             self._pending_outputs.append(self._make_output(req))
             del self.requests[rid]
 
+    @property
+    def num_steps(self) -> int:
+        """Forward steps run so far."""
+        return self._num_steps
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._pending_outputs)
 
