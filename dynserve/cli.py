@@ -182,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "node_rank", 0) > 0:  # a non-head machine of an expert-parallel job: workers only
             from dynserve.engine.expert_parallel import run_worker_node
 
-            return run_worker_node(engine_config_from_args(args))
+            rc = run_worker_node(engine_config_from_args(args))
+            # leave like the spawned workers do: interpreter teardown with gloo's threads still alive
+            # can abort the process ("terminate called without an active exception")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
         if args.command == "serve":
             return _serve(args)
         if args.command == "generate":
