@@ -175,7 +175,7 @@ class EngineConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     device: str = "cpu"
     seed: int = 0
-    use_triton: bool | None = None  # None: Triton on CUDA, torch references on CPU
+    use_triton: bool | None = None  # None: Triton on CUDA, the CPU path ("cpu" backend) on CPU
     record_expert_token_counts: bool = False  # per-(layer, expert) counts (high cardinality)
     served_model_name: str | None = None
     # expert parallelism (dynserve/engine/expert_parallel.py): ranks, machines, this machine, rendezvous

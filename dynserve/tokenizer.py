@@ -97,8 +97,9 @@ def _compile_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
@@ -113,8 +114,18 @@ def _compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
-_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 class Tokenizer:
@@ -179,8 +190,14 @@ class Tokenizer:
             single = " ".join(
                 ([f"{self.bos_token}:0"] if add_bos else []) + ["$A:0"] + ([f"{self.eos_token}:0"] if add_eos else [])
             )
-            pair = single + " " + " ".join(
-                ([f"{self.bos_token}:1"] if add_bos else []) + ["$B:1"] + ([f"{self.eos_token}:1"] if add_eos else [])
+            pair = (
+                single
+                + " "
+                + " ".join(
+                    ([f"{self.bos_token}:1"] if add_bos else [])
+                    + ["$B:1"]
+                    + ([f"{self.eos_token}:1"] if add_eos else [])
+                )
             )
             specials = ([(self.bos_token, self.bos_token_id)] if add_bos else []) + (
                 [(self.eos_token, self.eos_token_id)] if add_eos else []
@@ -360,4 +377,3 @@ class Tokenizer:
         """Prompt token ids of a conversation: the rendered template encoded with add_special_tokens=False
         (the template decides about BOS; this is what vLLM and transformers' tokenize=True do)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, **kwargs), False)
-

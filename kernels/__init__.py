@@ -1,10 +1,13 @@
 """dynserve_kernels: the compute kernels of dynserve, each Triton kernel beside its torch reference.
 
 Imported as `dynserve_kernels` (the folder is kernels/; a PyPI package named `kernels` exists).
-Public ops (backend "torch" = the plain-torch reference, the CPU path; "triton" = GPU path, and
-the Triton interpreter on CPU when TRITON_INTERPRET=1):
+Backends: "torch" = the plain-torch references only; "cpu" = the CPU path: the native C kernels of
+`cpu_native` where they apply (float32 decode attention) and the torch references elsewhere, or
+everywhere when no C compiler is available; "triton" = the GPU path, and the Triton interpreter on
+CPU when TRITON_INTERPRET=1. Public ops:
 
-- fused_moe(x [T,H], w13 [E,2I,H], w2 [E,H,I], assignment) -> [T,H]
+- fused_moe(x [T,H], w13 [E,2I,H], w2 [E,H,I], assignment) -> [T,H]  ("cpu": native for decode-sized
+  expert groups, see cpu_native.use_native_moe)
     sum over token t's (expert e, weight w) pairs of w * down_e(silu(gate_e(x)) * up_e(x));
     tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
@@ -25,17 +28,23 @@ if TYPE_CHECKING:
     from dynserve.model.base import ForwardBatch
     from dynserve.routing.base import Assignment
 
-_BACKEND_ENV = "DYNSERVE_KERNEL_BACKEND"  # "torch" | "triton" forces a backend
+_BACKEND_ENV = "DYNSERVE_KERNEL_BACKEND"  # "torch" | "cpu" | "triton" forces a backend
+BACKENDS = ("torch", "cpu", "triton")
 
 
 def select_backend(device: torch.device | str, use_triton: bool | None = None) -> str:
-    """Triton on CUDA, torch references on CPU, unless forced (config or env)."""
+    """Triton on CUDA, the CPU path ("cpu") on CPU, unless forced (config or env)."""
     forced = os.environ.get(_BACKEND_ENV)
     if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{_BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
         return forced
-    if use_triton is not None:
-        return "triton" if use_triton else "torch"
-    return "triton" if torch.device(device).type == "cuda" else "torch"
+    on_cuda = torch.device(device).type == "cuda"
+    if use_triton is not None and use_triton:
+        return "triton"
+    if use_triton is None and on_cuda:
+        return "triton"
+    return "torch" if on_cuda else "cpu"
 
 
 def fused_moe(
@@ -45,6 +54,16 @@ def fused_moe(
         from dynserve_kernels.moe_triton import fused_moe_triton
 
         return fused_moe_triton(x, w13, w2, assignment)
+    if backend == "cpu" and assignment.num_pairs > 0:
+        from dynserve_kernels import cpu_native
+
+        a = assignment
+        rows = a.num_pairs
+        if rows > cpu_native.NATIVE_MOE_MAX_ROWS:  # else no expert can have more rows than that
+            rows = int(torch.bincount(a.expert_ids, minlength=w13.shape[0]).max())
+        if cpu_native.use_native_moe(x, w13, rows):
+            out = cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets)
+            return out.to(x.dtype)
     from dynserve_kernels.moe_ref import fused_moe_ref
 
     return fused_moe_ref(x, w13, w2, assignment)
@@ -69,6 +88,17 @@ def paged_attention(
         from dynserve_kernels.attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, kv_cache, batch, scale)
+    if (
+        backend == "cpu"
+        and batch.max_query_len == 1
+        and q.shape[0] == batch.num_seqs
+        and q.dtype == kv_cache.dtype == torch.float32
+        and q.device.type == "cpu"
+    ):
+        from dynserve_kernels import cpu_native
+
+        if cpu_native.available():
+            return cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale)
     from dynserve_kernels.attention_ref import paged_attention_ref
 
     return paged_attention_ref(q, kv_cache, batch, scale)

@@ -28,9 +28,7 @@ def moe_align(a: Assignment, block_m: int, num_experts: int) -> tuple[torch.Tens
     return moe_align_ids(a.expert_ids, block_m, num_experts)
 
 
-def moe_align_ids(
-    expert_ids: torch.Tensor, block_m: int, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def moe_align_ids(expert_ids: torch.Tensor, block_m: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`moe_align` on the raw [P] expert id of each pair (ids must lie in [0, num_experts))."""
     if block_m <= 0:
         raise ValueError(f"block_m must be positive, got {block_m}")

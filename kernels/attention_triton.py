@@ -48,9 +48,7 @@ def _write_kv_kernel(
     tl.store(dst + half_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_triton(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def write_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write key/value [T, Hkv, D] into kv_cache [2, N, bs, Hkv, D] at slot_mapping [T] (in place)."""
     T = key.shape[0]
     _, _, _, hkv, d = kv_cache.shape
@@ -74,15 +72,11 @@ def write_kv_triton(
 
 
 @triton.jit
-def _load_kv_tile(
-    cache_ptr, bt_row_ptr, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos
-):
+def _load_kv_tile(cache_ptr, bt_row_ptr, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos):
     """[BLOCK_N, BLOCK_D] rows of one kv head at positions `pos`, read through a block table row."""
     blk = tl.load(bt_row_ptr + pos // block_size, mask=p_mask, other=0).to(tl.int64)
     row = blk * stride_blk + (pos % block_size).to(tl.int64) * stride_pos + kv_off_h  # [BN]
-    return tl.load(
-        cache_ptr + row[:, None] + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0
-    )
+    return tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -133,9 +127,7 @@ def _decode_kernel(
     for start in range(0, L, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         p_mask = pos < L
-        k = _load_kv_tile(
-            cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos
-        )
+        k = _load_kv_tile(cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos)
         v = _load_kv_tile(
             cache_ptr + half_stride,
             bt_row,
@@ -224,9 +216,7 @@ def _prefill_kernel(
     for start in range(0, end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         p_mask = pos < L
-        k = _load_kv_tile(
-            cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos
-        )
+        k = _load_kv_tile(cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos)
         v = _load_kv_tile(
             cache_ptr + half_stride,
             bt_row,
@@ -259,9 +249,7 @@ def _prefill_kernel(
     )
 
 
-def paged_attention_triton(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float
-) -> torch.Tensor:
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
     """Triton version of `paged_attention_ref`: q [T, Hq, D] -> [T, Hq, D] in q.dtype."""
     T, hq, d = q.shape
     _, _, bs, hkv, dc = kv_cache.shape

@@ -19,9 +19,7 @@ if TYPE_CHECKING:
 
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int, int]:
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(
-            f"expected x [T,H], w13 [E,2I,H], w2 [E,H,I]; got {x.shape}, {w13.shape}, {w2.shape}"
-        )
+        raise ValueError(f"expected x [T,H], w13 [E,2I,H], w2 [E,H,I]; got {x.shape}, {w13.shape}, {w2.shape}")
     T, H = x.shape
     E, two_i, h13 = w13.shape
     if h13 != H or two_i % 2 or w2.shape != (E, H, two_i // 2):

@@ -215,9 +215,7 @@ def fused_moe_triton(
     float32 GEMMs use IEEE precision unless `allow_tf32`.
     """
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(
-            f"expected x [T,H], w13 [E,2I,H], w2 [E,H,I]; got {x.shape}, {w13.shape}, {w2.shape}"
-        )
+        raise ValueError(f"expected x [T,H], w13 [E,2I,H], w2 [E,H,I]; got {x.shape}, {w13.shape}, {w2.shape}")
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter_size = two_i // 2

@@ -70,9 +70,7 @@ def fill_prefix(kv_cache: torch.Tensor, batch: ForwardBatch, gen: torch.Generato
             kv_cache[half].view(-1, hkv, d)[slots] = vals
 
 
-def naive_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float
-) -> torch.Tensor:
+def naive_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
     """Float64 loop over sequences, heads and query tokens: the ground truth for attention tests."""
     T, hq, d = q.shape
     hkv = kv_cache.shape[3]

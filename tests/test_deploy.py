@@ -167,9 +167,7 @@ def test_promql_extractor():
     assert promql_metric_names(
         "sum by (layer) (rate(a_sum[5m])) / ignoring(le) group_left sum(rate(a_count[5m])) > 1e3"
     ) == {"a_sum", "a_count"}
-    assert promql_metric_names('vllm:num_requests_waiting{model_name="x"} offset 5m') == {
-        "vllm:num_requests_waiting"
-    }
+    assert promql_metric_names('vllm:num_requests_waiting{model_name="x"} offset 5m') == {"vllm:num_requests_waiting"}
     assert promql_metric_names("label_values(dynserve_num_requests_running, instance)") == {
         "dynserve_num_requests_running"
     }
@@ -206,17 +204,12 @@ def test_deployment_probes_ports_args_and_grace(app):
         assert ("GET", get["path"]) in app["routes"], probe
         assert ports.get(get["port"], get["port"]) == args.port
     assert app["health"] == 200
-    assert (
-        c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
-    )  # slow model loads
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300  # slow model loads
     pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     assert pod["spec"]["terminationGracePeriodSeconds"] > args.shutdown_timeout + pre_stop
     req = c["resources"]["requests"]
     assert req.get("cpu") and req.get("memory")
-    assert (
-        pod["spec"]["securityContext"]["runAsNonRoot"] is True
-        and pod["spec"]["securityContext"]["runAsUser"] > 0
-    )
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and pod["spec"]["securityContext"]["runAsUser"] > 0
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert args.model_dir in mounts and mounts[args.model_dir]["readOnly"] is True
     ann = pod["metadata"]["annotations"]

@@ -12,9 +12,22 @@ def test_eval_routing_writes_table_csv_and_plot(mixtral_dir, tmp_path):
     text.write_text("def hello(name):\n    return 'hello ' + name\n" * 30)
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "dynserve.cli", "eval-routing", str(mixtral_dir), "--text-file", str(text),
-         "--out-dir", str(out), "--max-tokens", "300"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "dynserve.cli",
+            "eval-routing",
+            str(mixtral_dir),
+            "--text-file",
+            str(text),
+            "--out-dir",
+            str(out),
+            "--max-tokens",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader((out / "results.csv").open()))

@@ -74,8 +74,10 @@ def _exchange_rank(rank: int, world: int, port: int) -> None:
         counts = [[2, 3, 0], [0, 0, 0], [1, 4, 5]]
         send = counts[rank]
         rows = torch.cat(
-            [torch.tensor([[rank, j, i] for i in range(n)], dtype=torch.float32).reshape(n, 3) for j, n in
-             enumerate(send)]
+            [
+                torch.tensor([[rank, j, i] for i in range(n)], dtype=torch.float32).reshape(n, 3)
+                for j, n in enumerate(send)
+            ]
         )  # [sum(send), 3]
         ids = torch.arange(rows.shape[0], dtype=torch.int64) + 100 * rank  # [sum(send)]
         recv_rows, recv_ids, recv_counts = ex.dispatch(rows, ids, send)
@@ -195,9 +197,24 @@ def test_cli_two_nodes_on_loopback_match_one_rank(checkpoint_factory, reference,
     )
     try:
         node0 = subprocess.run(
-            [*cli, "generate", ckpt, *common, "--node-rank", "0", "--num-kv-blocks", "64",
-             "--prompt", PROMPTS[0], "--max-tokens", "6", "--json"],
-            capture_output=True, text=True, timeout=120,
+            [
+                *cli,
+                "generate",
+                ckpt,
+                *common,
+                "--node-rank",
+                "0",
+                "--num-kv-blocks",
+                "64",
+                "--prompt",
+                PROMPTS[0],
+                "--max-tokens",
+                "6",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert node0.returncode == 0, node0.stderr[-3000:]
         out = json.loads(node0.stdout.strip().splitlines()[-1])
@@ -252,7 +269,11 @@ def test_server_with_two_ranks_matches_offline(checkpoint_factory, reference, tm
         assert r["usage"]["expert_activations"] == activations[0]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
         stream = client.completions.create(
-            model="m", prompt=PROMPTS[1], max_tokens=6, temperature=0.0, stream=True,
+            model="m",
+            prompt=PROMPTS[1],
+            max_tokens=6,
+            temperature=0.0,
+            stream=True,
             extra_body={"routing": {"policy": "top_p", "p": 0.5}},
         )
         assert "".join(c.choices[0].text for c in stream if c.choices) == texts[1]

@@ -103,8 +103,14 @@ def test_unknown_architecture_error_names_it(checkpoint_factory, tmp_path):
 
 
 def test_registry_covers_test_families():
-    for arch in ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-                 "LlamaForCausalLM", "Qwen3ForCausalLM"]:
+    for arch in [
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "OlmoeForCausalLM",
+        "LlamaForCausalLM",
+        "Qwen3ForCausalLM",
+    ]:
         assert arch in supported_architectures()
         assert get_model_class(arch).__name__ == arch
 

@@ -83,26 +83,18 @@ def _fake_app(state: FakeState) -> FastAPI:
             try:
                 yield ": keep-alive comment\n\n"
                 if chat:  # a role-only first chunk carries no content: not a token
-                    yield (
-                        "data: "
-                        + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
-                        + "\n\n"
-                    )
+                    yield ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}) + "\n\n")
                 await asyncio.sleep(30 if prompt.startswith("slow") else FAKE_TTFT)
                 for i in range(FAKE_TOKENS):
                     if i:
                         await asyncio.sleep(FAKE_ITL)
                     if prompt.startswith("midfail") and i == 2:
-                        yield "data: " + json.dumps(
-                            {"error": {"message": "engine died", "type": "server_error"}}
-                        )
+                        yield "data: " + json.dumps({"error": {"message": "engine died", "type": "server_error"}})
                         yield "\n\n"
                         yield "data: [DONE]\n\n"
                         return
                     finish = "length" if i == FAKE_TOKENS - 1 else None
-                    yield (
-                        "data: " + json.dumps({"choices": [choice(f"t{i} ", finish)], "usage": None}) + "\n\n"
-                    )
+                    yield ("data: " + json.dumps({"choices": [choice(f"t{i} ", finish)], "usage": None}) + "\n\n")
                 if prompt.startswith("nodone"):
                     return
                 yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
@@ -217,33 +209,22 @@ def test_synthetic_and_jsonl_workloads(tmp_path):
     mixed = loadgen.build_requests(replace(cfg, stream_ratio=0.5, disconnect_prob=0.25))
     assert 60 < sum(s.stream for s in mixed) < 140
     assert 25 < sum(s.disconnect_after is not None for s in mixed) < 75
-    ids = loadgen.build_requests(
-        replace(cfg, prompt_format="token-ids", token_id_range=(5, 9), range_ratio=0.0)
-    )
+    ids = loadgen.build_requests(replace(cfg, prompt_format="token-ids", token_id_range=(5, 9), range_ratio=0.0))
     assert all(len(s.prompt) == 40 and set(s.prompt) <= {5, 6, 7, 8} for s in ids)
 
     data = tmp_path / "prompts.jsonl"
     data.write_text(
-        json.dumps({"prompt": "a b c", "max_tokens": 3})
-        + "\n\n"
-        + json.dumps({"prompt": [1, 2, 3, 4]})
-        + "\n"
+        json.dumps({"prompt": "a b c", "max_tokens": 3}) + "\n\n" + json.dumps({"prompt": [1, 2, 3, 4]}) + "\n"
     )
     got = loadgen.build_requests(LoadConfig(num_requests=5, dataset_path=str(data), output_len=9))
     assert [s.prompt for s in got] == ["a b c", [1, 2, 3, 4], "a b c", [1, 2, 3, 4], "a b c"]
     assert [s.max_tokens for s in got] == [3, 9, 3, 9, 3]
     chat = tmp_path / "chat.jsonl"
-    chat.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "hi there"}], "output_len": 4}) + "\n"
-    )
-    got = loadgen.build_requests(
-        LoadConfig(num_requests=2, dataset_path=str(chat), endpoint="/v1/chat/completions")
-    )
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi there"}], "output_len": 4}) + "\n")
+    got = loadgen.build_requests(LoadConfig(num_requests=2, dataset_path=str(chat), endpoint="/v1/chat/completions"))
     assert got[0].messages[0]["content"] == "hi there" and got[0].max_tokens == 4
     with pytest.raises(ValueError):
-        loadgen.build_requests(
-            LoadConfig(num_requests=2, dataset_path=str(chat))
-        )  # chat rows need chat endpoint
+        loadgen.build_requests(LoadConfig(num_requests=2, dataset_path=str(chat)))  # chat rows need chat endpoint
 
 
 def test_sse_decoder():
@@ -357,9 +338,7 @@ def test_errors_are_counted_not_raised(fake):
 
 def test_non_streaming_requests(fake):
     url, _ = fake
-    cfg = LoadConfig(
-        base_url=url, endpoint="/v1/chat/completions", num_requests=3, concurrency=3, stream_ratio=0.0
-    )
+    cfg = LoadConfig(base_url=url, endpoint="/v1/chat/completions", num_requests=3, concurrency=3, stream_ratio=0.0)
     run = _run(cfg)
     assert all(r.success and not r.stream and r.ttft is None and r.text == "hello" for r in run.results)
     s = loadgen.summarize(run)
@@ -498,13 +477,7 @@ def test_routing_sweep_against_dynserve(live):
     assert list(by) == ["top_k", "top_p=0.2", "top_p=0.95"]
     assert all(r["completed"] == 6 and r["failed"] == 0 for r in rows)
     assert by["top_k"]["avg_experts_per_token"] == pytest.approx(2.0)
-    assert (
-        1.0
-        <= by["top_p=0.2"]["avg_experts_per_token"]
-        < 2.0
-        < by["top_p=0.95"]["avg_experts_per_token"]
-        <= 4.0
-    )
+    assert 1.0 <= by["top_p=0.2"]["avg_experts_per_token"] < 2.0 < by["top_p=0.95"]["avg_experts_per_token"] <= 4.0
     assert len({r["total_output_tokens"] for r in rows}) == 1  # the same load for every setting
     table = routing_sweep.format_table(rows)
     assert "top_p=0.95" in table and "experts/tok" in table

@@ -153,8 +153,14 @@ def test_v_head_dim_larger_than_qk_and_attention_bias(tmp_path):
     # v_head_dim 20 > qk_head_dim 12: q and k are zero-padded to 20 in the cache instead of v;
     # attention_bias adds biases to q_a / kv_a (whose rotary rows are permuted at load) and o_proj
     path = make_longcat(
-        tmp_path / "lc", seed=3, qk_nope_head_dim=8, qk_rope_head_dim=4, head_dim=4, v_head_dim=20,
-        attention_bias=True, tie_word_embeddings=True,
+        tmp_path / "lc",
+        seed=3,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        head_dim=4,
+        v_head_dim=20,
+        attention_bias=True,
+        tie_word_embeddings=True,
     )
     s = LongcatSetup(path)
     assert s.kv()[0].shape[-2:] == (4, 20)

@@ -139,8 +139,10 @@ CHAT_BAD = [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content",
+    ),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
@@ -148,8 +150,7 @@ CHAT_BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "routing": {"max_experts": 0}}, "routing.max_experts"),
 ]
@@ -190,8 +191,12 @@ def test_json_without_content_type_is_accepted(client):
     r = client.post("/v1/completions", content=b'{"prompt": "x = 1", "max_tokens": 2}')
     assert r.status_code == 200, r.text
     # a form content type (curl -d without -H) is not parsed, and the error says what to do
-    err = _error(client.post("/v1/completions", content=b'{"prompt": "x"}',
-                             headers={"content-type": "application/x-www-form-urlencoded"}), 400)
+    err = _error(
+        client.post(
+            "/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "application/x-www-form-urlencoded"}
+        ),
+        400,
+    )
     assert "Content-Type: application/json" in err["message"]
 
 
@@ -258,8 +263,18 @@ def test_tokenize_detokenize_roundtrip(client, engine):
 
 # ------------------------------------------------------------------------------- generation
 def test_completion_json_shape_and_echo_and_batch(client):
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": ["x = 1", "import os"], "n": 2,
-                                             "max_tokens": 4, "temperature": 0, "echo": True, "ignore_eos": True})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": ["x = 1", "import os"],
+            "n": 2,
+            "max_tokens": 4,
+            "temperature": 0,
+            "echo": True,
+            "ignore_eos": True,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == MODEL and body["id"].startswith("cmpl-")
@@ -282,8 +297,14 @@ def test_token_id_prompts(client, engine):
 
 
 def test_chat_stream_wire_format(client):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6,
-            "temperature": 0, "stream": True, "n": 2}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "n": 2,
+    }
     chunks = _events(client.post("/v1/chat/completions", json=body))
     assert all("usage" not in ch for ch in chunks)  # no usage chunk (or key) unless asked for
     assert len({(ch["id"], ch["created"], ch["model"]) for ch in chunks}) == 1
@@ -297,14 +318,18 @@ def test_chat_stream_wire_format(client):
         assert mine[-1]["finish_reason"] in ("stop", "length")
     # the streamed text equals the non-streamed text
     full = client.post("/v1/chat/completions", json={**body, "stream": False, "n": 1}).json()
-    streamed = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks
-                       if ch["choices"][0]["index"] == 0)
+    streamed = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"][0]["index"] == 0)
     assert streamed == full["choices"][0]["message"]["content"]
 
 
 def test_stream_usage_chunk_only_when_asked(client):
-    body = {"prompt": "x = 1", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": True}
+    body = {
+        "prompt": "x = 1",
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     chunks = _events(client.post("/v1/completions", json=body))
     *rest, last = chunks
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
@@ -318,17 +343,27 @@ def test_stream_usage_chunk_only_when_asked(client):
 
 
 def test_logprobs_formats(client):
-    r = client.post("/v1/completions", json={"prompt": "x = 1", "max_tokens": 4, "logprobs": 2,
-                                             "temperature": 0, "ignore_eos": True}).json()
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": "x = 1", "max_tokens": 4, "logprobs": 2, "temperature": 0, "ignore_eos": True},
+    ).json()
     lp = r["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
     for chosen, tops in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
         assert chosen <= 0 and 2 <= len(tops) <= 3
         assert chosen >= max(tops.values()) - 1e-4  # greedy picks the most likely token
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                                                  "logprobs": True, "top_logprobs": 3, "temperature": 0,
-                                                  "ignore_eos": True}).json()
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    ).json()
     content = r["choices"][0]["logprobs"]["content"]
     assert len(content) == r["usage"]["completion_tokens"] == 4
     for item in content:
@@ -363,14 +398,20 @@ def test_metrics_move_by_the_traffic(client, engine):
     # experts-per-token histogram: one series per MoE layer, buckets le=0..E, sum/count consistent
     stats = engine.get_stats()
     for layer in range(stats.num_moe_layers):
-        buckets = [after[f"dynserve_experts_per_token_bucket{{layer={layer},le={float(k)}}}"]
-                   for k in range(stats.num_experts + 1)]
+        buckets = [
+            after[f"dynserve_experts_per_token_bucket{{layer={layer},le={float(k)}}}"]
+            for k in range(stats.num_experts + 1)
+        ]
         assert buckets == sorted(buckets)
         assert after[f"dynserve_experts_per_token_count{{layer={layer}}}"] == buckets[-1] > 0
     total = sum(after[f"dynserve_experts_per_token_sum{{layer={layer}}}"] for layer in range(stats.num_moe_layers))
     assert total == after["dynserve_expert_activations_total"]
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:gpu_cache_usage_perc"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+    ):
         assert f"{name}{{model_name={MODEL}}}" in after
     assert 0.0 <= after["dynserve_kv_cache_usage_ratio"] <= 1.0
 
@@ -381,8 +422,10 @@ def test_backpressure_is_503_with_retry_after_while_health_ok(client, engine):
     try:
         err = _error(r := client.post("/v1/completions", json={"prompt": "x"}), 503)
         assert int(r.headers["retry-after"]) >= 1 and err["type"] == "server_error"
-        err = _error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                                "stream": True}), 503)
+        err = _error(
+            client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True}),
+            503,
+        )
         assert client.get("/health").status_code == 200
     finally:
         engine.max_queued_requests = old
@@ -414,8 +457,7 @@ class _DeadEngine:
 
 def test_dead_engine_health_503_and_errors(engine):
     dead = AsyncEngine(_DeadEngine(engine.engine))
-    c = TestClient(build_app(dead, ServerSettings(served_model_name=MODEL, api_key="")),
-                   raise_server_exceptions=False)
+    c = TestClient(build_app(dead, ServerSettings(served_model_name=MODEL, api_key="")), raise_server_exceptions=False)
     assert c.get("/health").status_code == 200
     err = _error(c.post("/v1/completions", json={"prompt": "x"}), 500)
     assert err["type"] == "server_error"
@@ -433,12 +475,16 @@ class _ScriptedEngine(_DeadEngine):
     def step(self):
         self.steps += 1
         if self.steps == 1:
-            return [RequestOutput(rid, None, [1], [CompletionOutput(0, "a", [5], text_delta="a",
-                                                                     token_ids_delta=[5])]) for rid in self.added]
+            return [
+                RequestOutput(rid, None, [1], [CompletionOutput(0, "a", [5], text_delta="a", token_ids_delta=[5])])
+                for rid in self.added
+            ]
         if self.then == "crash":
             raise RuntimeError("simulated crash mid-stream")
-        outs = [RequestOutput(rid, None, [1], [CompletionOutput(0, "a", [5], finish_reason="abort")], finished=True)
-                for rid in self.added]
+        outs = [
+            RequestOutput(rid, None, [1], [CompletionOutput(0, "a", [5], finish_reason="abort")], finished=True)
+            for rid in self.added
+        ]
         self.added = []
         return outs
 
@@ -446,8 +492,9 @@ class _ScriptedEngine(_DeadEngine):
 @pytest.mark.parametrize("then,code", [("abort", "request_aborted"), ("crash", "engine_dead")])
 def test_error_after_stream_began_is_an_sse_error_event(engine, then, code):
     scripted = AsyncEngine(_ScriptedEngine(engine.engine, then))
-    c = TestClient(build_app(scripted, ServerSettings(served_model_name=MODEL, api_key="")),
-                   raise_server_exceptions=False)
+    c = TestClient(
+        build_app(scripted, ServerSettings(served_model_name=MODEL, api_key="")), raise_server_exceptions=False
+    )
     try:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True})
         assert r.status_code == 200
@@ -464,10 +511,18 @@ def test_error_after_stream_began_is_an_sse_error_event(engine, then, code):
 def test_stream_n2_each_choice_finishes_exactly_once(client, engine, route):
     # a third of the vocabulary stops generation, so the two sampled choices end at different steps
     stops = list(range(10, engine.tokenizer.vocab_size, 3))
-    body = {"model": MODEL, "max_tokens": 16, "temperature": 1.0, "seed": 7, "n": 2, "stream": True,
-            "stop_token_ids": stops}
-    body.update({"prompt": "import os"} if "chat" not in route else
-                {"messages": [{"role": "user", "content": "hello"}]})
+    body = {
+        "model": MODEL,
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "seed": 7,
+        "n": 2,
+        "stream": True,
+        "stop_token_ids": stops,
+    }
+    body.update(
+        {"prompt": "import os"} if "chat" not in route else {"messages": [{"role": "user", "content": "hello"}]}
+    )
     chunks = _events(client.post(route, json=body))
     ends = [(pos, ch["choices"][0]["index"]) for pos, ch in enumerate(chunks) if ch["choices"][0]["finish_reason"]]
     assert sorted(i for _, i in ends) == [0, 1]  # each choice finishes once, never repeated

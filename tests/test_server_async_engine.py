@@ -65,8 +65,12 @@ def test_generate_streams_deltas_that_add_up(aengine):
     eng = aengine()
 
     async def run():
-        outs = [o async for o in eng.generate("def hello(name):", SamplingParams(temperature=0, max_tokens=9,
-                                                                                 ignore_eos=True), "r1")]
+        outs = [
+            o
+            async for o in eng.generate(
+                "def hello(name):", SamplingParams(temperature=0, max_tokens=9, ignore_eos=True), "r1"
+            )
+        ]
         return outs
 
     outs = asyncio.run(run())

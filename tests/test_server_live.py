@@ -125,8 +125,10 @@ def _wait_settled(live: Live, timeout: float = 60.0) -> dict[str, float]:
         ):
             return m
         if time.monotonic() > deadline:
-            raise AssertionError(f"server did not settle: running={m['dynserve_num_requests_running']} "
-                                 f"free={m['dynserve_kv_cache_free_blocks']}/{m['dynserve_kv_cache_blocks']}")
+            raise AssertionError(
+                f"server did not settle: running={m['dynserve_num_requests_running']} "
+                f"free={m['dynserve_kv_cache_free_blocks']}/{m['dynserve_kv_cache_blocks']}"
+            )
         time.sleep(0.1)
 
 
@@ -147,8 +149,9 @@ def test_models_and_api_key(server):
 def test_greedy_matches_offline(server, offline):
     client = server.client()
     prompt = "def hello(name):"
-    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     ref = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     assert resp.choices[0].text == ref.outputs[0].text
     assert resp.usage.completion_tokens == 12 and resp.choices[0].finish_reason == "length"
@@ -191,8 +194,9 @@ def test_async_streaming_with_usage(server):
 
 
 def test_completion_stream_sync_n2(server):
-    stream = server.client().completions.create(model=MODEL, prompt="import os", max_tokens=6, n=2, seed=3,
-                                                stream=True, extra_body={"ignore_eos": True})
+    stream = server.client().completions.create(
+        model=MODEL, prompt="import os", max_tokens=6, n=2, seed=3, stream=True, extra_body={"ignore_eos": True}
+    )
     texts = {0: "", 1: ""}
     finish = {}
     for chunk in stream:
@@ -213,24 +217,38 @@ def test_n_seed_and_stop(server):
     texts = {client.completions.create(**kw, seed=s).choices[0].text for s in (1, 2, 3)}
     assert len(texts) > 1
 
-    base = client.completions.create(model=MODEL, prompt="import sys", max_tokens=16, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
+    base = (
+        client.completions.create(
+            model=MODEL, prompt="import sys", max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = next(ch for ch in base[1:] if ch.isascii() and ch.isalnum())
-    cut = client.completions.create(model=MODEL, prompt="import sys", max_tokens=16, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True}).choices[0]
+    cut = client.completions.create(
+        model=MODEL, prompt="import sys", max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.text == base[: base.index(stop)]
 
 
 def test_logprobs(server):
     client = server.client()
-    r = client.completions.create(model=MODEL, prompt="x = 1", max_tokens=5, logprobs=2, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="x = 1", max_tokens=5, logprobs=2, temperature=0, extra_body={"ignore_eos": True}
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert all(x <= 0 for x in lp.token_logprobs)
-    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                       logprobs=True, top_logprobs=2, temperature=0, extra_body={"ignore_eos": True})
+    c = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     content = c.choices[0].logprobs.content
     assert len(content) == 5
     for item in content:
@@ -243,8 +261,13 @@ def test_routing_per_request_via_extra_body(server):
 
     def avg(routing: dict | None) -> float:
         extra = {"ignore_eos": True, **({"routing": routing} if routing else {})}
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "The quick brown"}],
-                                           max_tokens=8, temperature=0, extra_body=extra)
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "The quick brown"}],
+            max_tokens=8,
+            temperature=0,
+            extra_body=extra,
+        )
         return _usage_extra(r.usage)[1]
 
     top2 = avg({"policy": "top_k"})
@@ -254,8 +277,11 @@ def test_routing_per_request_via_extra_body(server):
     assert 1.0 <= top_p < top2
     assert avg({"policy": "top_k", "k": 1}) == pytest.approx(1.0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       extra_body={"routing": {"policy": "top_p", "p": 1.5}})
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"routing": {"policy": "top_p", "p": 1.5}},
+        )
     assert e.value.param == "routing.p"
 
 
@@ -278,8 +304,9 @@ def test_errors_context_length_and_unknown_model(server):
 
 def test_metrics_move_by_the_traffic(server):
     before = _wait_settled(server)
-    r = server.client().completions.create(model=MODEL, prompt="import os", max_tokens=7,
-                                           extra_body={"ignore_eos": True})
+    r = server.client().completions.create(
+        model=MODEL, prompt="import os", max_tokens=7, extra_body={"ignore_eos": True}
+    )
     after = _wait_settled(server)
 
     def d(name: str) -> float:
@@ -294,12 +321,14 @@ def test_metrics_move_by_the_traffic(server):
     assert after[f"vllm:num_requests_running{{model_name={MODEL}}}"] == 0
     assert after[f"vllm:kv_cache_usage_perc{{model_name={MODEL}}}"] == 0
     # --enable-expert-token-metrics: per-(layer, expert) counts agree with the k histogram
-    layers = sorted({k.split("layer=")[1].split(",")[0].rstrip("}") for k in after
-                     if k.startswith("dynserve_expert_tokens_total")})
+    layers = sorted(
+        {k.split("layer=")[1].split(",")[0].rstrip("}") for k in after if k.startswith("dynserve_expert_tokens_total")}
+    )
     assert layers == ["0", "1"]
     for layer in layers:
-        per_expert = sum(v for k, v in after.items()
-                         if k.startswith("dynserve_expert_tokens_total") and f"layer={layer}}}" in k)
+        per_expert = sum(
+            v for k, v in after.items() if k.startswith("dynserve_expert_tokens_total") and f"layer={layer}}}" in k
+        )
         assert per_expert == after[f"dynserve_experts_per_token_sum{{layer={layer}}}"]
 
 
@@ -338,16 +367,19 @@ def test_disconnects_return_every_kv_block(server):
 
     async def impatient(i: int, client: httpx.AsyncClient) -> None:
         try:
-            r = await client.post(f"{server.v1}/completions", headers=headers, timeout=0.4 + 0.1 * i,
-                                  json={"model": MODEL, "prompt": f"y{i}", "max_tokens": 300, "ignore_eos": True})
+            r = await client.post(
+                f"{server.v1}/completions",
+                headers=headers,
+                timeout=0.4 + 0.1 * i,
+                json={"model": MODEL, "prompt": f"y{i}", "max_tokens": 300, "ignore_eos": True},
+            )
             outcome["503" if r.status_code == 503 else "done"] += 1
         except httpx.TimeoutException:
             outcome["timeout"] += 1
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
-            await asyncio.gather(*[streamer(i, client) for i in range(200)],
-                                 *[impatient(i, client) for i in range(3)])
+            await asyncio.gather(*[streamer(i, client) for i in range(200)], *[impatient(i, client) for i in range(3)])
 
     asyncio.run(run())
     assert outcome["cut"] >= 150 and outcome["timeout"] >= 1, outcome
@@ -366,8 +398,11 @@ def test_backpressure_503_with_retry_after_while_health_ok(server):
     statuses: list[tuple[int, dict, dict]] = []
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
-        r = await client.post(f"{server.v1}/completions", headers=headers,
-                              json={"model": MODEL, "prompt": f"z{i}", "max_tokens": 400, "ignore_eos": True})
+        r = await client.post(
+            f"{server.v1}/completions",
+            headers=headers,
+            json={"model": MODEL, "prompt": f"z{i}", "max_tokens": 400, "ignore_eos": True},
+        )
         statuses.append((r.status_code, dict(r.headers), r.json()))
 
     async def run() -> float:
@@ -403,8 +438,9 @@ def test_zz_graceful_shutdown_on_sigterm(server):
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
             body = {"model": MODEL, "prompt": "import os", "max_tokens": 40, "ignore_eos": True, "stream": True}
-            async with client.stream("POST", f"{server.v1}/completions", json=body,
-                                     headers={"Authorization": f"Bearer {KEY}"}) as r:
+            async with client.stream(
+                "POST", f"{server.v1}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+            ) as r:
                 assert r.status_code == 200
                 async for line in r.aiter_lines():
                     if not line:

@@ -20,15 +20,13 @@ from dynserve.engine.async_engine import AsyncEngine  # noqa: E402
 from dynserve.server.app import ServerSettings, build_app  # noqa: E402
 
 # examples per operation and generation mode; generation endpoints get more
-EXAMPLES = {"POST /v1/completions": 40, "POST /v1/chat/completions": 40, "POST /tokenize": 15,
-            "POST /detokenize": 15}
+EXAMPLES = {"POST /v1/completions": 40, "POST /v1/chat/completions": 40, "POST /tokenize": 15, "POST /detokenize": 15}
 DEFAULT_EXAMPLES = 6
 
 
 @pytest.fixture(scope="module")
 def app(checkpoint_factory):
-    cfg = EngineConfig.create(str(checkpoint_factory("mixtral")), max_model_len=24, num_kv_blocks=64,
-                              max_num_seqs=32)
+    cfg = EngineConfig.create(str(checkpoint_factory("mixtral")), max_model_len=24, num_kv_blocks=64, max_num_seqs=32)
     engine = AsyncEngine.from_config(cfg)
     yield build_app(engine, ServerSettings(served_model_name="tiny-moe", api_key=""))
     engine.shutdown_sync(timeout=0)

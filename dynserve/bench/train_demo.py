@@ -300,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(vocab_size, args, eos_id)
     n_params = sum(p.numel() for p in model.parameters())
     n_active = n_params - sum(
-        p.numel() * (args.experts - args.top_k) // args.experts
-        for n, p in model.named_parameters()
-        if ".experts." in n
+        p.numel() * (args.experts - args.top_k) // args.experts for n, p in model.named_parameters() if ".experts." in n
     )
     print(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active per token)", flush=True)
 

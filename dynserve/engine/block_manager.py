@@ -37,12 +37,12 @@ def _chain_hash(parent: bytes, token_ids: Iterable[int]) -> bytes:
     return h.digest()
 
 
-
 @functools.lru_cache(maxsize=1024)
 def _routing_root(routing: object) -> bytes:
     """Root of a prefix-hash chain: K/V depend on the routing config, so it is part of every key.
     Bounded: per-request routing values come from clients."""
     return hashlib.blake2b(b"dynserve-kv:" + repr(routing).encode(), digest_size=16).digest()
+
 
 class BlockManager:
     """Owns the KV block pool: reference counts, the free list, the prefix-cache hash map and

@@ -311,7 +311,10 @@ def _spawn_workers(config: EngineConfig, init_method: str, ranks: list[int], bas
 
 def _init_groups(backend: str, init_method: str, rank: int, world_size: int) -> tuple[Any, Any]:
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size,
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=_COLLECTIVE_TIMEOUT_S),
     )
     control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)  # step broadcasts (CPU objects)

@@ -82,7 +82,10 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             assert spec.rule is not None
             self.mlp = MoEBlock(
-                H, spec.moe_intermediate_size, spec.rule, shared_inter=spec.shared_expert_intermediate_size,
+                H,
+                spec.moe_intermediate_size,
+                spec.rule,
+                shared_inter=spec.shared_expert_intermediate_size,
                 backend=backend,
             )
         else:
@@ -119,9 +122,7 @@ class DecoderForCausalLM(CausalLM):
             )
         H = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.layers = nn.ModuleList(
-            [DecoderLayer(config, spec, i, backend) for i in range(config.num_layers)]
-        )
+        self.layers = nn.ModuleList([DecoderLayer(config, spec, i, backend) for i in range(config.num_layers)])
         self.norm = RMSNorm(H, spec.rms_norm_eps)
         self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.hf, config.head_dim)

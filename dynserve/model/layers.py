@@ -58,9 +58,7 @@ def assign_param(
     setattr(module, attr, nn.Parameter(tensor.to(device).contiguous(), requires_grad=False))
 
 
-def load_linear(
-    linear: nn.Linear, ws: WeightSource, prefixes: list[str], device: torch.device | str
-) -> None:
+def load_linear(linear: nn.Linear, ws: WeightSource, prefixes: list[str], device: torch.device | str) -> None:
     """Load one Linear from one or more HF linears (`<prefix>.weight` / `.bias`), concatenated on rows."""
     names = [p + ".weight" for p in prefixes]
     assign_param(linear, "weight", torch.cat([ws.get(n) for n in names], dim=0), device, " + ".join(names))
@@ -114,8 +112,13 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, H]
 
-    def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, names: tuple[str, str, str] = (
-        "gate_proj", "up_proj", "down_proj")) -> None:
+    def load_hf(
+        self,
+        ws: WeightSource,
+        prefix: str,
+        device: torch.device | str,
+        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    ) -> None:
         gate, up, down = names
         load_linear(self.gate_up_proj, ws, [f"{prefix}.{gate}", f"{prefix}.{up}"], device)
         load_linear(self.down_proj, ws, [f"{prefix}.{down}"], device)
@@ -168,9 +171,7 @@ def rope_inv_freq(hf: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, floa
         return inv_freq, 1.0
     if rope_type == "yarn":
         return _yarn(p, hf, exps, base, dim)
-    raise ValueError(
-        f"rope_type {rope_type!r} is not supported (supported: default, linear, dynamic, llama3, yarn)"
-    )
+    raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, dynamic, llama3, yarn)")
 
 
 def _yarn(
@@ -310,7 +311,7 @@ class Attention(nn.Module):
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.backend != "torch":  # kernels other than the torch references get dense inputs
+        if self.backend == "triton":  # the Triton kernels take dense inputs
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)
         o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, D]

@@ -115,9 +115,7 @@ class LatentAttention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         nh, nope, pad = self.num_heads, self.nope, self.cache_dim - self.qk_dim
-        q_lat, kv_lat, k_rope = self.qkv_a_proj(x).split(
-            [self.q_lora_rank, self.kv_lora_rank, self.rope], dim=-1
-        )
+        q_lat, kv_lat, k_rope = self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank, self.rope], dim=-1)
         q = self.q_b_proj(self.q_a_layernorm(q_lat)).view(T, nh, self.qk_dim)  # [T, Hq, Dqk]
         q = q * self.q_lora_scale
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_lat) * self.kv_lora_scale).view(T, nh, nope + self.v_dim)
@@ -127,7 +125,7 @@ class LatentAttention(nn.Module):
         q = F.pad(torch.cat([q[..., :nope], q_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
         k = F.pad(torch.cat([k_nope, k_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
         v = F.pad(v, (0, self.cache_dim - self.v_dim))  # [T, Hq, Dc]
-        if self.backend != "torch":  # kernels other than the torch references get dense inputs
+        if self.backend == "triton":  # the Triton kernels take dense inputs
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)
         o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, Dc]
@@ -182,17 +180,13 @@ class ZeroExpertMoE(MoEBlock):
         routed_scaling_factor: float,
         backend: str = "torch",
     ) -> None:
-        super().__init__(
-            hidden, moe_inter, CheckpointRule(num_experts=num_experts, top_k=top_k), backend=backend
-        )
+        super().__init__(hidden, moe_inter, CheckpointRule(num_experts=num_experts, top_k=top_k), backend=backend)
         self.num_zero_experts = num_zero_experts
         self.top_k = top_k
         self.routed_scaling_factor = routed_scaling_factor
         total = num_experts + num_zero_experts
         self.gate = nn.Linear(hidden, total, bias=False, dtype=torch.float32)  # router classifier
-        self.e_score_correction_bias = nn.Parameter(
-            torch.zeros(total, dtype=torch.float32), requires_grad=False
-        )
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(total, dtype=torch.float32), requires_grad=False)
 
     def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
         logits = F.linear(x.float(), self.gate.weight)  # [T, N+Z] float32
@@ -219,9 +213,7 @@ class ZeroExpertMoE(MoEBlock):
         experts too, which are never used — and `.down_proj` [N, H, I]) or per expert
         (`<prefix>.experts.{e}.<names.gate|up|down>.weight`)."""
         r = f"{prefix}.router"
-        assign_param(
-            self.gate, "weight", _fp32(ws, f"{r}.classifier.weight"), device, f"{r}.classifier.weight"
-        )
+        assign_param(self.gate, "weight", _fp32(ws, f"{r}.classifier.weight"), device, f"{r}.classifier.weight")
         name = f"{r}.e_score_correction_bias"
         assign_param(self, "e_score_correction_bias", _fp32(ws, name), device, name)
         N = self.num_experts
@@ -233,8 +225,7 @@ class ZeroExpertMoE(MoEBlock):
             w2 = _maybe_transposed(w2, tuple(self.w2.shape))
         else:
             gate_up = [
-                [ws.get(f"{ex}.{e}.{names.gate}.weight"), ws.get(f"{ex}.{e}.{names.up}.weight")]
-                for e in range(N)
+                [ws.get(f"{ex}.{e}.{names.gate}.weight"), ws.get(f"{ex}.{e}.{names.up}.weight")] for e in range(N)
             ]
             w13 = torch.stack([torch.cat(gu) for gu in gate_up])  # [N, 2I, H]
             w2 = torch.stack([ws.get(f"{ex}.{e}.{names.down}.weight") for e in range(N)])  # [N, H, I]
@@ -286,9 +277,7 @@ class LongcatFlashForCausalLM(CausalLM):
     sublayers (KV cache list index 2i + j for sublayer j of layer i) and L zero-expert MoE blocks.
     Multi-token-prediction weights (`model.mtp.*`) are not used."""
 
-    def __init__(
-        self, config: ModelConfig, *, device: torch.device | str = "cpu", backend: str = "torch"
-    ) -> None:
+    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu", backend: str = "torch") -> None:
         super().__init__()
         hf = config.hf
         check_silu(hf)
@@ -310,9 +299,7 @@ class LongcatFlashForCausalLM(CausalLM):
         H = config.hidden_size
         self.num_decoder_layers = _hf_num_layers(hf)
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.layers = nn.ModuleList(
-            [LongcatFlashDecoderLayer(config, backend) for _ in range(self.num_decoder_layers)]
-        )
+        self.layers = nn.ModuleList([LongcatFlashDecoderLayer(config, backend) for _ in range(self.num_decoder_layers)])
         self.norm = RMSNorm(H, float(hf.get("rms_norm_eps", 1e-5)))
         self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(hf, rope_dim)

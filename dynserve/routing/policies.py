@@ -253,9 +253,7 @@ def route_with_zero_experts(
     offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(is_ffn.sum(dim=-1), dim=0)
     num_selected = torch.full((T,), k, dtype=torch.int64, device=device)
-    return Assignment(
-        T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected
-    )
+    return Assignment(T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected)
 
 
 __all__ = [

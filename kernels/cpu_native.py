@@ -1,0 +1,254 @@
+"""Native CPU kernels (kernels/csrc/cpu_kernels.c): built on first use, loaded with ctypes.
+
+The torch references are the portable CPU path; these kernels replace them where plain torch has
+to copy, pad or loop in Python:
+- `paged_decode_attention` reads K/V in place through the block tables, where the reference first
+  gathers every sequence's blocks into a padded [B, Lmax, Hkv, D] copy;
+- `fused_moe` runs every expert of a decode-sized assignment in one call with a small-M GEMM that
+  streams each expert's weights once (MKL's GEMM packs them first and is tuned for large M), where
+  the reference issues ~8 torch ops per expert. Large batches (prefill) stay on the reference:
+  `use_native_moe` says which.
+
+Building: the C file is compiled once per source/compiler/CPU with `$CC` (default `cc`) using
+`-O3 -march=native -fopenmp` into `$DYNSERVE_CACHE_DIR` (default `~/.cache/dynserve/kernels`),
+written to a temporary name and renamed, so concurrent processes never load a half-written file.
+No compiler, a failed build or `DYNSERVE_NATIVE_CPU=0` makes `available()` False and callers fall
+back to the torch references; the reason is in `unavailable_reason()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    """The host's ISA flags: a -march=native build must not be reused on a different CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("DYNSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dynserve")
+    return Path(base) / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found on PATH)")
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()]))
+    out_dir = _cache_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        out_dir = Path(tempfile.gettempdir()) / "dynserve-kernels"
+        out_dir.mkdir(parents=True, exist_ok=True)
+    so = out_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not so.is_file():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, so)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(so))
+    fn = lib.dyn_paged_decode_f32
+    fn.restype = None
+    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64]
+    fn = lib.dyn_moe_f32
+    fn.restype = None
+    fn.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
+    fn = lib.dyn_gemm_nt_f32
+    fn.restype = None
+    fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _reason, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("DYNSERVE_NATIVE_CPU", "1") == "0":
+                _reason = "disabled by DYNSERVE_NATIVE_CPU=0"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as e:  # no compiler, build error, unloadable library
+                    _reason = str(e)
+                    log.warning("native CPU kernels unavailable, using the torch references: %s", e)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """True when the native kernels are built and loaded (builds them on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _reason
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence: q [B, Hq, D] over kv_cache [2, N, bs, Hkv, D] -> [B, Hq, D] (float32, CPU).
+
+    block_tables [B, max_blocks] and seq_lens [B] (int64) as in ForwardBatch; seq_lens[b] counts the
+    new token, whose K/V must already be written. A sequence with length 0 gets zeros.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    B, hq, d = q.shape
+    two, _, bs, hkv, dk = kv_cache.shape
+    if two != 2 or dk != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
+    for name, t in (("q", q), ("kv_cache", kv_cache)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if block_tables.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} for B={B}")
+    if B and int(seq_lens.max()) > block_tables.shape[1] * bs:
+        raise ValueError("a sequence is longer than its block table covers")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    q = q.contiguous()
+    bt = block_tables.to(torch.int64).contiguous()  # [B, max_blocks]
+    sl = seq_lens.to(torch.int64).contiguous()  # [B]
+    out = torch.empty_like(q)  # [B, Hq, D]
+    if B == 0:
+        return out
+    k_half, v_half = kv_cache[0], kv_cache[1]  # [N, bs, Hkv, D] each, contiguous
+    lib.dyn_paged_decode_f32(
+        q.data_ptr(), k_half.data_ptr(), v_half.data_ptr(), bt.data_ptr(), bt.shape[1], sl.data_ptr(),
+        B, hq, hkv, d, bs, float(scale), out.data_ptr(), num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def gemm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T -> [M, N] (float32, CPU) with the small-M GEMM under `fused_moe`."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"expected x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
+        raise ValueError("x and w must be float32 CPU tensors")
+    x, w = x.contiguous(), w.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)  # [M, N]
+    if M and N:
+        lib.dyn_gemm_nt_f32(x.data_ptr(), K, w.data_ptr(), K, M, N, y.data_ptr(), N)
+    return y
+
+
+# rows per expert up to which the native MoE beats MKL through the torch reference (decode batches);
+# prefill-sized groups are compute-bound large GEMMs where MKL's packed kernels win
+NATIVE_MOE_MAX_ROWS = 96
+
+
+def use_native_moe(x: torch.Tensor, w13: torch.Tensor, max_rows_per_expert: int) -> bool:
+    """Whether `fused_moe` should take this call: float32 CPU tensors, decode-sized expert groups."""
+    return (
+        max_rows_per_expert <= NATIVE_MOE_MAX_ROWS
+        and x.dtype == w13.dtype == torch.float32
+        and x.device.type == "cpu"
+        and available()
+    )
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    token_offsets: torch.Tensor,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """sum over token t's pairs (e, w) of w * W2_e (silu(gate_e x_t) * up_e x_t): [T, H] float32.
+
+    x [T, H], w13 [E, 2I, H], w2 [E, H, I] (float32, CPU); pairs token-major: pair p is
+    (token_ids[p], expert_ids[p], weights[p]) and token t owns pairs token_offsets[t]..[t+1]-1.
+    Tokens with no pair get zeros.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"expected x [T,H], w13 [E,2I,H], w2 [E,H,I]; got {x.shape}, {w13.shape}, {w2.shape}")
+    T, H = x.shape
+    E, two_i, h13 = w13.shape
+    if h13 != H or two_i % 2 or w2.shape != (E, H, two_i // 2):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if not (w13.is_contiguous() and w2.is_contiguous()):
+        raise ValueError("expert weights must be contiguous")
+    P = int(expert_ids.numel())
+    if token_ids.numel() != P or weights.numel() != P or token_offsets.shape != (T + 1,):
+        raise ValueError(f"ragged assignment of {P} pairs does not fit {T} tokens")
+    out = torch.empty(T, H, dtype=torch.float32)  # [T, H]
+    if P == 0:
+        return out.zero_()
+    counts = torch.bincount(expert_ids, minlength=E)  # [E]
+    if counts.numel() != E or int(expert_ids.min()) < 0:
+        raise ValueError(f"expert ids must lie in [0, {E})")
+    x = x.contiguous()
+    order = torch.argsort(expert_ids, stable=True)  # [P] pair ids grouped by expert
+    sorted_tok = token_ids.to(torch.int64)[order].contiguous()  # [P]
+    sorted_w = weights.to(torch.float32)[order].contiguous()  # [P]
+    expert_off = torch.zeros(E + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
+    tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
+    y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
+    lib.dyn_moe_f32(
+        x.data_ptr(), T, H, w13.data_ptr(), w2.data_ptr(), E, two_i // 2, sorted_tok.data_ptr(),
+        sorted_w.data_ptr(), order.data_ptr(), expert_off.data_ptr(), tok_off.data_ptr(), y_pairs.data_ptr(),
+        out.data_ptr(), num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,291 @@
+/* dynserve native CPU kernels, loaded with ctypes by kernels/cpu_native.py.
+ *
+ * Plain C99 + OpenMP; built on first use with the machine's C compiler (-O3 -march=native), so the
+ * loops vectorise for whatever SIMD the host has. Each kernel has a plain-torch reference in
+ * kernels/attention_ref.py or kernels/moe_ref.py and is compared against it in tests/test_cpu_native.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) for x in [-87, 88] (clamped outside): 2^n * p(r), r in [-ln2/2, ln2/2]; rel. err ~1e-7.
+ * Branch-free so `omp simd` loops vectorise it. */
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    float n = x * log2e;
+    n = n >= 0.0f ? (float)(int)(n + 0.5f) : (float)(int)(n - 0.5f);
+    float r = x - n * ln2_hi - n * ln2_lo;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Decode attention over the paged KV cache: one query token per sequence.
+ *
+ *   q      [B, Hq, D]            float32, contiguous
+ *   kc, vc [num_blocks, bs, Hkv, D] float32, contiguous (the two halves of the layer's cache)
+ *   block_tables [B, max_blocks] int64; seq_lens [B] int64 (context length incl. the new token)
+ *   out    [B, Hq, D]            float32
+ *
+ * K and V are read in place through the block table (no gathered copy), position-major so each
+ * cache row [Hkv, D] is read once for all Hq heads. Two passes per sequence: scores for all
+ * positions, then softmax and the weighted sum of V. Sequences run in parallel (OpenMP).
+ */
+void dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const int64_t *block_tables,
+                          int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                          int64_t D, int64_t bs, float scale, float *out, int64_t num_threads) {
+    const int64_t G = Hq / Hkv;
+    int64_t lmax = 0;
+    for (int64_t b = 0; b < B; b++) lmax = seq_lens[b] > lmax ? seq_lens[b] : lmax;
+    const int64_t row = Hkv * D; /* floats per cache position */
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)(Hq * (lmax > 0 ? lmax : 1))); /* [Hq, L] */
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(Hq * D));                    /* [Hq, D] */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t L = seq_lens[b];
+            const float *qb = q + b * Hq * D;
+            float *ob = out + b * Hq * D;
+            const int64_t *bt = block_tables + b * max_blocks;
+            if (L <= 0) {
+                memset(ob, 0, sizeof(float) * (size_t)(Hq * D));
+                continue;
+            }
+            for (int64_t t = 0; t < L; t++) {
+                const float *kt = kc + (bt[t / bs] * bs + t % bs) * row;
+                for (int64_t h = 0; h < Hkv; h++) {
+                    const float *kh = kt + h * D;
+                    for (int64_t g = 0; g < G; g++) {
+                        const float *qh = qb + (h * G + g) * D;
+                        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
+                        s[(h * G + g) * L + t] = dot * scale;
+                    }
+                }
+            }
+            for (int64_t i = 0; i < Hq; i++) {
+                float *si = s + i * L;
+                float m = si[0];
+                for (int64_t t = 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < L; t++) {
+                    float e = fast_expf(si[t] - m);
+                    si[t] = e;
+                    sum += e;
+                }
+                const float inv = 1.0f / sum;
+#pragma omp simd
+                for (int64_t t = 0; t < L; t++) si[t] *= inv;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
+            for (int64_t t = 0; t < L; t++) {
+                const float *vt = vc + (bt[t / bs] * bs + t % bs) * row;
+                for (int64_t h = 0; h < Hkv; h++) {
+                    const float *vh = vt + h * D;
+                    for (int64_t g = 0; g < G; g++) {
+                        const float p = s[(h * G + g) * L + t];
+                        float *a = acc + (h * G + g) * D;
+#pragma omp simd
+                        for (int64_t d = 0; d < D; d++) a[d] += p * vh[d];
+                    }
+                }
+            }
+            memcpy(ob, acc, sizeof(float) * (size_t)(Hq * D));
+        }
+        free(s);
+        free(acc);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Small-M GEMM: y[m, n] = sum_k x[m, k] * w[n, k]  (x [M, K] row stride ldx, w [N, K] contiguous,
+ * y [M, N] row stride ldy). Built for M <= ~100 rows against a weight matrix streamed once from
+ * memory: tiles of 4 weight rows x up to 3 input rows keep 12 AVX2 accumulators in registers, and
+ * a tile's 4 weight rows (4 K floats) stay in L1 while every input row passes over them.
+ * ---------------------------------------------------------------------------------------------- */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+#ifndef TILE_N
+#define TILE_N 3 /* weight rows per tile (<= 4) */
+#endif
+#ifndef TILE_M
+#define TILE_M 4 /* input rows per tile (<= 5): TILE_N * TILE_M accumulators + TILE_N weight vectors */
+#endif
+
+/* One tile: weight rows w[0..nb) x input rows x[0..mb), nb <= TILE_N, mb <= TILE_M (compile-time
+ * constants after inlining, so the accumulators live in registers). Each weight vector and each input
+ * vector is loaded once per k-step into a register (the empty asm keeps the compiler from re-loading
+ * it as a memory operand of every FMA, which makes the loop load-bound). `pf` (first pass over these
+ * weight rows) prefetches the next tile's weight rows, so DRAM streams while this tile computes. */
+static inline __attribute__((always_inline)) void tile_nt(const float *x, int64_t ldx, const float *w, int64_t K,
+                                                          float *y, int64_t ldy, const int nb, const int mb,
+                                                          const float *pf) {
+    __m256 acc[TILE_N][TILE_M];
+    for (int i = 0; i < nb; i++)
+        for (int j = 0; j < mb; j++) acc[i][j] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~(int64_t)7;
+    for (int64_t k = 0; k < K8; k += 8) {
+        for (int i = 0; i < nb; i++) _mm_prefetch((const char *)(pf + i * K + k), _MM_HINT_T0);
+        __m256 wv[TILE_N];
+        for (int i = 0; i < nb; i++) {
+            wv[i] = _mm256_loadu_ps(w + i * K + k);
+            __asm__("" : "+x"(wv[i]));
+        }
+        for (int j = 0; j < mb; j++) {
+            __m256 xv = _mm256_loadu_ps(x + j * ldx + k);
+            __asm__("" : "+x"(xv));
+            for (int i = 0; i < nb; i++) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < nb; i++)
+        for (int j = 0; j < mb; j++) {
+            float s = hsum256(acc[i][j]);
+            for (int64_t k = K8; k < K; k++) s += w[i * K + k] * x[j * ldx + k];
+            y[j * ldy + i] = s;
+        }
+}
+
+#define TILE_CASE(NB, MB) \
+    case (NB) * 8 + (MB): tile_nt(x + m0 * ldx, ldx, w + n0 * K, K, y + m0 * ldy + n0, ldy, NB, MB, pf); break;
+#define TILE_ROW(NB) TILE_CASE(NB, 1) TILE_CASE(NB, 2) TILE_CASE(NB, 3) TILE_CASE(NB, 4) TILE_CASE(NB, 5)
+
+/* Loop order: weight rows in chunks that fit L2 (read from memory once), then input-row tiles (a
+ * tile's TILE_M rows stay in L1 across the chunk), then weight-row tiles. */
+static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int64_t M, int64_t N, float *y,
+                    int64_t ldy) {
+    int64_t chunk = (256 * 1024 / (int64_t)sizeof(float)) / (K > 0 ? K : 1); /* 256 KB of weight rows */
+    chunk = chunk < TILE_N ? TILE_N : chunk - chunk % TILE_N;
+    for (int64_t nc = 0; nc < N; nc += chunk) {
+        const int64_t nc_end = nc + chunk < N ? nc + chunk : N;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+            const int mb = M - m0 < TILE_M ? (int)(M - m0) : TILE_M;
+            for (int64_t n0 = nc; n0 < nc_end; n0 += TILE_N) {
+                const int nb = nc_end - n0 < TILE_N ? (int)(nc_end - n0) : TILE_N;
+                /* first pass over a chunk: prefetch the next tile's rows (the current ones otherwise) */
+                const float *pf = w + (m0 == 0 && n0 + 2 * TILE_N <= N ? n0 + TILE_N : n0) * K;
+                switch (nb * 8 + mb) {
+                    TILE_ROW(1)
+#if TILE_N >= 2
+                    TILE_ROW(2)
+#endif
+#if TILE_N >= 3
+                    TILE_ROW(3)
+#endif
+#if TILE_N >= 4
+                    TILE_ROW(4)
+#endif
+                    default: break;
+                }
+            }
+        }
+    }
+}
+#else
+static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int64_t M, int64_t N, float *y,
+                    int64_t ldy) {
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * ldx, *wn = w + n * K;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < K; k++) s += xm[k] * wn[k];
+            y[m * ldy + n] = s;
+        }
+}
+#endif
+
+
+/* y [M, N] = x [M, K] @ w [N, K]^T (row strides ldx, ldy): the GEMM under dyn_moe_f32, exported for tests
+ * and benchmarks. */
+void dyn_gemm_nt_f32(const float *x, int64_t ldx, const float *w, int64_t K, int64_t M, int64_t N, float *y,
+                     int64_t ldy) {
+    gemm_nt(x, ldx, w, K, M, N, y, ldy);
+}
+
+/* Grow-only per-thread scratch: sized once for the largest call, so steps do not page-fault. */
+static float *scratch(size_t n) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        buf = (float *)malloc(n * sizeof(float));
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+/* Fused MoE over a ragged assignment, float32, for small rows-per-expert (decode batches).
+ *
+ *   x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]
+ *   pairs grouped by expert: expert e owns sorted positions expert_off[e] .. expert_off[e+1]-1, each with
+ *   its token sorted_tok[p], weight sorted_w[p] and destination row sorted_dst[p] in the token-major
+ *   pair order; token t owns token-major rows token_off[t] .. token_off[t+1]-1
+ *   out [T, H] = per token, the sum of its pairs' weighted expert outputs (0 for tokens with no pair)
+ *
+ * Experts run in parallel; each gathers its rows, runs gate/up, SiLU * up, down, and scales by the
+ * pair weight into y_pairs [P, H] (caller-provided); tokens then sum their rows in pair order, so
+ * the result does not depend on the thread count.
+ */
+void dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const float *w2, int64_t E, int64_t I,
+                 const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
+                 const int64_t *expert_off, const int64_t *token_off, float *y_pairs, float *out,
+                 int64_t num_threads) {
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t p0 = expert_off[e], n = expert_off[e + 1] - p0;
+            if (n <= 0) continue;
+            float *xe = scratch((size_t)(n * (H + 2 * I + I + H)));
+            float *gu = xe + n * H, *h = gu + n * 2 * I, *ye = h + n * I;
+            for (int64_t r = 0; r < n; r++) memcpy(xe + r * H, x + sorted_tok[p0 + r] * H, sizeof(float) * (size_t)H);
+            gemm_nt(xe, H, w13 + e * 2 * I * H, H, n, 2 * I, gu, 2 * I);
+            for (int64_t r = 0; r < n; r++) {
+                const float *g = gu + r * 2 * I, *u = g + I;
+                float *hr = h + r * I;
+#pragma omp simd
+                for (int64_t i = 0; i < I; i++) hr[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
+            }
+            gemm_nt(h, I, w2 + e * H * I, I, n, H, ye, H);
+            for (int64_t r = 0; r < n; r++) {
+                const float wt = sorted_w[p0 + r];
+                const float *src = ye + r * H;
+                float *dst = y_pairs + sorted_dst[p0 + r] * H;
+#pragma omp simd
+                for (int64_t c = 0; c < H; c++) dst[c] = wt * src[c];
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *o = out + t * H;
+            memset(o, 0, sizeof(float) * (size_t)H);
+            for (int64_t p = token_off[t]; p < token_off[t + 1]; p++) {
+                const float *src = y_pairs + p * H;
+#pragma omp simd
+                for (int64_t c = 0; c < H; c++) o[c] += src[c];
+            }
+        }
+    }
+}

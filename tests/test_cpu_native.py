@@ -1,0 +1,231 @@
+"""Native CPU kernels (kernels/csrc/cpu_kernels.c) against the torch reference and a float64 loop,
+plus the "cpu" backend's dispatch and its fallback to the torch references."""
+
+from __future__ import annotations
+
+import dynserve_kernels
+import pytest
+import torch
+from dynserve_kernels import cpu_native
+from dynserve_kernels.attention_ref import paged_attention_ref
+from dynserve_kernels.moe_ref import dense_moe_reference, fused_moe_ref
+from kernel_utils import fill_prefix, make_assignment, make_batch, naive_attention
+
+pytestmark = pytest.mark.skipif(
+    not cpu_native.available(), reason=f"no native build: {cpu_native.unavailable_reason()}"
+)
+
+# (context lengths after the step, block size, Hq, Hkv, D)
+DECODE_CASES = [
+    ([5, 17, 1, 8], 4, 4, 4, 8),  # MHA, a length-1 sequence, lengths not multiples of the block
+    ([33, 2, 16], 16, 6, 2, 16),  # GQA, exactly one full block
+    ([9, 40, 3], 8, 4, 1, 24),  # MQA, odd head dim
+    ([1], 1, 2, 2, 5),  # block size 1, head dim 5
+    ([300, 7, 129, 64, 1, 250], 16, 8, 4, 64),  # the bench model's shape, long contexts
+    ([130] * 33, 16, 12, 3, 40),  # many sequences (threads), G = 4
+]
+
+
+def _decode_setup(lens, bs, hq, hkv, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch, num_blocks = make_batch([(n, 1) for n in lens], bs, seed=seed)
+    kv_cache = torch.zeros(2, num_blocks, bs, hkv, d)  # [2, N, bs, Hkv, D]
+    fill_prefix(kv_cache, batch, gen)
+    T = batch.num_tokens
+    key, value = torch.randn(T, hkv, d, generator=gen), torch.randn(T, hkv, d, generator=gen)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    q = torch.randn(T, hq, d, generator=gen) * 2  # [B, Hq, D]; larger scores exercise the softmax
+    return batch, kv_cache, q
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("lens,bs,hq,hkv,d", DECODE_CASES, ids=[f"case{i}" for i in range(len(DECODE_CASES))])
+def test_native_decode_matches_reference(lens, bs, hq, hkv, d, threads):
+    batch, kv_cache, q = _decode_setup(lens, bs, hq, hkv, d)
+    scale = d**-0.5
+    out = cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale, threads)
+    ref = paged_attention_ref(q, kv_cache, batch, scale)
+    truth = naive_attention(q, kv_cache, batch, scale)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert (out.double() - truth).abs().max().item() <= 1e-5 * max(truth.abs().max().item(), 1.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_native_decode_extreme_scores():
+    # a score gap of ~1e4 would overflow a softmax without max subtraction; a tied max gives 1/2 each
+    batch, kv_cache, q = _decode_setup([20, 3], 4, 2, 2, 8)
+    q.mul_(500.0)
+    out = cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, 8**-0.5)
+    assert torch.isfinite(out).all()
+    truth = naive_attention(q, kv_cache, batch, 8**-0.5)
+    assert (out.double() - truth).abs().max().item() <= 1e-4 * max(truth.abs().max().item(), 1.0)
+
+
+def test_native_decode_rejects_bad_input():
+    batch, kv_cache, q = _decode_setup([5, 6], 4, 4, 2, 8)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.paged_decode_attention(q.double(), kv_cache, batch.block_tables, batch.seq_lens, 0.3)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_native.paged_decode_attention(q[:, :3], kv_cache, batch.block_tables, batch.seq_lens, 0.3)
+    with pytest.raises(ValueError, match="longer than its block table"):
+        cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens + 100, 0.3)
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.cat([kv_cache, kv_cache], dim=-1)[..., ::2]  # same shape, not contiguous
+        cpu_native.paged_decode_attention(q, strided, batch.block_tables, batch.seq_lens, 0.3)
+
+
+def test_cpu_backend_uses_native_decode_and_reference_elsewhere(monkeypatch):
+    calls = []
+    real = cpu_native.paged_decode_attention
+    monkeypatch.setattr(cpu_native, "paged_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch, kv_cache, q = _decode_setup([9, 4, 30], 4, 4, 2, 8)
+    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, backend="cpu")
+    assert calls == [1]
+    torch.testing.assert_close(out, paged_attention_ref(q, kv_cache, batch, 0.3), atol=1e-5, rtol=1e-5)
+    # a prefill batch and a bfloat16 cache go to the torch reference
+    pre, kv_pre = make_batch([(6, 6), (3, 3)], 4)
+    kv = torch.randn(2, kv_pre, 4, 2, 8)
+    qp = torch.randn(9, 4, 8)
+    torch.testing.assert_close(
+        dynserve_kernels.paged_attention(qp, kv, pre, 0.3, backend="cpu"), paged_attention_ref(qp, kv, pre, 0.3)
+    )
+    dynserve_kernels.paged_attention(q.bfloat16(), kv_cache.bfloat16(), batch, 0.3, backend="cpu")
+    assert calls == [1]
+
+
+def test_select_backend(monkeypatch):
+    monkeypatch.delenv("DYNSERVE_KERNEL_BACKEND", raising=False)
+    assert dynserve_kernels.select_backend("cpu") == "cpu"
+    assert dynserve_kernels.select_backend("cpu", use_triton=True) == "triton"
+    assert dynserve_kernels.select_backend("cuda") == "triton"
+    assert dynserve_kernels.select_backend("cuda", use_triton=False) == "torch"
+    monkeypatch.setenv("DYNSERVE_KERNEL_BACKEND", "torch")
+    assert dynserve_kernels.select_backend("cpu") == "torch"
+    monkeypatch.setenv("DYNSERVE_KERNEL_BACKEND", "cuda-graphs")
+    with pytest.raises(ValueError, match="expected one of"):
+        dynserve_kernels.select_backend("cpu")
+
+
+def test_no_compiler_falls_back_to_torch(tmp_path):
+    # a fresh process with no usable compiler and an empty kernel cache: the engine still generates,
+    # through the torch references, the same greedy tokens as with the native kernels
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from dynserve import LLM, SamplingParams; from dynserve_kernels import cpu_native; "
+        "llm = LLM(max_num_seqs=4); "
+        "outs = llm.generate(['def f(x):', 'import os'], SamplingParams(temperature=0, max_tokens=12)); "
+        "print(json.dumps([cpu_native.available(), cpu_native.unavailable_reason(), "
+        "[o.outputs[0].token_ids for o in outs]]))"
+    )
+    results = []
+    for cc in ("/nonexistent/cc", os.environ.get("CC", "cc")):
+        env = dict(os.environ, CC=cc, DYNSERVE_CACHE_DIR=str(tmp_path / "cache"))
+        env.pop("DYNSERVE_KERNEL_BACKEND", None)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    (avail0, reason0, toks0), (avail1, reason1, toks1) = results
+    assert not avail0 and "no C compiler" in reason0
+    assert avail1 and reason1 is None
+    assert toks0 == toks1 and all(len(t) == 12 for t in toks0)
+
+
+# (name, experts per token, num experts, restrict to these experts, H, I)
+MOE_CASES = [
+    ("mixed_k_odd_dims", [0, 1, 5, 2, 3, 0, 1, 4], 5, None, 40, 24),
+    ("one_token_all_experts", [4], 4, None, 64, 32),
+    ("all_on_one_expert_many_rows", [1] * 23, 4, [2], 48, 40),  # 23 rows: tiles of 4 plus a remainder
+    ("idle_experts", [2, 1, 2, 0, 2, 1, 2, 2, 1], 6, [0, 3, 5], 17, 9),  # H, I not multiples of 8
+    ("all_zero_k", [0, 0, 0], 3, None, 16, 8),
+    ("decode_batch", [2] * 64, 8, None, 512, 256),  # the bench model's routing, smaller FFN
+    ("tiny_dims", [1, 2, 1], 3, None, 3, 1),
+]
+
+
+def _moe_problem(ks, E, experts, H, inter, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = make_assignment(ks, E, gen, experts)
+    x = torch.randn(len(ks), H, generator=gen)  # [T, H]
+    w13 = torch.randn(E, 2 * inter, H, generator=gen) * H**-0.5  # [E, 2I, H]
+    w2 = torch.randn(E, H, inter, generator=gen) * inter**-0.5  # [E, H, I]
+    return x, w13, w2, a
+
+
+def _native_moe(x, w13, w2, a, threads=None):
+    return cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name,ks,E,experts,H,inter", MOE_CASES, ids=[c[0] for c in MOE_CASES])
+def test_native_moe_matches_reference(name, ks, E, experts, H, inter, threads):
+    x, w13, w2, a = _moe_problem(ks, E, experts, H, inter)
+    out = _native_moe(x, w13, w2, a, threads)
+    ref = fused_moe_ref(x, w13, w2, a)
+    dense = dense_moe_reference(x, w13, w2, a)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    scale = max(dense.abs().max().item(), 1.0)
+    assert (out - dense).abs().max().item() <= 1e-5 * scale
+    assert (out - ref).abs().max().item() <= 1e-5 * scale
+    zero_k = torch.tensor(ks) == 0
+    assert (out[zero_k] == 0).all()  # tokens with no expert get exactly zero
+
+
+def test_native_moe_idle_experts_are_never_read():
+    x, w13, w2, a = _moe_problem([1, 2, 1, 0, 2], 5, [1, 3], 24, 16)
+    for e in (0, 2, 4):
+        w13[e] = float("nan")
+        w2[e] = float("nan")
+    out = _native_moe(x, w13, w2, a)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, dense_moe_reference(x, w13.nan_to_num(), w2.nan_to_num(), a), atol=1e-5, rtol=0)
+
+
+def test_native_moe_same_result_for_any_thread_count():
+    x, w13, w2, a = _moe_problem([2] * 40, 8, None, 64, 48)
+    outs = [_native_moe(x, w13, w2, a, n) for n in (1, 2, 4)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_native_moe_rejects_bad_input():
+    x, w13, w2, a = _moe_problem([1, 2], 3, None, 16, 8)
+    with pytest.raises(ValueError, match="float32"):
+        _native_moe(x.double(), w13, w2, a)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        _native_moe(x[:, :8], w13, w2, a)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native_moe(x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2, a)
+    bad = a.expert_ids.clone()
+    bad[0] = 3
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 3\)"):
+        cpu_native.fused_moe(x, w13, w2, a.token_ids, bad, a.weights, a.token_offsets)
+
+
+def test_cpu_backend_moe_dispatch(monkeypatch):
+    calls = []
+    real = cpu_native.fused_moe
+    monkeypatch.setattr(cpu_native, "fused_moe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w13, w2, a = _moe_problem([2] * 10, 4, None, 32, 16)
+    torch.testing.assert_close(
+        dynserve_kernels.fused_moe(x, w13, w2, a, backend="cpu"), fused_moe_ref(x, w13, w2, a), atol=1e-5, rtol=0
+    )
+    assert calls == [1]
+    # more rows on one expert than the native kernel takes (prefill-sized) go to the reference
+    n = cpu_native.NATIVE_MOE_MAX_ROWS + 1
+    x, w13, w2, a = _moe_problem([1] * n, 4, [1], 16, 8)
+    torch.testing.assert_close(
+        dynserve_kernels.fused_moe(x, w13, w2, a, backend="cpu"), fused_moe_ref(x, w13, w2, a), atol=1e-5, rtol=0
+    )
+    assert calls == [1]
+    dynserve_kernels.fused_moe(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), a, backend="cpu")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3)])
+def test_native_gemm_matches_torch(m, k, n):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    torch.testing.assert_close(cpu_native.gemm_nt(x, w), x @ w.T, atol=1e-4 * k**0.5, rtol=1e-5)
