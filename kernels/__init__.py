@@ -10,6 +10,8 @@ CPU when TRITON_INTERPRET=1. Public ops:
   expert groups, see cpu_native.use_native_moe)
     sum over token t's (expert e, weight w) pairs of w * down_e(silu(gate_e(x)) * up_e(x));
     tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
+- linear(x [T,K], weight [N,K], bias [N] | None) -> [T,N]  ("cpu": the native small-M GEMM for
+  decode-sized T, which streams a cold weight faster than MKL; F.linear otherwise)
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
     writes new K/V into the paged cache in place.
 - paged_attention(q [T,Hq,D], kv_cache, batch, scale) -> [T,Hq,D]
@@ -67,6 +69,31 @@ def fused_moe(
     from dynserve_kernels.moe_ref import fused_moe_ref
 
     return fused_moe_ref(x, w13, w2, assignment)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "torch"
+) -> torch.Tensor:
+    if (
+        backend == "cpu"
+        and x.dim() == 2
+        and 0 < x.shape[0] <= _native_rows()
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+    ):
+        from dynserve_kernels import cpu_native
+
+        if cpu_native.available():
+            y = cpu_native.gemm_nt(x, weight)  # [T, N]
+            return y if bias is None else y.add_(bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _native_rows() -> int:
+    from dynserve_kernels import cpu_native
+
+    return cpu_native.NATIVE_LINEAR_MAX_ROWS
 
 
 def write_kv(

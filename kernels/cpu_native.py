@@ -184,6 +184,10 @@ def gemm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# rows up to which the native GEMM beats MKL's on a weight that is not in cache (every weight, in
+# a decode step of a model larger than the L3); larger batches are compute-bound, where MKL wins
+NATIVE_LINEAR_MAX_ROWS = 96
+
 # rows per expert up to which the native MoE beats MKL through the torch reference (decode batches);
 # prefill-sized groups are compute-bound large GEMMs where MKL's packed kernels win
 NATIVE_MOE_MAX_ROWS = 96

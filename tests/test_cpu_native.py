@@ -229,3 +229,38 @@ def test_native_gemm_matches_torch(m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + n)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     torch.testing.assert_close(cpu_native.gemm_nt(x, w), x @ w.T, atol=1e-4 * k**0.5, rtol=1e-5)
+
+
+def test_cpu_backend_linear(monkeypatch):
+    calls = []
+    real = cpu_native.gemm_nt
+    monkeypatch.setattr(cpu_native, "gemm_nt", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 21, generator=gen), torch.randn(37, generator=gen)
+    for rows, native in (
+        (1, True),
+        (cpu_native.NATIVE_LINEAR_MAX_ROWS, True),
+        (cpu_native.NATIVE_LINEAR_MAX_ROWS + 1, False),
+    ):
+        x = torch.randn(rows, 21, generator=gen)
+        calls.clear()
+        for bias in (None, b):
+            out = dynserve_kernels.linear(x, w, bias, backend="cpu")
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        assert bool(calls) == native
+    calls.clear()
+    dynserve_kernels.linear(torch.randn(3, 21), w, b, backend="torch")
+    dynserve_kernels.linear(torch.randn(3, 21).double(), w.double(), None, backend="cpu")
+    assert not calls
+
+
+def test_model_linears_follow_the_backend(checkpoint_factory):
+    from dynserve.config import EngineConfig
+    from dynserve.model.layers import Linear
+    from dynserve.model.loader import load_model
+
+    path = checkpoint_factory("mixtral")
+    for use_triton, want in ((None, "cpu"), (True, "triton")):
+        model = load_model(EngineConfig.create(str(path), use_triton=use_triton))
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert linears and {m.backend for m in linears} == {want}

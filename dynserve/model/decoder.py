@@ -12,13 +12,22 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import dynserve_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dynserve.config import ModelConfig
 from dynserve.model.base import CausalLM, ForwardBatch
-from dynserve.model.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, WeightSource, assign_param
+from dynserve.model.layers import (
+    Attention,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    WeightSource,
+    assign_param,
+)
 from dynserve.model.moe import ExpertNames, MoEBlock
 from dynserve.routing import CheckpointRule
 
@@ -124,7 +133,7 @@ class DecoderForCausalLM(CausalLM):
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
         self.layers = nn.ModuleList([DecoderLayer(config, spec, i, backend) for i in range(config.num_layers)])
         self.norm = RMSNorm(H, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.lm_head = Linear(H, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.hf, config.head_dim)
         self.moe_layer_ids = [i for i, layer in enumerate(self.layers) if layer.is_moe]
         self.num_moe_layers = len(self.moe_layer_ids)
@@ -146,7 +155,7 @@ class DecoderForCausalLM(CausalLM):
         return self.norm(x)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()  # [S, V]
+        return dynserve_kernels.linear(hidden, self.lm_head.weight, None, self.backend).float()  # [S, V]
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         ws = WeightSource(weights, self.dtype)

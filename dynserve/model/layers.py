@@ -71,6 +71,23 @@ def load_linear(linear: nn.Linear, ws: WeightSource, prefixes: list[str], device
 # norms and activations
 
 
+class Linear(nn.Linear):
+    """nn.Linear through `dynserve_kernels.linear`, so the CPU path can use its native small-batch GEMM.
+    `backend` is set on every Linear of a model by `set_backend` once the model is built."""
+
+    backend: str = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dynserve_kernels.linear(x, self.weight, self.bias, self.backend)
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Point every `Linear` in `model` at the kernel backend."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.backend = backend
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in float32, scaled by a learned weight."""
 
@@ -106,8 +123,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, H]
@@ -272,8 +289,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(head_dim, norm_eps), RMSNorm(head_dim, norm_eps)

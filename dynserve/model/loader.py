@@ -19,6 +19,7 @@ from safetensors import safe_open
 from dynserve.config import EngineConfig, ModelConfig
 from dynserve.model.base import CausalLM
 from dynserve.model.decoder import torch_dtype
+from dynserve.model.layers import set_backend
 from dynserve.model.registry import get_model_class
 
 _INDEX = "model.safetensors.index.json"
@@ -85,6 +86,7 @@ def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", b
     cls = get_model_class(model_config.architecture)
     with torch.device("meta"):
         model = cls(model_config, device=device, backend=backend)
+    set_backend(model, backend)
     return model
 
 

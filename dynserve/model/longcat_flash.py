@@ -37,6 +37,7 @@ from dynserve.model.base import CausalLM, ForwardBatch
 from dynserve.model.decoder import torch_dtype
 from dynserve.model.layers import (
     GatedMLP,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     WeightSource,
@@ -94,12 +95,12 @@ class LatentAttention(nn.Module):
             raise ValueError(f"qk_head_dim {self.qk_dim} != qk_nope_head_dim + qk_rope_head_dim")
         self.cache_dim = max(self.qk_dim, self.v_dim)
         bias = bool(hf.get("attention_bias", False))
-        self.qkv_a_proj = nn.Linear(H, self.q_lora_rank + self.kv_lora_rank + self.rope, bias=bias)
+        self.qkv_a_proj = Linear(H, self.q_lora_rank + self.kv_lora_rank + self.rope, bias=bias)
         self.q_a_layernorm = RMSNorm(self.q_lora_rank, _LATENT_NORM_EPS)
-        self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_dim, bias=False)
+        self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.qk_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, H, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, H, bias=bias)
         self.q_lora_scale = (H / self.q_lora_rank) ** 0.5
         self.kv_lora_scale = (H / self.kv_lora_rank) ** 0.5
         self.scale = self.qk_dim**-0.5 * _yarn_softmax_mscale(hf)
@@ -301,7 +302,7 @@ class LongcatFlashForCausalLM(CausalLM):
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
         self.layers = nn.ModuleList([LongcatFlashDecoderLayer(config, backend) for _ in range(self.num_decoder_layers)])
         self.norm = RMSNorm(H, float(hf.get("rms_norm_eps", 1e-5)))
-        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.lm_head = Linear(H, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(hf, rope_dim)
         self.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False))
         self.num_moe_layers = self.num_decoder_layers
@@ -327,7 +328,7 @@ class LongcatFlashForCausalLM(CausalLM):
         return self.norm(x)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()  # [S, V]
+        return dynserve_kernels.linear(hidden, self.lm_head.weight, None, self.backend).float()  # [S, V]
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         ws = WeightSource(weights, self.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynserve.model.base import ForwardBatch
-from dynserve.model.layers import GatedMLP, WeightSource, assign_param
+from dynserve.model.layers import GatedMLP, Linear, WeightSource, assign_param
 from dynserve.routing import Assignment, CheckpointRule, route
 
 
@@ -68,11 +68,11 @@ class MoEBlock(nn.Module):
         self.rule = rule
         self.num_experts = E
         self.backend = backend
-        self.gate = nn.Linear(hidden, E, bias=False)  # router
+        self.gate = Linear(hidden, E, bias=False)  # router
         self.w13 = nn.Parameter(torch.empty(E, 2 * moe_inter, hidden), requires_grad=False)  # [E, 2I, H]
         self.w2 = nn.Parameter(torch.empty(E, hidden, moe_inter), requires_grad=False)  # [E, H, I]
         self.shared_expert = GatedMLP(hidden, shared_inter) if shared_inter > 0 else None
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_inter > 0 and shared_gate else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_inter > 0 and shared_gate else None
 
     def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
         """Router logits [T, E] -> Assignment by each token's RoutingConfig; families with native

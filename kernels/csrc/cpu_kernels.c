@@ -169,7 +169,18 @@ static inline __attribute__((always_inline)) void tile_nt(const float *x, int64_
 
 #define TILE_CASE(NB, MB) \
     case (NB) * 8 + (MB): tile_nt(x + m0 * ldx, ldx, w + n0 * K, K, y + m0 * ldy + n0, ldy, NB, MB, pf); break;
+#if TILE_M == 5
 #define TILE_ROW(NB) TILE_CASE(NB, 1) TILE_CASE(NB, 2) TILE_CASE(NB, 3) TILE_CASE(NB, 4) TILE_CASE(NB, 5)
+#elif TILE_M == 4
+#define TILE_ROW(NB) TILE_CASE(NB, 1) TILE_CASE(NB, 2) TILE_CASE(NB, 3) TILE_CASE(NB, 4)
+#elif TILE_M == 3
+#define TILE_ROW(NB) TILE_CASE(NB, 1) TILE_CASE(NB, 2) TILE_CASE(NB, 3)
+#else
+#error "TILE_M must be 3, 4 or 5"
+#endif
+#ifndef PF_TILES
+#define PF_TILES 8 /* prefetch distance in weight-row tiles (~1.5k cycles ahead: covers DRAM latency) */
+#endif
 
 /* Loop order: weight rows in chunks that fit L2 (read from memory once), then input-row tiles (a
  * tile's TILE_M rows stay in L1 across the chunk), then weight-row tiles. */
@@ -184,7 +195,7 @@ static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int6
             for (int64_t n0 = nc; n0 < nc_end; n0 += TILE_N) {
                 const int nb = nc_end - n0 < TILE_N ? (int)(nc_end - n0) : TILE_N;
                 /* first pass over a chunk: prefetch the next tile's rows (the current ones otherwise) */
-                const float *pf = w + (m0 == 0 && n0 + 2 * TILE_N <= N ? n0 + TILE_N : n0) * K;
+                const float *pf = w + (m0 == 0 && n0 + (PF_TILES + 1) * TILE_N <= N ? n0 + PF_TILES * TILE_N : n0) * K;
                 switch (nb * 8 + mb) {
                     TILE_ROW(1)
 #if TILE_N >= 2
