@@ -7,8 +7,9 @@ Sequence b's position p lives in block block_tables[b, p // block_size] at offse
 - decode-only batches (one query per sequence): fully vectorised. K/V of all B sequences are
   gathered through the block tables into [B, Lmax, Hkv, D] and one masked SDPA call runs with the
   G = Hq // Hkv query heads of a kv head laid out as G "query rows", so GQA needs no K/V copy.
-- prefill / mixed batches: one SDPA call per sequence (host-side lengths, no device sync), with an
-  explicit causal mask offset by the cached prefix (chunked prefill).
+- prefill / mixed batches: one SDPA call per sequence (host-side lengths, no device sync): causal
+  (flash kernel) when nothing is cached before the new tokens, else an explicit causal mask offset
+  by the cached prefix (chunked prefill, prefix-cache hits).
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
             continue
         k = _gather_seq(kv_cache[0], batch.block_tables[b], length, "k").to(cdt)  # [L, Hkv, D]
         v = _gather_seq(kv_cache[1], batch.block_tables[b], length, "v").to(cdt)  # [L, Hkv, D]
+        if n == length and n > 1:
+            # no cached prefix: plain causal attention, which SDPA runs with its flash kernel (an explicit
+            # mask sends it to the slower math path); K/V are repeated per query head for that
+            if g > 1:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [L, Hq, D]
+            qh, kh, vh = q[s:e].to(cdt).transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [Hq, n|L, D]
+            ob = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True, scale=scale)
+            out[s:e] = ob[0].transpose(0, 1)  # [n, Hq, D]
+            continue
         qb = q[s:e].to(cdt).reshape(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)  # [Hkv, G*n, D]
         kb, vb = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D]
         if n == 1:

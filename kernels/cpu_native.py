@@ -92,7 +92,7 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
     fn = lib.dyn_gemm_nt_f32
     fn.restype = None
-    fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
+    fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64]
     return lib
 
 
@@ -167,7 +167,7 @@ def paged_decode_attention(
     return out
 
 
-def gemm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gemm_nt(x: torch.Tensor, w: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T -> [M, N] (float32, CPU) with the small-M GEMM under `fused_moe`."""
     lib = _load()
     if lib is None:
@@ -180,7 +180,9 @@ def gemm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (M, K), N = x.shape, w.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)  # [M, N]
     if M and N:
-        lib.dyn_gemm_nt_f32(x.data_ptr(), K, w.data_ptr(), K, M, N, y.data_ptr(), N)
+        lib.dyn_gemm_nt_f32(
+            x.data_ptr(), K, w.data_ptr(), K, M, N, y.data_ptr(), N, num_threads or torch.get_num_threads()
+        )
     return y
 
 
@@ -190,7 +192,7 @@ NATIVE_LINEAR_MAX_ROWS = 96
 
 # rows per expert up to which the native MoE beats MKL through the torch reference (decode batches);
 # prefill-sized groups are compute-bound large GEMMs where MKL's packed kernels win
-NATIVE_MOE_MAX_ROWS = 96
+NATIVE_MOE_MAX_ROWS = 64
 
 
 def use_native_moe(x: torch.Tensor, w13: torch.Tensor, max_rows_per_expert: int) -> bool:

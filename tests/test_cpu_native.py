@@ -224,11 +224,14 @@ def test_cpu_backend_moe_dispatch(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3)])
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3), (7, 40, 1001)]
+)
 def test_native_gemm_matches_torch(m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + n)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-    torch.testing.assert_close(cpu_native.gemm_nt(x, w), x @ w.T, atol=1e-4 * k**0.5, rtol=1e-5)
+    for threads in (1, 3):
+        torch.testing.assert_close(cpu_native.gemm_nt(x, w, threads), x @ w.T, atol=1e-4 * k**0.5, rtol=1e-5)
 
 
 def test_cpu_backend_linear(monkeypatch):

@@ -228,11 +228,21 @@ static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int6
 #endif
 
 
-/* y [M, N] = x [M, K] @ w [N, K]^T (row strides ldx, ldy): the GEMM under dyn_moe_f32, exported for tests
- * and benchmarks. */
+/* y [M, N] = x [M, K] @ w [N, K]^T (row strides ldx, ldy) with the small-M GEMM; with several threads,
+ * each takes a contiguous slice of the weight rows (output columns). */
 void dyn_gemm_nt_f32(const float *x, int64_t ldx, const float *w, int64_t K, int64_t M, int64_t N, float *y,
-                     int64_t ldy) {
-    gemm_nt(x, ldx, w, K, M, N, y, ldy);
+                     int64_t ldy, int64_t num_threads) {
+    if (num_threads <= 1 || N < 64 * num_threads) {
+        gemm_nt(x, ldx, w, K, M, N, y, ldy);
+        return;
+    }
+    int64_t per = (N + num_threads - 1) / num_threads;
+    per += (TILE_N - per % TILE_N) % TILE_N;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_threads; t++) {
+        const int64_t n0 = t * per, n = N - n0 < per ? N - n0 : per;
+        if (n > 0) gemm_nt(x, ldx, w + n0 * K, K, M, n, y + n0, ldy);
+    }
 }
 
 /* Grow-only per-thread scratch: sized once for the largest call, so steps do not page-fault. */
