@@ -155,9 +155,7 @@ class LoadConfig:
 
     @property
     def mode(self) -> str:
-        return (
-            "closed-loop" if (self.concurrency is not None and math.isinf(self.request_rate)) else "open-loop"
-        )
+        return "closed-loop" if (self.concurrency is not None and math.isinf(self.request_rate)) else "open-loop"
 
 
 def _lengths(rng: random.Random, mean: int, ratio: float) -> int:
@@ -176,16 +174,12 @@ def synthetic_requests(cfg: LoadConfig) -> list[RequestSpec]:
         if cfg.prompt_format == "token-ids":
             lo, hi = cfg.token_id_range
             specs.append(
-                RequestSpec(
-                    prompt=[rng.randrange(lo, hi) for _ in range(n_in)], max_tokens=n_out, prompt_len=n_in
-                )
+                RequestSpec(prompt=[rng.randrange(lo, hi) for _ in range(n_in)], max_tokens=n_out, prompt_len=n_in)
             )
             continue
         text = cfg.prompt_prefix + " ".join(rng.choice(WORDS) for _ in range(n_in))
         if cfg.endpoint == "/v1/chat/completions":
-            specs.append(
-                RequestSpec(messages=[{"role": "user", "content": text}], max_tokens=n_out, prompt_len=n_in)
-            )
+            specs.append(RequestSpec(messages=[{"role": "user", "content": text}], max_tokens=n_out, prompt_len=n_in))
         else:
             specs.append(RequestSpec(prompt=text, max_tokens=n_out, prompt_len=n_in))
     return specs
@@ -224,9 +218,7 @@ def load_jsonl(path: str | Path, cfg: LoadConfig) -> list[RequestSpec]:
             if not isinstance(prompt, str):
                 raise ValueError("token-id prompts need /v1/completions")
             specs.append(
-                RequestSpec(
-                    messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, prompt_len=n_in
-                )
+                RequestSpec(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, prompt_len=n_in)
             )
         else:
             specs.append(RequestSpec(prompt=prompt, max_tokens=max_tokens, prompt_len=n_in))
@@ -487,9 +479,7 @@ def make_client(cfg: LoadConfig, max_connections: int | None = None) -> httpx.As
     """An httpx client that ignores proxy environment variables (traffic stays on loopback)."""
     timeout = httpx.Timeout(cfg.request_timeout, connect=10.0)
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(
-        timeout=timeout, limits=limits, headers=_auth_headers(cfg.api_key), trust_env=False
-    )
+    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=_auth_headers(cfg.api_key), trust_env=False)
 
 
 async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
@@ -602,9 +592,7 @@ def summarize(run: RunOutput, cfg: LoadConfig | None = None) -> dict[str, Any]:
     total_in = sum(r.prompt_tokens for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
-    tpots = [
-        (r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1
-    ]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
     itls = [x for r in ok for x in r.itl]
     e2els = [r.latency for r in ok]
     out: dict[str, Any] = {
@@ -635,9 +623,7 @@ def summarize(run: RunOutput, cfg: LoadConfig | None = None) -> dict[str, Any]:
         out["avg_experts_per_token"] = None
     if cfg is not None:
         out["config"] = {
-            k: v
-            for k, v in asdict(cfg).items()
-            if k != "api_key" and not (isinstance(v, float) and math.isinf(v))
+            k: v for k, v in asdict(cfg).items() if k != "api_key" and not (isinstance(v, float) and math.isinf(v))
         }
         out["config"]["mode"] = cfg.mode
         if math.isinf(cfg.request_rate):
@@ -713,9 +699,7 @@ def format_summary(s: dict[str, Any], title: str = "load test") -> str:
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """The options of a load run (shared by the scenario scripts)."""
-    p.add_argument(
-        "--base-url", default="http://127.0.0.1:8000", help="server root (loopback only by default)"
-    )
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (loopback only by default)")
     p.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
     p.add_argument("--model", default=None, help="model name (default: first of GET /v1/models)")
     p.add_argument("--api-key", default=None)
@@ -739,9 +723,7 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-format", default="text", choices=["text", "token-ids"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream-ratio", type=float, default=1.0, help="fraction of streaming requests")
-    p.add_argument(
-        "--disconnect-prob", type=float, default=0.0, help="fraction of requests the client abandons"
-    )
+    p.add_argument("--disconnect-prob", type=float, default=0.0, help="fraction of requests the client abandons")
     p.add_argument("--disconnect-max-delay", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument(

@@ -86,14 +86,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m loadtests.routing_sweep", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m loadtests.routing_sweep", description=__doc__.split("\n\n")[0])
     add_load_args(p)
     p.set_defaults(warmup_requests=2)  # per setting, so no setting pays for the others' cold start
-    p.add_argument(
-        "--top-p", type=float, nargs="*", default=list(DEFAULT_TOP_P), help="top-p thresholds to try"
-    )
+    p.add_argument("--top-p", type=float, nargs="*", default=list(DEFAULT_TOP_P), help="top-p thresholds to try")
     p.add_argument("--no-top-k", dest="include_top_k", action="store_false", help="skip the top-k baseline")
     p.add_argument("--min-experts", type=int, default=None)
     p.add_argument("--max-experts", type=int, default=None)
@@ -104,11 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = config_from_args(args)
-    extra = {
-        k: v
-        for k, v in (("min_experts", args.min_experts), ("max_experts", args.max_experts))
-        if v is not None
-    }
+    extra = {k: v for k, v in (("min_experts", args.min_experts), ("max_experts", args.max_experts)) if v is not None}
     try:
         base.validate()
         check_target(base.base_url, base.allow_remote)

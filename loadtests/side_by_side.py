@@ -180,9 +180,7 @@ def run_one(
         summary = asyncio.run(_measure(replace(load, base_url=server.base_url), warmup))
         try:
             m = scrape(server.base_url)
-            summary["server_metrics"] = {
-                k: v for k, v in m.items() if "{" not in k and not k.endswith("_created")
-            }
+            summary["server_metrics"] = {k: v for k, v in m.items() if "{" not in k and not k.endswith("_created")}
         except Exception as e:  # noqa: BLE001 - metrics are extra information only
             summary["server_metrics"] = {"error": str(e)}
     finally:
@@ -258,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            cmd = vllm_command(
-                args.vllm_python, str(model_dir), port, [*common, *shlex.split(args.vllm_args)]
-            )
+            cmd = vllm_command(args.vllm_python, str(model_dir), port, [*common, *shlex.split(args.vllm_args)])
             env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
         try:
             summary = run_one(side, load, cmd, port, url, work, args.startup_timeout, args.warmup, env)

@@ -1,0 +1,107 @@
+"""Decode-step time of kernel variants, A/B in one process on the same batch.
+
+    python -m dynserve.bench.decode_step --variants torch cpu-no-hugepages cpu --threads 1
+
+Builds one engine per variant on the same checkpoint (default: the ~100M Mixtral bench
+checkpoint), admits the same prompts to each, runs their prefill, then steps the engines in
+turn, one decode step each, so drifts in machine speed hit every variant alike. Prints the median
+and best decode-step time per variant, the ratio to the first, and whether every variant decoded
+the same greedy tokens.
+
+Variants: `torch` (plain-torch references), `cpu` (native CPU kernels where they apply; the
+default on CPU), `cpu-no-hugepages` (the same with weights and KV cache in ordinary 4 KB pages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dynserve.bench.offline import bench_checkpoint, make_prompts
+
+VARIANTS = {
+    "torch": {"DYNSERVE_KERNEL_BACKEND": "torch", "DYNSERVE_HUGEPAGES": "1"},
+    "cpu": {"DYNSERVE_KERNEL_BACKEND": "cpu", "DYNSERVE_HUGEPAGES": "1"},
+    "cpu-no-hugepages": {"DYNSERVE_KERNEL_BACKEND": "cpu", "DYNSERVE_HUGEPAGES": "0"},
+}
+
+
+def _build(model_dir: Path, env: dict[str, str], num_kv_blocks: int, max_num_seqs: int):  # noqa: ANN202
+    from dynserve import LLM
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read while the model and KV cache are built
+    try:
+        return LLM(str(model_dir), num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs).engine
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M Mixtral bench checkpoint)")
+    ap.add_argument("--variants", nargs="+", default=["torch", "cpu"], choices=sorted(VARIANTS))
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30, help="timed decode steps per variant")
+    ap.add_argument("--min-prompt-len", type=int, default=32)
+    ap.add_argument("--max-prompt-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dynserve import SamplingParams
+
+    model_dir = Path(args.model) if args.model else bench_checkpoint()
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(args.num_prompts, vocab, args.min_prompt_len, args.max_prompt_len)
+    new_tokens = args.steps + 4
+    blocks = sum(-(-(len(p) + new_tokens) // 16) for p in prompts) + 16
+    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    engines = {}
+    for name in args.variants:
+        eng = _build(model_dir, VARIANTS[name], blocks, max(args.num_prompts, 1))
+        for i, p in enumerate(prompts):
+            eng.add_request(f"{name}-{i}", None, sp, prompt_token_ids=p)
+        produced: set[str] = set()
+        while len(produced) < len(prompts):  # prefill (chunked by the token budget) and a first token each
+            produced.update(o.request_id for o in eng.step())
+        engines[name] = eng
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    tokens: dict[str, dict[str, list[int]]] = {name: {} for name in engines}  # variant -> prompt -> tokens
+    for _ in range(args.steps):
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            outs = eng.step()
+            times[name].append(time.perf_counter() - t0)
+            for o in outs:
+                tokens[name][o.request_id.split("-")[-1]] = list(o.outputs[0].token_ids)
+    first = statistics.median(times[args.variants[0]])
+    same = all(tokens[name] == tokens[args.variants[0]] for name in engines)
+    res: dict = {"threads": torch.get_num_threads(), "batch": args.num_prompts, "same_tokens": same, "variants": {}}
+    print(f"decode step, batch {args.num_prompts}, {torch.get_num_threads()} thread(s), {args.steps} steps each")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res["variants"][name] = {"median_ms": 1000 * med, "best_ms": 1000 * min(ts), "x_first": med / first}
+        best = 1000 * min(ts)
+        print(f"{name:18s} median {1000 * med:7.1f} ms  best {best:7.1f} ms  x {args.variants[0]}: {med / first:.2f}")
+    print(f"greedy tokens identical across variants: {same}")
+    for eng in engines.values():
+        eng.close()
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
