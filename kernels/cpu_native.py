@@ -85,10 +85,10 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(so))
     fn = lib.dyn_paged_decode_f32
-    fn.restype = None
+    fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64]
     fn = lib.dyn_moe_f32
-    fn.restype = None
+    fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
     fn = lib.dyn_gemm_nt_f32
     fn.restype = None
@@ -160,10 +160,14 @@ def paged_decode_attention(
     if B == 0:
         return out
     k_half, v_half = kv_cache[0], kv_cache[1]  # [N, bs, Hkv, D] each, contiguous
-    lib.dyn_paged_decode_f32(
+    if bt.numel() and (int(bt.min()) < 0 or int(bt.max()) >= kv_cache.shape[1]):
+        raise ValueError(f"block table entries must lie in [0, {kv_cache.shape[1]})")
+    status = lib.dyn_paged_decode_f32(
         q.data_ptr(), k_half.data_ptr(), v_half.data_ptr(), bt.data_ptr(), bt.shape[1], sl.data_ptr(),
         B, hq, hkv, d, bs, float(scale), out.data_ptr(), num_threads or torch.get_num_threads(),
     )  # fmt: skip
+    if status != 0:
+        raise MemoryError("native decode attention could not allocate its scratch buffer")
     return out
 
 
@@ -252,9 +256,19 @@ def fused_moe(
     torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
     tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
     y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
-    lib.dyn_moe_f32(
+    if int(token_ids.min()) < 0 or int(token_ids.max()) >= T:
+        raise ValueError(f"token ids must lie in [0, {T})")
+    if (
+        int(token_offsets[0]) != 0
+        or int(token_offsets[-1]) != P
+        or bool((token_offsets[1:] < token_offsets[:-1]).any())
+    ):
+        raise ValueError(f"token_offsets must rise from 0 to the number of pairs ({P})")
+    status = lib.dyn_moe_f32(
         x.data_ptr(), T, H, w13.data_ptr(), w2.data_ptr(), E, two_i // 2, sorted_tok.data_ptr(),
         sorted_w.data_ptr(), order.data_ptr(), expert_off.data_ptr(), tok_off.data_ptr(), y_pairs.data_ptr(),
         out.data_ptr(), num_threads or torch.get_num_threads(),
     )  # fmt: skip
+    if status != 0:
+        raise MemoryError("native MoE could not allocate its scratch buffer")
     return out

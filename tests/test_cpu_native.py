@@ -69,6 +69,10 @@ def test_native_decode_rejects_bad_input():
         cpu_native.paged_decode_attention(q[:, :3], kv_cache, batch.block_tables, batch.seq_lens, 0.3)
     with pytest.raises(ValueError, match="longer than its block table"):
         cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens + 100, 0.3)
+    bad_table = batch.block_tables.clone()
+    bad_table[0, 0] = kv_cache.shape[1]  # one past the pool: would read out of bounds
+    with pytest.raises(ValueError, match="block table entries must lie in"):
+        cpu_native.paged_decode_attention(q, kv_cache, bad_table, batch.seq_lens, 0.3)
     with pytest.raises(ValueError, match="contiguous"):
         strided = torch.cat([kv_cache, kv_cache], dim=-1)[..., ::2]  # same shape, not contiguous
         cpu_native.paged_decode_attention(q, strided, batch.block_tables, batch.seq_lens, 0.3)
@@ -202,6 +206,10 @@ def test_native_moe_rejects_bad_input():
     bad[0] = 3
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 3\)"):
         cpu_native.fused_moe(x, w13, w2, a.token_ids, bad, a.weights, a.token_offsets)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 2\)"):
+        cpu_native.fused_moe(x, w13, w2, a.token_ids + 1, a.expert_ids, a.weights, a.token_offsets)
+    with pytest.raises(ValueError, match="token_offsets must rise"):
+        cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets.flip(0))
 
 
 def test_cpu_backend_moe_dispatch(monkeypatch):

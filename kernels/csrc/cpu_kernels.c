@@ -30,6 +30,18 @@ static inline float fast_expf(float x) {
     return p * scale;
 }
 
+/* Grow-only per-thread scratch: sized once for the largest call, so steps do not page-fault. */
+static float *scratch(size_t n) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        buf = (float *)malloc(n * sizeof(float));
+        cap = buf ? n : 0;
+    }
+    return buf; /* NULL when out of memory: callers report it */
+}
+
 /* Decode attention over the paged KV cache: one query token per sequence.
  *
  *   q      [B, Hq, D]            float32, contiguous
@@ -41,19 +53,25 @@ static inline float fast_expf(float x) {
  * cache row [Hkv, D] is read once for all Hq heads. Two passes per sequence: scores for all
  * positions, then softmax and the weighted sum of V. Sequences run in parallel (OpenMP).
  */
-void dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const int64_t *block_tables,
-                          int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                          int64_t D, int64_t bs, float scale, float *out, int64_t num_threads) {
+int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const int64_t *block_tables,
+                         int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t D, int64_t bs, float scale, float *out, int64_t num_threads) {
+    int failed = 0;
     const int64_t G = Hq / Hkv;
     int64_t lmax = 0;
     for (int64_t b = 0; b < B; b++) lmax = seq_lens[b] > lmax ? seq_lens[b] : lmax;
     const int64_t row = Hkv * D; /* floats per cache position */
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
-        float *s = (float *)malloc(sizeof(float) * (size_t)(Hq * (lmax > 0 ? lmax : 1))); /* [Hq, L] */
-        float *acc = (float *)malloc(sizeof(float) * (size_t)(Hq * D));                    /* [Hq, D] */
+        float *s = scratch((size_t)(Hq * ((lmax > 0 ? lmax : 1) + D))); /* [Hq, L] scores, then [Hq, D] */
+        float *acc = s ? s + Hq * (lmax > 0 ? lmax : 1) : NULL;
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < B; b++) {
+            if (!s) continue;
             const int64_t L = seq_lens[b];
             const float *qb = q + b * Hq * D;
             float *ob = out + b * Hq * D;
@@ -105,9 +123,8 @@ void dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, cons
             }
             memcpy(ob, acc, sizeof(float) * (size_t)(Hq * D));
         }
-        free(s);
-        free(acc);
     }
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -245,18 +262,6 @@ void dyn_gemm_nt_f32(const float *x, int64_t ldx, const float *w, int64_t K, int
     }
 }
 
-/* Grow-only per-thread scratch: sized once for the largest call, so steps do not page-fault. */
-static float *scratch(size_t n) {
-    static __thread float *buf = NULL;
-    static __thread size_t cap = 0;
-    if (n > cap) {
-        free(buf);
-        buf = (float *)malloc(n * sizeof(float));
-        cap = buf ? n : 0;
-    }
-    return buf;
-}
-
 /* Fused MoE over a ragged assignment, float32, for small rows-per-expert (decode batches).
  *
  *   x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]
@@ -269,10 +274,11 @@ static float *scratch(size_t n) {
  * pair weight into y_pairs [P, H] (caller-provided); tokens then sum their rows in pair order, so
  * the result does not depend on the thread count.
  */
-void dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const float *w2, int64_t E, int64_t I,
-                 const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
-                 const int64_t *expert_off, const int64_t *token_off, float *y_pairs, float *out,
-                 int64_t num_threads) {
+int dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const float *w2, int64_t E, int64_t I,
+                const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
+                const int64_t *expert_off, const int64_t *token_off, float *y_pairs, float *out,
+                int64_t num_threads) {
+    int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -280,6 +286,11 @@ void dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const f
             const int64_t p0 = expert_off[e], n = expert_off[e + 1] - p0;
             if (n <= 0) continue;
             float *xe = scratch((size_t)(n * (H + 2 * I + I + H)));
+            if (!xe) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
             float *gu = xe + n * H, *h = gu + n * 2 * I, *ye = h + n * I;
             for (int64_t r = 0; r < n; r++) memcpy(xe + r * H, x + sorted_tok[p0 + r] * H, sizeof(float) * (size_t)H);
             gemm_nt(xe, H, w13 + e * 2 * I * H, H, n, 2 * I, gu, 2 * I);
@@ -309,4 +320,5 @@ void dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const f
             }
         }
     }
+    return failed ? -1 : 0;
 }
