@@ -47,6 +47,34 @@ def test_n_samples_and_seed_reproducible(llm):
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # the n samples differ
 
 
+def test_n_samples_compute_the_prompt_once(mixtral_dir):
+    # the later samples wait one step for the first to compute the prompt, then read its full
+    # blocks from the prefix cache: 3 samples of a 23-token prompt (block size 4) compute
+    # 23 + 2 x 3 prompt tokens, not 3 x 23
+    llm = LLM(str(mixtral_dir), block_size=4, max_model_len=128)
+    prompt = list(range(10, 33))  # 23 tokens: 5 full blocks + 3 tokens
+    sp = SamplingParams(n=3, temperature=0, max_tokens=6, ignore_eos=True)
+    eng = llm.engine
+    computed = 0
+    real_execute = eng.runner.execute
+
+    def counting_execute(scheduled):
+        nonlocal computed
+        computed += sum(n for seq, n in scheduled if seq.num_computed_tokens < seq.num_prompt_tokens)
+        return real_execute(scheduled)
+
+    eng.runner.execute = counting_execute
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=sp)[0]
+    assert computed == 23 + 2 * 3
+    alone = LLM(str(mixtral_dir), block_size=4, max_model_len=128, enable_prefix_caching=False)
+    ref = alone.generate(
+        prompt_token_ids=[prompt], sampling_params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    )
+    assert [o.token_ids for o in out.outputs] == [ref[0].outputs[0].token_ids] * 3
+    stats = llm.get_stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
 def test_context_length_error_wording(llm):
     with pytest.raises(ContextLengthError, match="maximum context length is 128 tokens"):
         llm.generate(prompt_token_ids=[[5] * 120], sampling_params=SamplingParams(max_tokens=20))

@@ -5,7 +5,9 @@ running sequences first (a decode takes 1 token, a sequence in the middle of a c
 takes its next chunk), then waiting sequences in arrival order. When the KV pool runs out, the
 most recently admitted running sequence is preempted by recompute: its blocks are freed and it
 goes back to the front of the waiting queue, to be prefilled again (prefix-cache hits usually
-make that cheap). The scheduler touches the KV pool only through BlockManager's verbs.
+make that cheap). The later samples of an n > 1 request wait until the first has computed the
+shared prompt, then find it in the prefix cache. The scheduler touches the KV pool only through
+BlockManager's verbs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # request id -> its first sample, while later samples (n > 1) may wait for its prompt
+        self._leads: dict[str, Sequence] = {}
 
     # ------------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
@@ -58,6 +62,19 @@ class Scheduler:
             raise ValueError(f"sequence {seq.seq_id} is already finished")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        if seq.sample_index == 0:
+            self._leads[seq.request_id] = seq
+
+    def _waits_for_sibling(self, seq: Sequence) -> bool:
+        """A later sample of an n > 1 request is not admitted while its first sample is still
+        computing the shared prompt: once that prompt's full blocks are committed to the prefix
+        cache, the later samples reuse them instead of computing the prompt again."""
+        if seq.sample_index == 0 or seq.num_computed_tokens or not self.block_manager.enable_prefix_caching:
+            return False
+        if seq.num_prompt_tokens < self.block_manager.block_size:  # no full block to share
+            return False
+        lead = self._leads.get(seq.request_id)
+        return lead is not None and not lead.is_finished and lead.num_computed_tokens < lead.num_prompt_tokens
 
     def can_fit_ever(self, num_tokens: int) -> bool:
         """Whether a sequence of `num_tokens` tokens (prompt + all it may generate) could ever be
@@ -115,13 +132,18 @@ class Scheduler:
 
         # 2. Waiting sequences, first come first served. Skipped after a preemption: the pool is
         #    short, and the sequence just preempted would only be taken back in.
+        #    Later samples of an n > 1 request whose prompt is still being computed are passed over.
         if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                seq = self.waiting[0]
+            i = 0
+            while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[i]
+                if self._waits_for_sibling(seq):
+                    i += 1
+                    continue
                 n = self._try_admit(seq, budget)
                 if n == 0:
                     break
-                self.waiting.popleft()
+                del self.waiting[i]
                 self.running.append(seq)
                 seq.status = SequenceStatus.RUNNING
                 if seq.first_scheduled_time is None:
@@ -175,6 +197,8 @@ class Scheduler:
         """Mark the sequence finished, free its blocks and drop it from the queues."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if self._leads.get(seq.request_id) is seq:
+            del self._leads[seq.request_id]
         self.block_manager.free(seq)
         try:
             self.running.remove(seq)
