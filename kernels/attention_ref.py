@@ -60,10 +60,11 @@ class _Scratch:
     """
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._bufs: dict[tuple[str, torch.device, torch.dtype, bool], torch.Tensor] = {}
 
     def get(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.device, like.dtype)
+        # inference-mode tensors may not be written outside inference mode: one buffer per mode
+        key = (name, like.device, like.dtype, torch.is_inference_mode_enabled())
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(max(n, 2 * buf.numel() if buf is not None else n), dtype=like.dtype, device=like.device)

@@ -275,3 +275,17 @@ def test_model_linears_follow_the_backend(checkpoint_factory):
         model = load_model(EngineConfig.create(str(path), use_triton=use_triton))
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         assert linears and {m.backend for m in linears} == {want}
+
+
+def test_kernel_source_ships_in_the_package():
+    # a non-editable install (the Docker images) must carry the C source that cpu_native compiles
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    kernels_dir = root / cfg["package-dir"]["dynserve_kernels"]
+    patterns = cfg["package-data"]["dynserve_kernels"]
+    rel = cpu_native._SRC.relative_to(kernels_dir).as_posix()
+    assert any(fnmatch.fnmatch(rel, p) for p in patterns)

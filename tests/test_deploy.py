@@ -313,6 +313,8 @@ def test_dockerfiles(name):
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
             assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is excluded by the .dockerignore"
     assert any("pip install ." in r for i, r in ins if i == "RUN")
+    if name == "Dockerfile.cpu":  # the native CPU kernels need a C compiler at run time
+        assert any("apt-get install" in r and " gcc " in f" {r} " for i, r in ins if i == "RUN")
     if name == "Dockerfile.cuda":
         base = [r for i, r in ins if i == "ARG" and r.startswith("BASE_IMAGE=")][0]
         assert base.split("=", 1)[1].startswith("pytorch/pytorch:") and "cuda" in base

@@ -122,3 +122,16 @@ def test_reference_decode_path_equals_sequence_loop():
     batch.max_query_len = 2  # forces the loop path (the layout is unchanged)
     loop = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
     torch.testing.assert_close(vec, loop)
+
+
+def test_reference_inside_and_outside_inference_mode():
+    # the reference reuses gather buffers across calls; one made under inference_mode must not be
+    # written outside it (an error), nor the other way round
+    batch, kv_cache, key, value, q = _setup([(9, 1), (20, 1)], 4, 4, 2, 8, torch.float32)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    with torch.inference_mode():
+        a = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
+    b = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
+    with torch.inference_mode():
+        c = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
+    assert torch.equal(a, b) and torch.equal(a, c)
