@@ -63,7 +63,7 @@ def fused_moe(
         rows = a.num_pairs
         if rows > cpu_native.NATIVE_MOE_MAX_ROWS:  # else no expert can have more rows than that
             rows = int(torch.bincount(a.expert_ids, minlength=w13.shape[0]).max())
-        if cpu_native.use_native_moe(x, w13, rows):
+        if cpu_native.use_native_moe(x, w13, w2, rows):
             out = cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets)
             return out.to(x.dtype)
     from dynserve_kernels.moe_ref import fused_moe_ref

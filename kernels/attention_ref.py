@@ -14,6 +14,7 @@ Sequence b's position p lives in block block_tables[b, p // block_size] at offse
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,12 +52,13 @@ def _host_lists(batch: ForwardBatch) -> tuple[list[int], list[int]]:
     return qsl, lens
 
 
-class _Scratch:
+class _Scratch(threading.local):
     """Grow-only gather buffers reused by every layer and step.
 
     A decode step gathers ~10 MB of K and of V per layer; fresh allocations of that size are fresh
     pages from the OS each time (page faults cost more than the copy), so the gathers write into
-    buffers that persist. One pair per (device, dtype); the engine calls attention from one thread.
+    buffers that persist. One pair per (device, dtype, inference mode) and per thread: two engines
+    in one process each run attention on their own thread.
     """
 
     def __init__(self) -> None:

@@ -11,7 +11,8 @@ to copy, pad or loop in Python:
 
 Building: the C file is compiled once per source/compiler/CPU with `$CC` (default `cc`) using
 `-O3 -march=native -fopenmp` into `$DYNSERVE_CACHE_DIR` (default `~/.cache/dynserve/kernels`),
-written to a temporary name and renamed, so concurrent processes never load a half-written file.
+written to a temporary name and renamed, so concurrent processes never load a half-written file;
+if that folder is not writable, a private per-user folder under the temp dir is used.
 No compiler, a failed build or `DYNSERVE_NATIVE_CPU=0` makes `available()` False and callers fall
 back to the torch references; the reason is in `unavailable_reason()`.
 """
@@ -54,29 +55,47 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where builds may go, in order: the configured cache, then a private per-user temp folder."""
     base = os.environ.get("DYNSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dynserve")
-    return Path(base) / "kernels"
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return [Path(base) / "kernels", Path(tempfile.gettempdir()) / f"dynserve-kernels-{user}"]
 
 
-def _build() -> ctypes.CDLL:
+def _writable_dir(d: Path) -> bool:
+    """Create `d` if needed; usable when writable, and, for the shared temp location, private to us
+    (never load a library another user could have planted)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(d, os.W_OK | os.X_OK):
+            return False
+        if d.parent == Path(tempfile.gettempdir()) and hasattr(os, "getuid"):
+            st = d.stat()
+            return st.st_uid == os.getuid() and not st.st_mode & 0o022
+        return True
+    except OSError:
+        return False
+
+
+def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
+    """Compile kernels/csrc/cpu_kernels.c with `$CC` and `flags` (or reuse that build), load it and
+    declare its C signatures. Raises RuntimeError when no compiler or no writable folder exists, or
+    the build fails."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found on PATH)")
     src = _SRC.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()]))
-    out_dir = _cache_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        out_dir = Path(tempfile.gettempdir()) / "dynserve-kernels"
-        out_dir.mkdir(parents=True, exist_ok=True)
-    so = out_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), _cpu_signature().encode()]))
+    dirs = [out_dir] if out_dir is not None else _cache_dirs()
+    target = next((d for d in dirs if _writable_dir(d)), None)
+    if target is None:
+        raise RuntimeError(f"no writable folder for the kernel build (tried {', '.join(map(str, dirs))})")
+    so = target / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not so.is_file():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+            proc = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
             os.replace(tmp, so)
@@ -94,6 +113,10 @@ def _build() -> ctypes.CDLL:
     fn.restype = None
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64]
     return lib
+
+
+def _build() -> ctypes.CDLL:
+    return build_library(_FLAGS)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -199,12 +222,14 @@ NATIVE_LINEAR_MAX_ROWS = 96
 NATIVE_MOE_MAX_ROWS = 64
 
 
-def use_native_moe(x: torch.Tensor, w13: torch.Tensor, max_rows_per_expert: int) -> bool:
+def use_native_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, max_rows_per_expert: int) -> bool:
     """Whether `fused_moe` should take this call: float32 CPU tensors, decode-sized expert groups."""
     return (
         max_rows_per_expert <= NATIVE_MOE_MAX_ROWS
-        and x.dtype == w13.dtype == torch.float32
+        and x.dtype == w13.dtype == w2.dtype == torch.float32
         and x.device.type == "cpu"
+        and w13.is_contiguous()
+        and w2.is_contiguous()
         and available()
     )
 

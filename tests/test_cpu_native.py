@@ -289,3 +289,53 @@ def test_kernel_source_ships_in_the_package():
     patterns = cfg["package-data"]["dynserve_kernels"]
     rel = cpu_native._SRC.relative_to(kernels_dir).as_posix()
     assert any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+def test_portable_build_without_simd_flags(tmp_path, monkeypatch):
+    # built without -march (no AVX2 on x86-64's baseline; any other ISA), the kernels take their
+    # portable C paths and still match the references
+    lib = cpu_native.build_library(["-O2", "-fopenmp", "-shared", "-fPIC"], tmp_path)
+    monkeypatch.setattr(cpu_native, "_lib", lib)
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(7, 40, generator=gen), torch.randn(29, 40, generator=gen)
+    torch.testing.assert_close(cpu_native.gemm_nt(x, w, 2), x @ w.T, atol=1e-4, rtol=1e-5)
+    xm, w13, w2, a = _moe_problem([0, 1, 5, 2, 3, 0, 1, 4], 5, None, 40, 24)
+    torch.testing.assert_close(_native_moe(xm, w13, w2, a), fused_moe_ref(xm, w13, w2, a), atol=1e-5, rtol=1e-5)
+    batch, kv_cache, q = _decode_setup([9, 40, 3], 8, 4, 1, 24)
+    out = cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, 0.2)
+    torch.testing.assert_close(out, paged_attention_ref(q, kv_cache, batch, 0.2), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_moe_falls_back_for_layouts_the_kernel_does_not_take():
+    x, w13, w2, a = _moe_problem([2] * 6, 4, None, 32, 16)
+    ref = fused_moe_ref(x, w13, w2, a)
+    strided = w13.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    out = dynserve_kernels.fused_moe(x, strided, w2, a, backend="cpu")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_gathers_are_per_thread():
+    # two threads running the torch reference at once (two engines in one process) must not share
+    # gather buffers
+    import threading
+
+    problems = [_decode_setup([40, 7, 23], 4, 4, 2, 8, seed=s) for s in (1, 2)]
+    # a prefill layout goes through the per-sequence gathers
+    pre, n_blocks = make_batch([(30, 30), (17, 17)], 4, seed=5)
+    kv = torch.randn(2, n_blocks, 4, 2, 8)
+    qp = torch.randn(47, 4, 8)
+    expected = [paged_attention_ref(qp, kv, pre, 0.3)] + [paged_attention_ref(q, c, b, 0.3) for b, c, q in problems]
+    errors = []
+
+    def work(k):
+        for _ in range(60):
+            got = [paged_attention_ref(qp, kv, pre, 0.3)] + [paged_attention_ref(q, c, b, 0.3) for b, c, q in problems]
+            if not all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)):
+                errors.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -75,6 +75,14 @@ def test_n_samples_compute_the_prompt_once(mixtral_dir):
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
+def test_n_samples_of_a_one_block_prompt_start_together(mixtral_dir):
+    # a prompt of exactly one block leaves nothing to share (a prefix hit keeps >= 1 token to
+    # compute), so the later samples do not wait a step for the first
+    llm = LLM(str(mixtral_dir), block_size=4, max_model_len=128)
+    out = llm.generate(prompt_token_ids=[[11, 12, 13, 14]], sampling_params=SamplingParams(n=3, max_tokens=1))[0]
+    assert len(out.outputs) == 3 and llm.engine.num_steps == 1
+
+
 def test_context_length_error_wording(llm):
     with pytest.raises(ContextLengthError, match="maximum context length is 128 tokens"):
         llm.generate(prompt_token_ids=[[5] * 120], sampling_params=SamplingParams(max_tokens=20))

@@ -71,8 +71,8 @@ class Scheduler:
         cache, the later samples reuse them instead of computing the prompt again."""
         if seq.sample_index == 0 or seq.num_computed_tokens or not self.block_manager.enable_prefix_caching:
             return False
-        if seq.num_prompt_tokens < self.block_manager.block_size:  # no full block to share
-            return False
+        if (seq.num_prompt_tokens - 1) // self.block_manager.block_size == 0:
+            return False  # a prefix hit leaves at least one token to compute: no full block to share
         lead = self._leads.get(seq.request_id)
         return lead is not None and not lead.is_finished and lead.num_computed_tokens < lead.num_prompt_tokens
 

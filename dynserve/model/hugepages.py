@@ -3,15 +3,17 @@
 A decode step streams every weight once and reads KV blocks all over the pool; with 4 KB pages that
 is a TLB miss every 4 KB. Linux backs a region with 2 MB pages when it is `madvise(MADV_HUGEPAGE)`d
 before it is first touched (the default THP mode "madvise" does nothing otherwise), so these
-helpers allocate a 2 MB-aligned, advised buffer and only then write into it.
+helpers map fresh anonymous memory, advise its 2 MB-aligned part, and only then write into it.
 
-Only on Linux CPU tensors of at least 2 MB; anywhere else (or with `DYNSERVE_HUGEPAGES=0`) they
-return ordinary tensors, so callers need no special case.
+Only on Linux, for CPU tensors of at least 2 MB; anywhere else (or with `DYNSERVE_HUGEPAGES=0`)
+they return ordinary tensors, so callers need no special case. The tensors are views into a
+slightly larger mapping: `safetensors.torch.save_model` refuses them and `torch.save` writes the
+whole mapping, so clone weights before saving them (dynserve itself never saves a model).
 """
 
 from __future__ import annotations
 
-import ctypes
+import mmap
 import os
 import sys
 
@@ -19,23 +21,14 @@ import torch
 from torch import nn
 
 _HUGE = 2 * 1024 * 1024
-_MADV_HUGEPAGE = 14
-_libc: ctypes.CDLL | None = None
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    global _libc
-    if not sys.platform.startswith("linux") or os.environ.get("DYNSERVE_HUGEPAGES", "1") == "0":
-        return None
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        fn = _libc.madvise
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        return fn
-    except (OSError, AttributeError):
-        return None
+def _enabled() -> bool:
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(mmap, "MADV_HUGEPAGE")
+        and os.environ.get("DYNSERVE_HUGEPAGES", "1") != "0"
+    )
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -43,14 +36,17 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     >= 2 MB); untouched, so the pages fault in huge when first written."""
     device = torch.device(device)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    madvise = _madvise() if device.type == "cpu" else None
-    if madvise is None or nbytes < _HUGE:
+    if device.type != "cpu" or nbytes < _HUGE or not _enabled():
         return torch.empty(shape, dtype=dtype, device=device)
-    raw = torch.empty(nbytes + _HUGE, dtype=torch.uint8)  # large: mmap'd by malloc, not yet touched
-    start = raw.data_ptr()
-    offset = (-start) % _HUGE
-    length = (nbytes // _HUGE) * _HUGE
-    madvise(start + offset, length, _MADV_HUGEPAGE)  # best effort: a failure leaves normal pages
+    # a fresh anonymous mapping: never-touched pages, unlike a malloc that may reuse heap memory
+    # (private: a shared anonymous mapping is shmem, which THP leaves alone by default)
+    region = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+    offset = (-raw.data_ptr()) % _HUGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, offset, (nbytes // _HUGE) * _HUGE)
+    except OSError:
+        pass  # best effort: ordinary pages
     return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 
@@ -62,7 +58,7 @@ def move_parameters(module: nn.Module) -> int:
     """Re-home every CPU parameter and buffer of >= 2 MB in huge-page memory (data copied, tensors
     kept: the same Parameter objects point at the new storage, tied weights stay tied). Returns the
     number of bytes moved."""
-    if _madvise() is None:
+    if not _enabled():
         return 0
     moved: dict[int, torch.Tensor] = {}  # old storage address -> new tensor (tied weights share one)
     done: set[int] = set()  # tensors already re-homed (a tied Parameter is listed once per owner)

@@ -133,6 +133,13 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
  * memory: tiles of 4 weight rows x up to 3 input rows keep 12 AVX2 accumulators in registers, and
  * a tile's 4 weight rows (4 K floats) stay in L1 while every input row passes over them.
  * ---------------------------------------------------------------------------------------------- */
+#ifndef TILE_N
+#define TILE_N 3 /* weight rows per tile (<= 4) */
+#endif
+#ifndef TILE_M
+#define TILE_M 4 /* input rows per tile (<= 5): TILE_N * TILE_M accumulators + TILE_N weight vectors */
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -144,12 +151,6 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-#ifndef TILE_N
-#define TILE_N 3 /* weight rows per tile (<= 4) */
-#endif
-#ifndef TILE_M
-#define TILE_M 4 /* input rows per tile (<= 5): TILE_N * TILE_M accumulators + TILE_N weight vectors */
-#endif
 
 /* One tile: weight rows w[0..nb) x input rows x[0..mb), nb <= TILE_N, mb <= TILE_M (compile-time
  * constants after inlining, so the accumulators live in registers). Each weight vector and each input
