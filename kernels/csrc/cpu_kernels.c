@@ -155,17 +155,23 @@ static inline float hsum256(__m256 v) {
 /* One tile: weight rows w[0..nb) x input rows x[0..mb), nb <= TILE_N, mb <= TILE_M (compile-time
  * constants after inlining, so the accumulators live in registers). Each weight vector and each input
  * vector is loaded once per k-step into a register (the empty asm keeps the compiler from re-loading
- * it as a memory operand of every FMA, which makes the loop load-bound). `pf` (first pass over these
- * weight rows) prefetches the next tile's weight rows, so DRAM streams while this tile computes. */
+ * it as a memory operand of every FMA, which makes the loop load-bound). Prefetch: `pf` walks a few
+ * tiles ahead on the first pass over a gemm's first chunk; `*cursor` walks through the next chunk's
+ * weight rows, one cache line every other k-step of every pass, so memory streams the next chunk
+ * evenly while this one computes from L2 (instead of only during each chunk's first pass). */
 static inline __attribute__((always_inline)) void tile_nt(const float *x, int64_t ldx, const float *w, int64_t K,
                                                           float *y, int64_t ldy, const int nb, const int mb,
-                                                          const float *pf) {
+                                                          const float *pf, const float **cursor, const float *cend) {
     __m256 acc[TILE_N][TILE_M];
     for (int i = 0; i < nb; i++)
         for (int j = 0; j < mb; j++) acc[i][j] = _mm256_setzero_ps();
     const int64_t K8 = K & ~(int64_t)7;
     for (int64_t k = 0; k < K8; k += 8) {
         for (int i = 0; i < nb; i++) _mm_prefetch((const char *)(pf + i * K + k), _MM_HINT_T0);
+        if ((k & 15) == 0 && *cursor < cend) {
+            _mm_prefetch((const char *)*cursor, _MM_HINT_T1);
+            *cursor += 16;
+        }
         __m256 wv[TILE_N];
         for (int i = 0; i < nb; i++) {
             wv[i] = _mm256_loadu_ps(w + i * K + k);
@@ -186,7 +192,8 @@ static inline __attribute__((always_inline)) void tile_nt(const float *x, int64_
 }
 
 #define TILE_CASE(NB, MB) \
-    case (NB) * 8 + (MB): tile_nt(x + m0 * ldx, ldx, w + n0 * K, K, y + m0 * ldy + n0, ldy, NB, MB, pf); break;
+    case (NB) * 8 + (MB): tile_nt(x + m0 * ldx, ldx, w + n0 * K, K, y + m0 * ldy + n0, ldy, NB, MB, pf, &cursor, cend); \
+        break;
 #if TILE_M == 5
 #define TILE_ROW(NB) TILE_CASE(NB, 1) TILE_CASE(NB, 2) TILE_CASE(NB, 3) TILE_CASE(NB, 4) TILE_CASE(NB, 5)
 #elif TILE_M == 4
@@ -208,12 +215,15 @@ static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int6
     chunk = chunk < TILE_N ? TILE_N : chunk - chunk % TILE_N;
     for (int64_t nc = 0; nc < N; nc += chunk) {
         const int64_t nc_end = nc + chunk < N ? nc + chunk : N;
+        /* while this chunk computes, walk a prefetch cursor through the next chunk's rows */
+        const float *cursor = w + nc_end * K;
+        const float *cend = w + (nc_end + chunk < N ? nc_end + chunk : N) * K;
         for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
             const int mb = M - m0 < TILE_M ? (int)(M - m0) : TILE_M;
             for (int64_t n0 = nc; n0 < nc_end; n0 += TILE_N) {
                 const int nb = nc_end - n0 < TILE_N ? (int)(nc_end - n0) : TILE_N;
                 /* first pass over a chunk: prefetch the next tile's rows (the current ones otherwise) */
-                const float *pf = w + (m0 == 0 && n0 + (PF_TILES + 1) * TILE_N <= N ? n0 + PF_TILES * TILE_N : n0) * K;
+                const float *pf = w + (nc == 0 && m0 == 0 && n0 + (PF_TILES + 1) * TILE_N <= N ? n0 + PF_TILES * TILE_N : n0) * K;
                 switch (nb * 8 + mb) {
                     TILE_ROW(1)
 #if TILE_N >= 2
