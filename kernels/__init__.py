@@ -7,7 +7,7 @@ everywhere when no C compiler is available; "triton" = the GPU path, and the Tri
 CPU when TRITON_INTERPRET=1. Public ops:
 
 - fused_moe(x [T,H], w13 [E,2I,H], w2 [E,H,I], assignment) -> [T,H]  ("cpu": native for decode-sized
-  expert groups, see cpu_native.use_native_moe)
+  expert groups, see cpu_native.takes_moe)
     sum over token t's (expert e, weight w) pairs of w * down_e(silu(gate_e(x)) * up_e(x));
     tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
 - linear(x [T,K], weight [N,K], bias [N] | None) -> [T,N]  ("cpu": the native small-M GEMM for
@@ -25,6 +25,7 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+from dynserve_kernels import cpu_native
 
 if TYPE_CHECKING:
     from dynserve.model.base import ForwardBatch
@@ -42,9 +43,7 @@ def select_backend(device: torch.device | str, use_triton: bool | None = None) -
             raise ValueError(f"{_BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
         return forced
     on_cuda = torch.device(device).type == "cuda"
-    if use_triton is not None and use_triton:
-        return "triton"
-    if use_triton is None and on_cuda:
+    if use_triton or (use_triton is None and on_cuda):
         return "triton"
     return "torch" if on_cuda else "cpu"
 
@@ -57,14 +56,10 @@ def fused_moe(
 
         return fused_moe_triton(x, w13, w2, assignment)
     if backend == "cpu" and assignment.num_pairs > 0:
-        from dynserve_kernels import cpu_native
-
         a = assignment
-        rows = a.num_pairs
-        if rows > cpu_native.NATIVE_MOE_MAX_ROWS:  # else no expert can have more rows than that
-            rows = int(torch.bincount(a.expert_ids, minlength=w13.shape[0]).max())
-        if cpu_native.use_native_moe(x, w13, w2, rows):
-            out = cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets)
+        counts = torch.bincount(a.expert_ids, minlength=w13.shape[0])  # [E] rows per expert
+        if cpu_native.takes_moe(x, w13, w2, counts):
+            out = cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets, counts=counts)
             return out.to(x.dtype)
     from dynserve_kernels.moe_ref import fused_moe_ref
 
@@ -74,26 +69,10 @@ def fused_moe(
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "torch"
 ) -> torch.Tensor:
-    if (
-        backend == "cpu"
-        and x.dim() == 2
-        and 0 < x.shape[0] <= _native_rows()
-        and x.dtype == weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.is_contiguous()
-    ):
-        from dynserve_kernels import cpu_native
-
-        if cpu_native.available():
-            y = cpu_native.gemm_nt(x, weight)  # [T, N]
-            return y if bias is None else y.add_(bias)
+    if backend == "cpu" and cpu_native.takes_linear(x, weight):
+        y = cpu_native.gemm_nt(x, weight)  # [T, N]
+        return y if bias is None else y.add_(bias)
     return torch.nn.functional.linear(x, weight, bias)
-
-
-def _native_rows() -> int:
-    from dynserve_kernels import cpu_native
-
-    return cpu_native.NATIVE_LINEAR_MAX_ROWS
 
 
 def write_kv(
@@ -115,17 +94,8 @@ def paged_attention(
         from dynserve_kernels.attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, kv_cache, batch, scale)
-    if (
-        backend == "cpu"
-        and batch.max_query_len == 1
-        and q.shape[0] == batch.num_seqs
-        and q.dtype == kv_cache.dtype == torch.float32
-        and q.device.type == "cpu"
-    ):
-        from dynserve_kernels import cpu_native
-
-        if cpu_native.available():
-            return cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale)
+    if backend == "cpu" and cpu_native.takes_decode_attention(q, kv_cache, batch):
+        return cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale)
     from dynserve_kernels.attention_ref import paged_attention_ref
 
     return paged_attention_ref(q, kv_cache, batch, scale)

@@ -6,8 +6,8 @@ to copy, pad or loop in Python:
   gathers every sequence's blocks into a padded [B, Lmax, Hkv, D] copy;
 - `fused_moe` runs every expert of a decode-sized assignment in one call with a small-M GEMM that
   streams each expert's weights once (MKL's GEMM packs them first and is tuned for large M), where
-  the reference issues ~8 torch ops per expert. Large batches (prefill) stay on the reference:
-  `use_native_moe` says which.
+  the reference issues ~8 torch ops per expert. Large batches (prefill) stay on the reference.
+`takes_linear`, `takes_moe` and `takes_decode_attention` say which calls a kernel takes.
 
 Building: the C file is compiled once per source/compiler/CPU with `$CC` (default `cc`) using
 `-O3 -march=native -fopenmp` into `$DYNSERVE_CACHE_DIR` (default `~/.cache/dynserve/kernels`),
@@ -29,8 +29,12 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dynserve.model.base import ForwardBatch
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +226,37 @@ NATIVE_LINEAR_MAX_ROWS = 96
 NATIVE_MOE_MAX_ROWS = 64
 
 
-def use_native_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, max_rows_per_expert: int) -> bool:
-    """Whether `fused_moe` should take this call: float32 CPU tensors, decode-sized expert groups."""
+def _cpu_f32(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemm_nt` should run this linear: float32 CPU, a decode-sized batch of rows."""
     return (
-        max_rows_per_expert <= NATIVE_MOE_MAX_ROWS
-        and x.dtype == w13.dtype == w2.dtype == torch.float32
-        and x.device.type == "cpu"
+        x.dim() == 2
+        and 0 < x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
+        and _cpu_f32(x, weight)
+        and weight.is_contiguous()
+        and available()
+    )
+
+
+def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether `fused_moe` should run this MoE layer: float32 CPU, contiguous expert weights, and no
+    expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows per expert)."""
+    return (
+        counts.numel() > 0
+        and int(counts.max()) <= NATIVE_MOE_MAX_ROWS
+        and _cpu_f32(x, w13, w2)
         and w13.is_contiguous()
         and w2.is_contiguous()
         and available()
     )
+
+
+def takes_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> bool:
+    """Whether `paged_decode_attention` should run this attention: one query per sequence, float32 CPU."""
+    return batch.max_query_len == 1 and q.shape[0] == batch.num_seqs and _cpu_f32(q, kv_cache) and available()
 
 
 def fused_moe(
@@ -243,12 +268,14 @@ def fused_moe(
     weights: torch.Tensor,
     token_offsets: torch.Tensor,
     num_threads: int | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum over token t's pairs (e, w) of w * W2_e (silu(gate_e x_t) * up_e x_t): [T, H] float32.
 
     x [T, H], w13 [E, 2I, H], w2 [E, H, I] (float32, CPU); pairs token-major: pair p is
     (token_ids[p], expert_ids[p], weights[p]) and token t owns pairs token_offsets[t]..[t+1]-1.
-    Tokens with no pair get zeros.
+    Tokens with no pair get zeros. `counts` is `torch.bincount(expert_ids, minlength=E)` when the
+    caller already has it.
     """
     lib = _load()
     if lib is None:
@@ -267,20 +294,10 @@ def fused_moe(
     P = int(expert_ids.numel())
     if token_ids.numel() != P or weights.numel() != P or token_offsets.shape != (T + 1,):
         raise ValueError(f"ragged assignment of {P} pairs does not fit {T} tokens")
-    out = torch.empty(T, H, dtype=torch.float32)  # [T, H]
     if P == 0:
-        return out.zero_()
-    counts = torch.bincount(expert_ids, minlength=E)  # [E]
-    if counts.numel() != E or int(expert_ids.min()) < 0:
+        return torch.zeros(T, H, dtype=torch.float32)
+    if int(expert_ids.min()) < 0 or int(expert_ids.max()) >= E:
         raise ValueError(f"expert ids must lie in [0, {E})")
-    x = x.contiguous()
-    order = torch.argsort(expert_ids, stable=True)  # [P] pair ids grouped by expert
-    sorted_tok = token_ids.to(torch.int64)[order].contiguous()  # [P]
-    sorted_w = weights.to(torch.float32)[order].contiguous()  # [P]
-    expert_off = torch.zeros(E + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
-    tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
-    y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
     if int(token_ids.min()) < 0 or int(token_ids.max()) >= T:
         raise ValueError(f"token ids must lie in [0, {T})")
     if (
@@ -289,6 +306,17 @@ def fused_moe(
         or bool((token_offsets[1:] < token_offsets[:-1]).any())
     ):
         raise ValueError(f"token_offsets must rise from 0 to the number of pairs ({P})")
+    if counts is None:
+        counts = torch.bincount(expert_ids, minlength=E)  # [E]
+    x = x.contiguous()
+    order = torch.argsort(expert_ids, stable=True)  # [P] pair ids grouped by expert
+    sorted_tok = token_ids.to(torch.int64)[order].contiguous()  # [P]
+    sorted_w = weights.to(torch.float32)[order].contiguous()  # [P]
+    expert_off = torch.zeros(E + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
+    tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
+    y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
+    out = torch.empty(T, H, dtype=torch.float32)  # [T, H]
     status = lib.dyn_moe_f32(
         x.data_ptr(), T, H, w13.data_ptr(), w2.data_ptr(), E, two_i // 2, sorted_tok.data_ptr(),
         sorted_w.data_ptr(), order.data_ptr(), expert_off.data_ptr(), tok_off.data_ptr(), y_pairs.data_ptr(),

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import dynserve_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,7 +154,7 @@ class DecoderForCausalLM(CausalLM):
         return self.norm(x)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return dynserve_kernels.linear(hidden, self.lm_head.weight, None, self.backend).float()  # [S, V]
+        return self.lm_head(hidden).float()  # [S, V]
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         ws = WeightSource(weights, self.dtype)

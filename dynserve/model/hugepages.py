@@ -65,9 +65,8 @@ def move_parameters(module: nn.Module) -> int:
     total = 0
     for tensors in (list(module.named_parameters(remove_duplicate=False)), list(module.named_buffers())):
         for _, t in tensors:
-            if id(t) in done or t.device.type != "cpu" or t.numel() * t.element_size() < _HUGE:
-                continue
-            if not t.is_contiguous():
+            big = t.numel() * t.element_size() >= _HUGE
+            if id(t) in done or t.device.type != "cpu" or not big or not t.is_contiguous():
                 continue
             done.add(id(t))
             key = t.data_ptr()

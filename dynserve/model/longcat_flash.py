@@ -328,7 +328,7 @@ class LongcatFlashForCausalLM(CausalLM):
         return self.norm(x)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return dynserve_kernels.linear(hidden, self.lm_head.weight, None, self.backend).float()  # [S, V]
+        return self.lm_head(hidden).float()  # [S, V]
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         ws = WeightSource(weights, self.dtype)
