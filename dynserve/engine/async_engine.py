@@ -55,6 +55,11 @@ class RequestAbortedError(RuntimeError):
     """The request was aborted by the server (shutdown, explicit abort) before it finished."""
 
 
+class RequestFailedError(RuntimeError):
+    """An error that belongs to this request alone (its sampling numerics, detokenisation, stop
+    strings, logprobs) ended it; the engine goes on serving every other request."""
+
+
 class RequestMetricsSink(Protocol):
     """Receives per-request latency observations (called from the engine thread)."""
 
@@ -162,6 +167,7 @@ class AsyncEngine:
         self._accepting = True
         self._dead_error: BaseException | None = None
         self._sinks: list[RequestMetricsSink] = []
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
         self._thread: threading.Thread | None = None
         self._refresh_stats()
         if start:
@@ -188,6 +194,20 @@ class AsyncEngine:
         """False once the loop thread died (or was never started / has stopped)."""
         return self._dead_error is None and self._thread is not None and self._thread.is_alive()
 
+    def check_capacity(self, num_requests: int) -> None:
+        """Raise QueueFullError unless `num_requests` more requests fit under the waiting-queue limit
+        (a request with several prompts counts each of them), EngineStoppedError/EngineDeadError if
+        none are accepted at all."""
+        with self._cond:
+            self._check_can_accept()
+            limit = self.max_queued_requests
+            queued = self._num_waiting + self._pending_adds
+            if limit is not None and queued + num_requests > limit:
+                raise QueueFullError(
+                    f"the server is overloaded: {queued} requests are waiting and this one adds {num_requests} "
+                    f"(limit {limit}); retry later"
+                )
+
     @property
     def dead_error(self) -> BaseException | None:
         return self._dead_error
@@ -213,10 +233,31 @@ class AsyncEngine:
         if sink in self._sinks:
             self._sinks.remove(sink)
 
+    def add_death_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` once, from whichever thread noticed it, when the engine dies (an
+        error that belongs to no single request, or `fail()` from a watchdog). The server uses it to
+        stop and exit non-zero so that an orchestrator restarts the process."""
+        with self._cond:
+            dead = self._dead_error
+            if dead is None:
+                self._death_callbacks.append(callback)
+        if dead is not None:
+            callback(dead)
+
+    def fail(self, error: BaseException) -> None:
+        """Declare the engine dead from any thread (e.g. an expert-parallel watchdog that saw a
+        worker die or freeze while the loop thread is stuck in a collective): every waiter gets
+        EngineDeadError at once and the death callbacks run. Idempotent."""
+        logger.error("engine failure: %r", error)
+        self._die(error)
+
     def start(self) -> None:
-        """Start the loop thread (idempotent)."""
+        """Start the loop thread (idempotent); engine-side watchdogs report through `fail`."""
         if self._thread is not None:
             return
+        watch = getattr(self.engine, "set_failure_handler", None)
+        if watch is not None:
+            watch(self.fail)
         self._thread = threading.Thread(target=self._run, name="dynserve-engine", daemon=True)
         self._thread.start()
 
@@ -379,13 +420,18 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cond:
+                if self._dead_error is not None:  # failed from outside (a watchdog): stop stepping
+                    return
                 while (
                     not self._stop
+                    and self._dead_error is None
                     and not self._inbox.adds
                     and not self._inbox.aborts
                     and not engine.has_unfinished_requests()
                 ):
                     self._cond.wait()
+                if self._dead_error is not None:
+                    return
                 inbox, self._inbox = self._inbox, _Inbox()
                 if self._stop:
                     self._fail_adds(inbox.adds, EngineStoppedError("the engine has stopped"))
@@ -448,7 +494,9 @@ class AsyncEngine:
                 for sink in self._sinks:
                     _safe(sink.observe_finished, "abort", time.monotonic() - state.arrival_time, None)
             if to_abort:
-                engine.abort_request(to_abort)
+                # the streams were told above: no final output, which could reach a new request
+                # that reuses the id
+                engine.abort_request(to_abort, report=False)
         if inbox.adds or inbox.aborts:
             # publish the new waiting count and retire the pending adds in one go, so the
             # backpressure count (waiting + pending) never dips in between
@@ -469,8 +517,15 @@ class AsyncEngine:
                     del self._requests[out.request_id]
             if state is None:
                 continue  # aborted by its consumer: nobody listens
+            if state.loop.is_closed():  # the consumer's event loop is gone: nobody ever will
+                self.abort(out.request_id)
+                continue
             self._observe(state, out, now)
-            batches.setdefault(state.loop, []).append((state.queue, out))
+            item: object = out
+            if out.error is not None:  # the request failed on its own; the others go on
+                logger.warning("request %s failed: %s", out.request_id, out.error)
+                item = RequestFailedError(out.error)
+            batches.setdefault(state.loop, []).append((state.queue, item))
             if out.finished:
                 state.finished = True
         for loop, items in batches.items():
@@ -532,25 +587,37 @@ class AsyncEngine:
 
     def _die(self, error: BaseException) -> None:
         with self._cond:
+            if self._dead_error is not None:
+                return
             self._dead_error = error
+            self._accepting = False
             states = list(self._requests.values())
             self._requests.clear()
             self._inbox = _Inbox()
             self._pending_adds = 0
+            callbacks, self._death_callbacks = self._death_callbacks, []
+            self._cond.notify_all()
         err = EngineDeadError(f"the engine loop died: {error!r}")
         for s in states:  # includes the not yet processed adds
             if s.in_engine:
                 self._emit(s, err)
             else:
                 _call_soon(s.loop, _set_exception, s.accepted, err)
+        for cb in callbacks:
+            try:
+                cb(error)
+            except Exception:
+                logger.exception("engine death callback failed")
 
 
 # ---------------------------------------------------------------------- loop-side helpers
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> bool:
+    """Run fn(*args) on `loop`; False if that loop is closed."""
     try:
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the consumer's loop is closed
-        pass
+        return False
+    return True
 
 
 def _put_many(items: list[tuple[asyncio.Queue, object]]) -> None:

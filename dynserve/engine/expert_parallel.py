@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -387,6 +388,11 @@ class ExpertParallelRuntime:
 
     def pairs_per_rank(self) -> list[int]:
         return self.ep.pairs_per_rank.tolist()
+
+    def start_watchdog(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Watch the workers from a background thread; call `on_failure(error)` once if one dies or
+        stops answering. (Interface; the heartbeat is being built.)"""
+        self._on_failure = on_failure
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers and leave the process group (idempotent)."""

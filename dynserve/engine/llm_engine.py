@@ -8,7 +8,7 @@ KV blocks to the BlockManager, compute and sampling to the ModelRunner.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -144,19 +144,32 @@ class LLMEngine:
         for s in req.samples:
             self.scheduler.add(s.seq)
 
-    def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Abort requests: their KV blocks are freed at once; a final output reports the abort."""
+    def abort_request(self, request_id: str | Iterable[str], *, report: bool = True) -> None:
+        """Abort requests: their KV blocks are freed at once. With `report`, the next step returns a
+        final output that reports the abort (a caller that already told the consumer passes False)."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             req = self.requests.get(rid)
-            if req is None:
-                continue
-            self.scheduler.abort(rid)
-            for s in req.samples:
-                self.runner.release(s.seq)
-            req.finished_time = time.monotonic()
-            self._pending_outputs.append(self._make_output(req))
-            del self.requests[rid]
+            if req is not None:
+                self._end_request(req, report=report)
+
+    def _end_request(self, req: _Request, *, report: bool = True, error: str | None = None) -> None:
+        """Finish every unfinished sample of `req` as aborted, free its KV blocks and sampler state,
+        and (with `report`) queue its final output, carrying `error` if one of its own ended it."""
+        self.scheduler.abort(req.request_id)
+        for s in req.samples:
+            self.runner.release(s.seq)
+        req.finished_time = time.monotonic()
+        del self.requests[req.request_id]
+        if report:
+            out = self._safe_output(req, error)
+            self._pending_outputs.append(out)
+
+    def set_failure_handler(self, handler: Callable[[BaseException], None]) -> None:
+        """`handler(error)` is called from a watchdog thread when something outside a step fails for
+        good (an expert-parallel worker died or froze); the caller must then stop using this engine."""
+        if self.runner.expert_parallel is not None:
+            self.runner.expert_parallel.start_watchdog(handler)
 
     @property
     def num_steps(self) -> int:
@@ -177,12 +190,13 @@ class LLMEngine:
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+        ends = [seq.num_computed_tokens + n for seq, n in scheduled]
         result = self.runner.execute(scheduled)
         self.scheduler.postprocess(sched)
         self._num_steps += 1
         touched: dict[str, _Request] = {}
-        for (seq, n), usage in zip(scheduled, result.usage, strict=True):
-            seq.num_routed_tokens += n
+        for (seq, _), end, usage in zip(scheduled, ends, result.usage, strict=True):
+            seq.num_routed_tokens = max(seq.num_routed_tokens, end)  # recomputed positions count once
             for layer, c in enumerate(usage):
                 seq.expert_activations_per_layer[layer] += c
         if result.k_histogram is not None:
@@ -190,26 +204,62 @@ class LLMEngine:
         if result.expert_token_counts is not None and self._expert_tokens is not None:
             self._expert_tokens += result.expert_token_counts
         now = time.monotonic()
-        for seq, token, lp in zip(result.sampled_seqs, result.sampled, result.logprobs, strict=True):
-            req = self.requests[seq.request_id]
-            state = req.samples[seq.sample_index]
-            seq.append_token(token)
-            self._generation_tokens += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if state.logprobs is not None and lp is not None:
-                state.logprobs.append(lp)
-            reason = self._check_stop(state, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self.runner.release(seq)
+        failed: dict[str, str] = {}  # request id -> the error of its own that ends it
+        for i, (seq, token, lp) in enumerate(zip(result.sampled_seqs, result.sampled, result.logprobs, strict=True)):
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.request_id in failed:
+                continue
+            err = result.sample_errors.get(i)
+            if err is not None:
+                failed[req.request_id] = err
+                continue
+            try:
+                self._accept_token(req, seq, token, lp, now)
+            except Exception as e:  # its detokenisation, stop strings or logprobs: this request's alone
+                failed[req.request_id] = f"{type(e).__name__}: {e}"
+                continue
             touched[req.request_id] = req
+        for rid, err in failed.items():
+            touched.pop(rid, None)
+            self._end_request(self.requests[rid], error=err)
+        outputs.extend(self._pending_outputs)
+        self._pending_outputs = []
         for req in touched.values():
             if req.finished:
                 req.finished_time = now
                 del self.requests[req.request_id]
-            outputs.append(self._make_output(req))
+            outputs.append(self._safe_output(req))
         return outputs
+
+    def _accept_token(self, req: _Request, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float) -> None:
+        state = req.samples[seq.sample_index]
+        seq.append_token(token)
+        self._generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if state.logprobs is not None and lp is not None:
+            state.logprobs.append(lp)
+        reason = self._check_stop(state, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.runner.release(seq)
+
+    def _safe_output(self, req: _Request, error: str | None = None) -> RequestOutput:
+        """The request's output; if building it fails (detokenising), the request ends with that error."""
+        try:
+            out = self._make_output(req)
+        except Exception as e:
+            error = error or f"{type(e).__name__}: {e}"
+            if req.request_id in self.requests:
+                self.scheduler.abort(req.request_id)
+                for s in req.samples:
+                    self.runner.release(s.seq)
+                del self.requests[req.request_id]
+            req.finished_time = req.finished_time or time.monotonic()
+            out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], finished=True)
+        if error is not None:
+            out.error, out.finished = error, True
+        return out
 
     def _check_stop(self, state: _SampleState, token: int) -> FinishReason | None:
         """Stop checks in vLLM's order; a stop token's text never enters the output."""
@@ -275,7 +325,7 @@ class LLMEngine:
             outputs=comps,
             finished=req.finished_time is not None,
             expert_usage=usage,
-            num_cached_tokens=first.num_cached_tokens,
+            num_cached_tokens=first.num_cached_prompt_tokens or 0,
             metrics=metrics,
         )
 

@@ -29,6 +29,7 @@ class StepResult:
     sampled_seqs: list[Sequence] = field(default_factory=list)
     sampled: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    sample_errors: dict[int, str] = field(default_factory=dict)  # index into sampled -> why it failed
     usage: list[list[int]] = field(default_factory=list)  # [B][L_moe]
     k_histogram: torch.Tensor | None = None  # [L_moe, E+1] int64, this step
     expert_token_counts: torch.Tensor | None = None  # [L_moe, E] int64, this step
@@ -129,10 +130,13 @@ class ModelRunner:
             result.sampled_seqs = seqs
             result.sampled = out.token_ids
             result.logprobs = out.logprobs
-        self._account_experts(batch, result)
+            result.sample_errors = out.errors
+        # positions a sequence already counted (recomputed after preemption) count once per request
+        recounted = [max(0, min(n, seq.num_routed_tokens - seq.num_computed_tokens)) for seq, n in scheduled]
+        self._account_experts(batch, result, recounted)
         return result
 
-    def _account_experts(self, batch: ForwardBatch, result: StepResult) -> None:
+    def _account_experts(self, batch: ForwardBatch, result: StepResult, recounted: list[int]) -> None:
         B = batch.num_seqs
         if not batch.expert_counts:
             result.usage = [[] for _ in range(B)]
@@ -141,8 +145,10 @@ class ModelRunner:
         L = counts.shape[0]
         csum = torch.zeros(L, batch.num_tokens + 1, dtype=torch.int64, device=counts.device)
         csum[:, 1:] = torch.cumsum(counts, dim=1)
-        qsl = batch.query_start_loc
-        per_seq = csum[:, qsl[1:]] - csum[:, qsl[:-1]]  # [L, B]
+        starts = batch.query_start_loc[:-1]  # [B]
+        if any(recounted):
+            starts = starts + torch.tensor(recounted, dtype=starts.dtype, device=starts.device)
+        per_seq = csum[:, batch.query_start_loc[1:]] - csum[:, starts]  # [L, B]
         result.usage = per_seq.t().tolist()  # [B][L]
         E = self.num_experts
         offs = torch.arange(L, device=counts.device).unsqueeze(1) * (E + 1)  # [L, 1]

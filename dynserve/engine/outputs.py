@@ -77,3 +77,4 @@ class RequestOutput:
     expert_usage: ExpertUsage = field(default_factory=ExpertUsage)
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first_token/finish times
+    error: str | None = None  # set (with finished=True) when an error of this request alone ended it

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,10 +32,13 @@ from dynserve.engine.sequence import Sequence
 
 @dataclass
 class SamplerOutput:
-    """One sampled token per input row, and its logprobs for rows that asked for them."""
+    """One sampled token per input row, and its logprobs for rows that asked for them. A row whose
+    sampling failed (an error that belongs to that request alone) has token id -1 and its message
+    in `errors`; every other id is inside the vocabulary."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> message
 
 
 @dataclass
@@ -80,13 +83,33 @@ class Sampler:
             raise ValueError(f"sampler got {B} logit rows for {len(seqs)} sequences")
         if B == 0:
             return SamplerOutput([], [])
+        try:
+            token_ids = self._sample_ids(logits, seqs)
+        except Exception:  # one row's numbers or state broke the batch: find it, keep the others
+            token_ids = []
+            errors: dict[int, str] = {}
+            for i in range(B):
+                try:
+                    token_ids.extend(self._sample_ids(logits[i : i + 1], seqs[i : i + 1]))
+                except Exception as e:
+                    token_ids.append(-1)
+                    errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+        else:
+            errors = {}
+        for i, t in enumerate(token_ids):  # the invariant, checked where it is cheap
+            if not 0 <= t < V and i not in errors:
+                errors[i] = f"sampling produced token id {t}, outside the vocabulary of {V}"
         params = [s.sampling_params for s in seqs]
-        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None and i not in errors]
         raw_logprobs = None
         if lp_rows:
             rows = torch.tensor(lp_rows, device=logits.device)
             raw_logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # [L, V]
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, lp_rows, token_ids, params, B), errors)
 
+    def _sample_ids(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+        """logits [B, V] -> one token id per row, each in [0, V) for any finite parameters."""
+        params = [s.sampling_params for s in seqs]
         min_tok_rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < params[i].min_tokens]
         pen_rows = [
             i
@@ -103,7 +126,7 @@ class Sampler:
             if pen_rows:
                 self._apply_penalties(logits, [seqs[i] for i in pen_rows], pen_rows)
             token_ids = self._choose(logits, seqs, greedy)
-        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, lp_rows, token_ids, params, B))
+        return token_ids
 
     # ------------------------------------------------------------------ steps
     def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
@@ -158,6 +181,9 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]) -> list[int]:
         """Greedy rows: argmax. Random rows: temperature, top_k, top_p, min_p, then one draw."""
         dev = logits.device
+        # Extreme penalties overflow float32: +inf would make softmax NaN, NaN would win argmax
+        # arbitrarily. Keep the order: +inf -> the largest float, NaN -> -inf (never chosen).
+        logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
         out = logits.argmax(dim=-1)  # [B]; final for greedy rows
         rand_rows = [i for i, g in enumerate(greedy) if not g]
         if not rand_rows:
@@ -190,6 +216,8 @@ class Sampler:
             m_t = torch.tensor(min_ps, dtype=probs.dtype, device=dev).unsqueeze(1)  # [R, 1]
             probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * m_t, 0.0)
         chosen = self._draw(probs, [seqs[i] for i in rand_rows])  # [R]
+        # a row with no probability mass left (every logit -inf after penalties) falls back to its argmax
+        chosen = torch.where(chosen < V, chosen, out if all_rows else out[row_idx])
         if all_rows:
             return chosen.tolist()
         out[row_idx] = chosen
@@ -211,8 +239,9 @@ class Sampler:
                 st.generator = torch.Generator(device=dev)
                 st.generator.manual_seed(_seed_for(seed, seq.sample_index))
             u[j] = torch.rand((), dtype=torch.float64, device=dev, generator=st.generator)
+        probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)  # [R, V]
         cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [R, V]
-        total = cdf[:, -1:]  # [R, 1]
+        total = cdf[:, -1:]  # [R, 1]; 0 for a row with no mass: searchsorted then returns V
         target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))  # [R, 1]
         return torch.searchsorted(cdf, target, right=True).squeeze(1)  # [R]: first index with cdf > target
 
@@ -230,12 +259,14 @@ class Sampler:
         vals, idx = probs.topk(k, dim=-1)  # [R, k], descending
         cum = vals.cumsum(dim=-1)  # [R, k]
         keep = (cum - vals) < p_t  # [R, k]
+        keep[:, 0] = True  # the most likely token always stays, however small p (1e-300 rounds to 0)
         ok = (cum[:, -1:] >= p_t) | torch.isinf(p_t)  # [R, 1]: the nucleus lies inside the candidates
         if k < V and not bool(ok.all()):
             bad = (~ok.squeeze(1)).nonzero().squeeze(1)  # [b]
             s_vals, s_idx = probs[bad].sort(dim=-1, descending=True)  # [b, V]
             s_cum = s_vals.cumsum(dim=-1)  # [b, V]
             s_keep = (s_cum - s_vals) < p_t[bad]  # [b, V]
+            s_keep[:, 0] = True
             full_keep = torch.zeros(R, V, dtype=torch.bool, device=dev)  # [R, V]
             full_keep.scatter_(1, idx, keep)
             full_keep[bad] = torch.zeros_like(s_keep).scatter_(1, s_idx, s_keep)

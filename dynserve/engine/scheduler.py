@@ -172,6 +172,8 @@ class Scheduler:
             seq.num_cached_tokens = 0
             return 0
         bm.allocate(seq, n)
+        if seq.num_cached_prompt_tokens is None:  # what usage reports: the first admission, never a recompute
+            seq.num_cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
         if matched:
             bm.record_prefix_query(len(seq), seq.num_cached_tokens)
         return n

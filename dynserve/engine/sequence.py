@@ -49,7 +49,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
+    num_cached_tokens: int = 0  # tokens served from the prefix cache at the latest admission
+    num_cached_prompt_tokens: int | None = None  # prompt tokens served from it at the first (reported)
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -35,6 +35,7 @@ from dynserve.engine.async_engine import (
     EngineStoppedError,
     QueueFullError,
     RequestAbortedError,
+    RequestFailedError,
     RequestStream,
 )
 from dynserve.engine.outputs import ExpertUsage, RequestOutput, TokenLogprobs
@@ -125,6 +126,8 @@ def _engine_error(e: BaseException, retry_after: int, prompt_param: str = "promp
         return ApiError(503, str(e), "server_error", code="shutting_down", headers={"Retry-After": str(retry_after)})
     if isinstance(e, EngineDeadError):
         return ApiError(500, str(e), "server_error", code="engine_dead")
+    if isinstance(e, RequestFailedError):
+        return ApiError(500, f"the request failed: {e}", "server_error", code="request_failed")
     if isinstance(e, RequestAbortedError):
         return ApiError(
             503,
