@@ -348,3 +348,26 @@ def test_usage_accumulator_totals():
     assert acc.histogram[1].tolist() == [0, 1, 1, 0, 2]
     avg = acc.activations_per_layer().sum().item() / acc.tokens_per_layer().sum().item()
     assert math.isclose(avg, 17 / 8)
+
+
+def test_nan_router_logits_give_valid_pairs_with_zero_weight():
+    """A token whose router logits are NaN (or +inf) keeps valid expert ids and weight 0, whatever
+    the policy, so no NaN reaches the expert GEMMs and the others' routing is unchanged."""
+    import math
+
+    from dynserve.config import RoutingConfig as RC
+    from dynserve.routing.base import CheckpointRule, RoutingBatch
+    from dynserve.routing.policies import route
+
+    E = 8
+    logits = torch.randn(4, E, generator=torch.Generator().manual_seed(0))
+    logits[1] = math.nan
+    logits[2, 3] = math.inf
+    rule = CheckpointRule(num_experts=E, top_k=2, renormalize=True)
+    for cfg in (RC(), RC(policy="top_p", p=0.5), RC(policy="threshold", threshold=0.1, min_experts=1)):
+        a = route(logits, RoutingBatch.single(cfg), rule)
+        assert torch.isfinite(a.weights).all(), cfg
+        assert ((a.expert_ids >= 0) & (a.expert_ids < E)).all()
+        clean = route(logits[[0, 3]], RoutingBatch.single(cfg), rule)
+        ok = (a.token_ids == 0) | (a.token_ids == 3)
+        assert torch.equal(a.expert_ids[ok], clean.expert_ids)

@@ -211,3 +211,86 @@ def test_empirical_distribution_matches_softmax():
     want = torch.zeros(6)
     want[:3] = torch.softmax(logits[:3] / 0.7, -1)
     torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+
+
+# ------------------------------------------------------------------ float safety (issue 12)
+EXTREMES = [1e-300, 5e-324, 1e-46, 1e-39, 1e-30, 1e30]
+
+
+def test_extreme_accepted_parameters_never_leave_the_vocabulary():
+    """Every finite value SamplingParams accepts gives a token id inside the vocabulary: top_p that
+    rounds to 0 in float32 keeps the top token, penalties that overflow float32 keep the order."""
+    sampler = Sampler([EOS])
+    V = 64
+    logits = _logits(1, V, scale=4.0)
+    seqs = []
+    for x in EXTREMES:
+        if x <= 1.0:
+            seqs += [_seq(top_p=x), _seq(top_p=x, temperature=0.3, seed=3), _seq(min_p=x)]
+        seqs += [
+            _seq(output=(7, 8, 9), repetition_penalty=x),
+            _seq(output=(7, 8, 9), repetition_penalty=x, temperature=0.0),
+            _seq(output=(7, 8, 9), repetition_penalty=x, top_p=0.5, top_k=3),
+            _seq(temperature=x if x < 2 else 2.0),
+        ]
+    out = sampler.sample(logits.repeat(len(seqs), 1), seqs)
+    assert not out.errors
+    assert all(0 <= t < V for t in out.token_ids)
+    # top_p that rounds to zero is greedy
+    top = int(logits.argmax())
+    for i, s in enumerate(seqs):
+        if s.sampling_params.top_p < 1e-30:
+            assert out.token_ids[i] == top
+
+
+def test_all_prompt_tokens_penalised_to_minus_inf_falls_back_to_argmax():
+    sampler = Sampler()
+    V = 16
+    logits = -torch.rand(2, V) - 1.0  # all negative: x * 1e30 overflows to -inf for every seen token
+    prompt = tuple(range(V))
+    seqs = [_seq(prompt=prompt, repetition_penalty=1e30), _seq(prompt=prompt, repetition_penalty=1e30, seed=1)]
+    out = sampler.sample(logits, seqs)
+    assert not out.errors and all(0 <= t < V for t in out.token_ids)
+
+
+def test_nan_and_inf_logit_rows_give_valid_ids_and_spare_the_others():
+    sampler = Sampler()
+    V = 32
+    logits = _logits(4, V)
+    logits[0] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    seqs = [_seq(seed=i, top_p=0.9) for i in range(4)]
+    out = sampler.sample(logits, seqs)
+    assert all(0 <= t < V for t in out.token_ids)
+    assert out.token_ids[1] == 3
+    assert out.token_ids[3] == sampler.sample(logits[3:], seqs[3:]).token_ids[0]  # seeded row unaffected
+
+
+def test_a_row_whose_sampling_raises_fails_alone():
+    """A broken row (here: parameters corrupted after validation) gets an error and token -1; the
+    other rows of the batch still get their tokens."""
+    sampler = Sampler()
+    logits = _logits(3, 20)
+    seqs = [_seq(temperature=0.7, seed=1), _seq(temperature=0.7), _seq(temperature=0.0)]
+    want = [sampler.sample(logits[i : i + 1], [s]).token_ids[0] for i, s in enumerate(seqs) if i != 1]
+    sampler = Sampler()
+    seqs = [_seq(temperature=0.7, seed=1), _seq(temperature=0.7), _seq(temperature=0.0)]
+    seqs[1].sampling_params.top_k = "broken"  # fails inside the batch
+    out = sampler.sample(
+        logits,
+        seqs,
+    )
+    assert set(out.errors) == {1} and out.token_ids[1] == -1
+    assert [out.token_ids[0], out.token_ids[2]] == want
+
+
+def test_sampling_params_reject_non_finite_values():
+    import math
+
+    import pytest
+
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError, match=name):
+                SamplingParams(**{name: bad})

@@ -195,8 +195,9 @@ class LLMEngine:
         self.scheduler.postprocess(sched)
         self._num_steps += 1
         touched: dict[str, _Request] = {}
-        for (seq, _), end, usage in zip(scheduled, ends, result.usage, strict=True):
-            seq.num_routed_tokens = max(seq.num_routed_tokens, end)  # recomputed positions count once
+        for (seq, n), end, usage in zip(scheduled, ends, result.usage, strict=True):
+            seq.num_routed_tokens += max(0, min(n, end - seq.routed_upto))  # recomputed positions count once
+            seq.routed_upto = max(seq.routed_upto, end)
             for layer, c in enumerate(usage):
                 seq.expert_activations_per_layer[layer] += c
         if result.k_histogram is not None:

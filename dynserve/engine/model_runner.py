@@ -132,7 +132,7 @@ class ModelRunner:
             result.logprobs = out.logprobs
             result.sample_errors = out.errors
         # positions a sequence already counted (recomputed after preemption) count once per request
-        recounted = [max(0, min(n, seq.num_routed_tokens - seq.num_computed_tokens)) for seq, n in scheduled]
+        recounted = [max(0, min(n, seq.routed_upto - seq.num_computed_tokens)) for seq, n in scheduled]
         self._account_experts(batch, result, recounted)
         return result
 

@@ -60,7 +60,8 @@ class Sequence:
     first_token_time: float | None = None
     # expert usage: per MoE layer, sum over computed tokens of FFN experts used
     expert_activations_per_layer: list[int] = field(default_factory=list)
-    num_routed_tokens: int = 0  # token positions that went through the MoE layers
+    num_routed_tokens: int = 0  # token positions that went through the MoE layers (each counted once)
+    routed_upto: int = 0  # positions below this are counted already (recomputed after preemption)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -27,15 +27,16 @@ from dynserve.routing.base import Assignment, CheckpointRule, RoutingBatch
 TOP_K, TOP_P, THRESHOLD = 0, 1, 2
 _POLICY_CODE = {"top_k": TOP_K, "top_p": TOP_P, "threshold": THRESHOLD}
 ZERO_EXPERT_KINDS: tuple[str, ...] = ("zero", "identity")
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def checkpoint_top_k(router_logits: torch.Tensor, rule: CheckpointRule, k: int | None = None) -> Assignment:
     """The checkpoint's own rule: softmax in float32, top-k, optional renormalisation."""
-    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    probs = _softmax_no_nan(router_logits)  # [T, E]
     k = min(k or rule.top_k, rule.num_experts)
     topk_w, topk_ids = torch.topk(probs, k, dim=-1)  # [T, k]
     if rule.renormalize:
-        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp_min(_TINY)  # a NaN-router token: 0, not 0/0
     return Assignment.from_topk(topk_ids, topk_w, rule.num_experts)
 
 
@@ -46,7 +47,13 @@ def router_probs(router_logits: torch.Tensor, rule: CheckpointRule) -> torch.Ten
             f"route() supports softmax routers only (got scoring={rule.scoring!r}); "
             "models with other scoring route natively"
         )
-    return torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    return _softmax_no_nan(router_logits)  # [T, E]
+
+
+def _softmax_no_nan(router_logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in float32 where a NaN probability (a NaN or +inf router logit) becomes 0: such a
+    token keeps valid expert ids with weight 0 instead of spreading NaN into the expert GEMMs."""
+    return torch.softmax(router_logits.float(), dim=-1).nan_to_num_(nan=0.0)  # [T, E]
 
 
 def route(router_logits: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) -> Assignment:
@@ -83,7 +90,7 @@ def _top_k_fast(probs: torch.Tensor, row: _ConfigRow, num_experts: int) -> Assig
     """Every token the same k: exactly the ops of `checkpoint_top_k` (bit for bit)."""
     topk_w, topk_ids = torch.topk(probs, row.k, dim=-1)  # [T, k]
     if row.renormalize:
-        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True).clamp_min(_TINY)
     return Assignment.from_topk(topk_ids, topk_w, num_experts)
 
 
@@ -163,7 +170,7 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
             exact = sorted_p[:, :k].contiguous().sum(dim=-1)  # [T]
             is_k = per_token([r.policy == TOP_K and r.k == k for r in rows], torch.bool)
             kept_sum = torch.where(is_k, exact, kept_sum)
-        kept_sum = kept_sum.clamp_min(torch.finfo(torch.float32).tiny)  # empty tokens: no 0/0
+        kept_sum = kept_sum.clamp_min(_TINY)  # empty tokens: no 0/0
         renorm_t = per_token([r.renormalize for r in rows], torch.bool).expand(T)  # [T]
         weights = torch.where(renorm_t[tok], weights / kept_sum[tok], weights)  # [P]
     offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
