@@ -28,7 +28,8 @@ import torch
 from dynserve_kernels import cpu_native
 
 if TYPE_CHECKING:
-    from dynserve.model.base import ForwardBatch
+    from dynserve_kernels.metadata import AttentionMetadata
+
     from dynserve.routing.base import Assignment
 
 _BACKEND_ENV = "DYNSERVE_KERNEL_BACKEND"  # "torch" | "cpu" | "triton" forces a backend
@@ -88,7 +89,7 @@ def write_kv(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float, backend: str = "torch"
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float, backend: str = "torch"
 ) -> torch.Tensor:
     if backend == "triton":
         from dynserve_kernels.attention_triton import paged_attention_triton

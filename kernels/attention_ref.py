@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from dynserve.model.base import ForwardBatch
+    from dynserve_kernels.metadata import AttentionMetadata
 
 
 def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -46,7 +46,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _host_lists(batch: ForwardBatch) -> tuple[list[int], list[int]]:
+def _host_lists(batch: AttentionMetadata) -> tuple[list[int], list[int]]:
     qsl = batch.query_start_loc_host or batch.query_start_loc.tolist()
     lens = batch.seq_lens_host or batch.seq_lens.tolist()
     return qsl, lens
@@ -97,7 +97,9 @@ def _gather_seq(cache_half: torch.Tensor, block_table: torch.Tensor, length: int
     return rows.view(nblk * bs, *cache_half.shape[2:])[:length]
 
 
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+def paged_attention_ref(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over each sequence's paged K/V; returns [T, Hq, D] in q.dtype."""
     T, hq, d = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
@@ -141,7 +143,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
 
 
 def _decode(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float, cdt: torch.dtype
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float, cdt: torch.dtype
 ) -> torch.Tensor:
     """One query per sequence (T == B), vectorised over the batch."""
     B, hq, d = q.shape

@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 if TYPE_CHECKING:
-    from dynserve.model.base import ForwardBatch
+    from dynserve_kernels.metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
@@ -249,7 +249,9 @@ def _prefill_kernel(
     )
 
 
-def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+def paged_attention_triton(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Triton version of `paged_attention_ref`: q [T, Hq, D] -> [T, Hq, D] in q.dtype."""
     T, hq, d = q.shape
     _, _, bs, hkv, dc = kv_cache.shape

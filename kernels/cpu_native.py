@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from dynserve.model.base import ForwardBatch
+    from dynserve_kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] over kv_cache [2, N, bs, Hkv, D] -> [B, Hq, D] (float32, CPU).
 
-    block_tables [B, max_blocks] and seq_lens [B] (int64) as in ForwardBatch; seq_lens[b] counts the
+    block_tables [B, max_blocks] and seq_lens [B] (int64) as in AttentionMetadata; seq_lens[b] counts the
     new token, whose K/V must already be written. A sequence with length 0 gets zeros.
     """
     lib = _load()
@@ -254,7 +254,7 @@ def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torc
     )
 
 
-def takes_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> bool:
+def takes_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata) -> bool:
     """Whether `paged_decode_attention` should run this attention: one query per sequence, float32 CPU."""
     return batch.max_query_len == 1 and q.shape[0] == batch.num_seqs and _cpu_f32(q, kv_cache) and available()
 

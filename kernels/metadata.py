@@ -1,0 +1,36 @@
+"""AttentionMetadata: what the paged-attention kernels read about a step, as plain tensors.
+
+Owned by the kernels package so that kernels depend on nothing above them (the model's
+`ForwardBatch` extends it with the token tensors and routing of a step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(kw_only=True)
+class AttentionMetadata:
+    """Paged-KV layout of one step: B sequences, T new tokens in total.
+
+    Sequence b's new tokens are rows query_start_loc[b]:query_start_loc[b+1] of q; they sit at
+    positions seq_lens[b]-query_len_b .. seq_lens[b]-1 of that sequence, so its first
+    seq_lens[b]-query_len_b positions (cached prefix, earlier chunks) are read from the KV cache
+    through block_tables[b].
+    """
+
+    query_start_loc: torch.Tensor  # [B+1] int64 (cumulative query lengths)
+    seq_lens: torch.Tensor  # [B] int64 context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (padded with 0)
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # query_start_loc / seq_lens as Python lists (host copies: loops must not sync a device)
+    query_start_loc_host: list[int] = field(default_factory=list)
+    seq_lens_host: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.numel())
