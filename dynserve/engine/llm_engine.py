@@ -11,16 +11,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
-
 from dynserve.config import EngineConfig
 from dynserve.engine.block_manager import BlockManager
 from dynserve.engine.detokenizer import IncrementalDetokenizer
 from dynserve.engine.model_runner import ModelRunner
-from dynserve.engine.outputs import CompletionOutput, ExpertUsage, RequestOutput, TokenLogprobs
+from dynserve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from dynserve.engine.scheduler import Scheduler
 from dynserve.engine.sequence import FinishReason, Sequence
 from dynserve.engine.stats import EngineStats
+from dynserve.routing.usage import ExpertUsage, SequenceUsage
 from dynserve.sampling_params import SamplingParams
 from dynserve.tokenizer import Tokenizer
 
@@ -73,9 +72,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, _Request] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborted requests to report
-        L, E = self.runner.num_moe_layers, self.runner.num_experts
-        self._k_hist = torch.zeros(L, E + 1, dtype=torch.int64)  # [L, E+1]
-        self._expert_tokens = torch.zeros(L, E, dtype=torch.int64) if config.record_expert_token_counts else None
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._num_steps = 0
@@ -127,7 +123,7 @@ class LLMEngine:
         req = _Request(request_id, prompt, prompt_token_ids, params, arrival_time or time.monotonic())
         for i in range(params.n):
             seq = Sequence(request_id, prompt_token_ids, params, routing, sample_index=i, arrival_time=req.arrival_time)
-            seq.expert_activations_per_layer = [0] * self.runner.num_moe_layers
+            seq.expert_usage = SequenceUsage.zeros(self.runner.num_moe_layers)
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(
@@ -190,20 +186,13 @@ class LLMEngine:
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        ends = [seq.num_computed_tokens + n for seq, n in scheduled]
+        starts = [seq.num_computed_tokens for seq, _ in scheduled]
         result = self.runner.execute(scheduled)
         self.scheduler.postprocess(sched)
         self._num_steps += 1
         touched: dict[str, _Request] = {}
-        for (seq, n), end, usage in zip(scheduled, ends, result.usage, strict=True):
-            seq.num_routed_tokens += max(0, min(n, end - seq.routed_upto))  # recomputed positions count once
-            seq.routed_upto = max(seq.routed_upto, end)
-            for layer, c in enumerate(usage):
-                seq.expert_activations_per_layer[layer] += c
-        if result.k_histogram is not None:
-            self._k_hist += result.k_histogram
-        if result.expert_token_counts is not None and self._expert_tokens is not None:
-            self._expert_tokens += result.expert_token_counts
+        for (seq, n), start, usage in zip(scheduled, starts, result.usage, strict=True):
+            seq.expert_usage.add(start, n, usage)
         now = time.monotonic()
         failed: dict[str, str] = {}  # request id -> the error of its own that ends it
         for i, (seq, token, lp) in enumerate(zip(result.sampled_seqs, result.sampled, result.logprobs, strict=True)):
@@ -306,9 +295,7 @@ class LLMEngine:
             )
             st.sent_text, st.sent_tokens = len(text), len(out_ids)
             st.sent_logprobs = len(st.logprobs) if st.logprobs is not None else 0
-        usage = ExpertUsage.merge(
-            [ExpertUsage.from_counts(s.seq.expert_activations_per_layer, s.seq.num_routed_tokens) for s in req.samples]
-        )
+        usage = ExpertUsage.merge([s.seq.expert_usage.report() for s in req.samples])
         first = req.samples[0].seq
         metrics = {"arrival_time": req.arrival_time}
         times = [s.seq.first_scheduled_time for s in req.samples if s.seq.first_scheduled_time is not None]
@@ -333,6 +320,7 @@ class LLMEngine:
     # ------------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
+        usage = self.runner.expert_usage
         running = {s.request_id for s in self.scheduler.running}
         waiting = {s.request_id for s in self.scheduler.waiting} - running
         return EngineStats(
@@ -348,9 +336,9 @@ class LLMEngine:
             generation_tokens=self._generation_tokens,
             num_moe_layers=self.runner.num_moe_layers,
             num_experts=self.runner.num_experts,
-            expert_k_histogram=self._k_hist.tolist(),
-            expert_activations=int((self._k_hist * torch.arange(self._k_hist.shape[1])).sum()),
-            expert_token_counts=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
+            expert_k_histogram=usage.histogram.tolist(),
+            expert_activations=usage.total_activations(),
+            expert_token_counts=usage.expert_tokens.tolist() if usage.expert_tokens is not None else None,
             num_steps=self._num_steps,
             expert_parallel_pairs_per_rank=(
                 self.runner.expert_parallel.pairs_per_rank() if self.runner.expert_parallel is not None else None

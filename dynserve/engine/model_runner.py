@@ -17,6 +17,7 @@ from dynserve.engine.sequence import Sequence
 from dynserve.model.base import ForwardBatch
 from dynserve.model.loader import allocate_kv_caches, kv_cache_bytes_per_block, load_model
 from dynserve.routing.base import RoutingBatch
+from dynserve.routing.usage import ExpertUsageAccumulator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,15 +25,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass
 class StepResult:
     """What one forward step produced. `sampled[i]` belongs to `sampled_seqs[i]`;
-    `usage[b]` is the per-MoE-layer expert activations of scheduled sequence b."""
+    `usage[b]` is the per-MoE-layer expert activations of scheduled sequence b (positions it
+    counted before left out)."""
 
     sampled_seqs: list[Sequence] = field(default_factory=list)
     sampled: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     sample_errors: dict[int, str] = field(default_factory=dict)  # index into sampled -> why it failed
     usage: list[list[int]] = field(default_factory=list)  # [B][L_moe]
-    k_histogram: torch.Tensor | None = None  # [L_moe, E+1] int64, this step
-    expert_token_counts: torch.Tensor | None = None  # [L_moe, E] int64, this step
 
 
 class ModelRunner:
@@ -49,6 +49,9 @@ class ModelRunner:
         self.num_experts = mc.num_experts
         self.num_kv_blocks = self._num_blocks()
         self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, _DTYPES[mc.dtype])
+        self.expert_usage = ExpertUsageAccumulator(
+            self.num_moe_layers, self.num_experts, record_expert_tokens=config.record_expert_token_counts
+        )  # engine-wide totals behind the metrics
         self.sampler = Sampler(eos_token_ids=list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids))
         self.expert_parallel = None  # ExpertParallelRuntime when config.expert_parallel_size > 1
         if config.expert_parallel_size > 1:
@@ -131,31 +134,12 @@ class ModelRunner:
             result.sampled = out.token_ids
             result.logprobs = out.logprobs
             result.sample_errors = out.errors
-        # positions a sequence already counted (recomputed after preemption) count once per request
-        recounted = [max(0, min(n, seq.routed_upto - seq.num_computed_tokens)) for seq, n in scheduled]
-        self._account_experts(batch, result, recounted)
+        # a request's usage counts a position once: skip what a recompute after preemption repeats
+        skip = [seq.expert_usage.already_counted(seq.num_computed_tokens, n) for seq, n in scheduled]
+        result.usage = self.expert_usage.add_step(
+            batch.expert_counts, batch.query_start_loc, skip, batch.expert_token_counts
+        ).tolist()  # [B][L]
         return result
-
-    def _account_experts(self, batch: ForwardBatch, result: StepResult, recounted: list[int]) -> None:
-        B = batch.num_seqs
-        if not batch.expert_counts:
-            result.usage = [[] for _ in range(B)]
-            return
-        counts = torch.stack(batch.expert_counts)  # [L, T]
-        L = counts.shape[0]
-        csum = torch.zeros(L, batch.num_tokens + 1, dtype=torch.int64, device=counts.device)
-        csum[:, 1:] = torch.cumsum(counts, dim=1)
-        starts = batch.query_start_loc[:-1]  # [B]
-        if any(recounted):
-            starts = starts + torch.tensor(recounted, dtype=starts.dtype, device=starts.device)
-        per_seq = csum[:, batch.query_start_loc[1:]] - csum[:, starts]  # [L, B]
-        result.usage = per_seq.t().tolist()  # [B][L]
-        E = self.num_experts
-        offs = torch.arange(L, device=counts.device).unsqueeze(1) * (E + 1)  # [L, 1]
-        hist = torch.bincount((counts.clamp(max=E) + offs).reshape(-1), minlength=L * (E + 1))
-        result.k_histogram = hist.reshape(L, E + 1).cpu()  # [L, E+1]
-        if batch.expert_token_counts:
-            result.expert_token_counts = torch.stack(batch.expert_token_counts).cpu()  # [L, E]
 
     def close(self) -> None:
         """Stop the expert-parallel workers, if any (idempotent)."""

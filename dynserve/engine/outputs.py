@@ -4,31 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynserve.routing.usage import ExpertUsage
 
-@dataclass
-class ExpertUsage:
-    """Experts a request used. expert_activations = sum over its computed token positions and MoE
-    layers of FFN experts used; avg_experts_per_token = that / (tokens x MoE layers);
-    per_layer[l] = activations in MoE layer l."""
-
-    expert_activations: int = 0
-    avg_experts_per_token: float = 0.0
-    per_layer: list[int] = field(default_factory=list)
-    num_tokens: int = 0  # token positions routed (per layer)
-
-    @classmethod
-    def from_counts(cls, per_layer: list[int], num_tokens: int) -> ExpertUsage:
-        total = int(sum(per_layer))
-        denom = num_tokens * len(per_layer)
-        return cls(total, total / denom if denom else 0.0, list(per_layer), num_tokens)
-
-    @classmethod
-    def merge(cls, usages: list[ExpertUsage]) -> ExpertUsage:
-        if not usages:
-            return cls()
-        n_layers = max(len(u.per_layer) for u in usages)
-        per_layer = [sum(u.per_layer[i] if i < len(u.per_layer) else 0 for u in usages) for i in range(n_layers)]
-        return cls.from_counts(per_layer, sum(u.num_tokens for u in usages))
+__all__ = ["CompletionOutput", "ExpertUsage", "Logprob", "RequestOutput", "TokenLogprobs"]
 
 
 @dataclass

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from dynserve.config import RoutingConfig
+from dynserve.routing.usage import SequenceUsage
 from dynserve.sampling_params import SamplingParams
 
 
@@ -58,10 +59,7 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # expert usage: per MoE layer, sum over computed tokens of FFN experts used
-    expert_activations_per_layer: list[int] = field(default_factory=list)
-    num_routed_tokens: int = 0  # token positions that went through the MoE layers (each counted once)
-    routed_upto: int = 0  # positions below this are counted already (recomputed after preemption)
+    expert_usage: SequenceUsage = field(default_factory=SequenceUsage)  # FFN experts its positions used
 
     def __post_init__(self) -> None:
         if not self.token_ids:
