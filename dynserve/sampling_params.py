@@ -10,6 +10,14 @@ from dynserve.config import RoutingConfig
 _GREEDY_EPS = 1e-5
 
 
+def may_stop(num_output_tokens: int, min_tokens: int) -> bool:
+    """The min_tokens rule, the one place it is written: the `num_output_tokens`-th output token (the
+    count includes it) may end the sequence by EOS, a stop token id or a stop string only when it
+    comes after the first `min_tokens` (vLLM's meaning). The sampler masks EOS and stop ids for
+    tokens that may not stop; the engine and the detokenizer check stops only for those that may."""
+    return num_output_tokens > min_tokens
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping options (vLLM's names and meanings).

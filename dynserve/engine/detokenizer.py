@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dynserve.sampling_params import may_stop
 from dynserve.tokenizer import Tokenizer
 
 # prompt tokens decoded as left context of the first output token (a leading space after the prompt
@@ -102,7 +103,7 @@ class IncrementalDetokenizer:
 
     def _append(self, delta: str) -> None:
         text = self._pending + delta
-        if self.stop and self.num_output_tokens > self.min_tokens:
+        if self.stop and may_stop(self.num_output_tokens, self.min_tokens):
             # With include_stop_str_in_output nothing is held back, so a stop string may begin in text
             # already released: search from there too, but only for stop strings ending in new text.
             tail = ""

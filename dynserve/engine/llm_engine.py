@@ -20,7 +20,7 @@ from dynserve.engine.scheduler import Scheduler
 from dynserve.engine.sequence import FinishReason, Sequence
 from dynserve.engine.stats import EngineStats
 from dynserve.routing.usage import ExpertUsage, SequenceUsage
-from dynserve.sampling_params import SamplingParams
+from dynserve.sampling_params import SamplingParams, may_stop
 from dynserve.tokenizer import Tokenizer
 
 
@@ -255,7 +255,7 @@ class LLMEngine:
         """Stop checks in vLLM's order; a stop token's text never enters the output."""
         seq, params = state.seq, state.seq.sampling_params
         n_out = seq.num_output_tokens
-        if n_out >= params.min_tokens:
+        if may_stop(n_out, params.min_tokens):
             if not params.ignore_eos and token in self._stop_ids:
                 seq.stop_reason = None
                 return FinishReason.STOP

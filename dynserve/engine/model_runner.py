@@ -15,11 +15,10 @@ from dynserve.engine.outputs import TokenLogprobs
 from dynserve.engine.sampler import Sampler
 from dynserve.engine.sequence import Sequence
 from dynserve.model.base import ForwardBatch
+from dynserve.model.decoder import torch_dtype
 from dynserve.model.loader import allocate_kv_caches, kv_cache_bytes_per_block, load_model
 from dynserve.routing.base import RoutingBatch
 from dynserve.routing.usage import ExpertUsageAccumulator
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -48,7 +47,7 @@ class ModelRunner:
         self.num_moe_layers = self.model.num_moe_layers
         self.num_experts = mc.num_experts
         self.num_kv_blocks = self._num_blocks()
-        self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, _DTYPES[mc.dtype])
+        self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, torch_dtype(mc.dtype))
         self.expert_usage = ExpertUsageAccumulator(
             self.num_moe_layers, self.num_experts, record_expert_tokens=config.record_expert_token_counts
         )  # engine-wide totals behind the metrics
@@ -65,7 +64,7 @@ class ModelRunner:
             if cache.num_kv_blocks < 1:
                 raise ValueError(f"num_kv_blocks must be >= 1, got {cache.num_kv_blocks}")
             return cache.num_kv_blocks
-        per_block = kv_cache_bytes_per_block(self.config.model, self.block_size, _DTYPES[self.config.model.dtype])
+        per_block = kv_cache_bytes_per_block(self.config.model, self.block_size, torch_dtype(self.config.model.dtype))
         budget = max(1, cache.kv_cache_memory_bytes // per_block)
         # no point in more blocks than max_num_seqs full-length sequences can use
         blocks_per_seq = -(-self.config.model.max_model_len // self.block_size)

@@ -28,6 +28,7 @@ import torch
 
 from dynserve.engine.outputs import Logprob, TokenLogprobs
 from dynserve.engine.sequence import Sequence
+from dynserve.sampling_params import may_stop
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Sampler:
     def _sample_ids(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
         """logits [B, V] -> one token id per row, each in [0, V) for any finite parameters."""
         params = [s.sampling_params for s in seqs]
-        min_tok_rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < params[i].min_tokens]
+        min_tok_rows = [i for i, s in enumerate(seqs) if not may_stop(s.num_output_tokens + 1, params[i].min_tokens)]
         pen_rows = [
             i
             for i, p in enumerate(params)

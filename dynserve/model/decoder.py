@@ -68,7 +68,7 @@ class DecoderSpec:
 class DecoderLayer(nn.Module):
     """One pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); the MLP is dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int, backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
         H = cfg.hidden_size
         self.is_moe = layer_idx in spec.moe_layers
@@ -84,7 +84,6 @@ class DecoderLayer(nn.Module):
             qk_norm=spec.qk_norm,
             norm_eps=spec.rms_norm_eps,
             clip_qkv=spec.clip_qkv,
-            backend=backend,
         )
         self.mlp: nn.Module
         if self.is_moe:
@@ -94,7 +93,6 @@ class DecoderLayer(nn.Module):
                 spec.moe_intermediate_size,
                 spec.rule,
                 shared_inter=spec.shared_expert_intermediate_size,
-                backend=backend,
             )
         else:
             self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)
@@ -113,13 +111,12 @@ class DecoderForCausalLM(CausalLM):
     meta device and `load_weights` materialises every parameter on `device` in `dtype`).
     """
 
-    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu", backend: str = "torch") -> None:
+    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.config = config
         self.spec = self.make_spec(config)
         self.dtype = torch_dtype(config.dtype)
         self.device = torch.device(device)
-        self.backend = backend
         spec = self.spec
         if spec.sliding_window is not None and spec.sliding_window < config.max_model_len:
             logger.warning(
@@ -130,7 +127,7 @@ class DecoderForCausalLM(CausalLM):
             )
         H = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.layers = nn.ModuleList([DecoderLayer(config, spec, i, backend) for i in range(config.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config, spec, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(H, spec.rms_norm_eps)
         self.lm_head = Linear(H, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.hf, config.head_dim)

@@ -72,19 +72,19 @@ def load_linear(linear: nn.Linear, ws: WeightSource, prefixes: list[str], device
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `dynserve_kernels.linear`, so the CPU path can use its native small-batch GEMM.
-    `backend` is set on every Linear of a model by `set_backend` once the model is built."""
+    """nn.Linear through `dynserve_kernels.linear`, so the CPU path can use its native small-batch GEMM."""
 
-    backend: str = "torch"
+    backend: str = "torch"  # set by `set_backend`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dynserve_kernels.linear(x, self.weight, self.bias, self.backend)
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    """Point every `Linear` in `model` at the kernel backend."""
+    """Point every module of `model` that calls kernels (those with a `backend` class attribute:
+    Linear, attention, MoE blocks, the model itself) at the kernel backend: the one place it is set."""
     for m in model.modules():
-        if isinstance(m, Linear):
+        if hasattr(type(m), "backend"):
             m.backend = backend
 
 
@@ -269,6 +269,8 @@ class Attention(nn.Module):
     q/k RMSNorm ("head": per head over head_dim, as Qwen3; "full": over the whole projected q/k,
     as OLMoE), optional clipping, rotary, write_kv, paged_attention, o_proj."""
 
+    backend: str = "torch"  # set by `set_backend`
+
     def __init__(
         self,
         hidden: int,
@@ -281,7 +283,6 @@ class Attention(nn.Module):
         qk_norm: str | None = None,
         norm_eps: float = 1e-6,
         clip_qkv: float | None = None,
-        backend: str = "torch",
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -299,7 +300,6 @@ class Attention(nn.Module):
         elif qk_norm is not None:
             raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
         self.clip_qkv = clip_qkv
-        self.backend = backend
 
     def forward(
         self,

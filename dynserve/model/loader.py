@@ -86,7 +86,7 @@ def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", b
     """The architecture class for `model_config`, constructed on the meta device (no weights yet)."""
     cls = get_model_class(model_config.architecture)
     with torch.device("meta"):
-        model = cls(model_config, device=device, backend=backend)
+        model = cls(model_config, device=device)
     set_backend(model, backend)
     return model
 

@@ -83,7 +83,9 @@ class LatentAttention(nn.Module):
     Owns the merged down-projection `qkv_a_proj` (q_a_proj and kv_a_proj_with_mqa rows), the up
     projections, the two latent norms and o_proj; caches per-head K and V padded to `cache_dim`."""
 
-    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+    backend: str = "torch"  # set by `set_backend`
+
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hf = cfg.hf
         H = cfg.hidden_size
@@ -104,7 +106,6 @@ class LatentAttention(nn.Module):
         self.q_lora_scale = (H / self.q_lora_rank) ** 0.5
         self.kv_lora_scale = (H / self.kv_lora_rank) ** 0.5
         self.scale = self.qk_dim**-0.5 * _yarn_softmax_mscale(hf)
-        self.backend = backend
 
     def forward(
         self,
@@ -179,9 +180,8 @@ class ZeroExpertMoE(MoEBlock):
         num_zero_experts: int,
         top_k: int,
         routed_scaling_factor: float,
-        backend: str = "torch",
     ) -> None:
-        super().__init__(hidden, moe_inter, CheckpointRule(num_experts=num_experts, top_k=top_k), backend=backend)
+        super().__init__(hidden, moe_inter, CheckpointRule(num_experts=num_experts, top_k=top_k))
         self.num_zero_experts = num_zero_experts
         self.top_k = top_k
         self.routed_scaling_factor = routed_scaling_factor
@@ -238,12 +238,12 @@ class LongcatFlashDecoderLayer(nn.Module):
     """One LongCat-Flash layer: two (norm, attention, norm, dense MLP) sublayers and a shortcut MoE fed
     by the first sublayer's post-attention norm and added after the second sublayer."""
 
-    def __init__(self, cfg: ModelConfig, backend: str) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hf = cfg.hf
         H, eps = cfg.hidden_size, float(hf.get("rms_norm_eps", 1e-5))
         ffn = int(hf.get("ffn_hidden_size") or hf["intermediate_size"])
-        self.self_attn = nn.ModuleList([LatentAttention(cfg, backend) for _ in range(2)])
+        self.self_attn = nn.ModuleList([LatentAttention(cfg) for _ in range(2)])
         self.mlps = nn.ModuleList([GatedMLP(H, ffn) for _ in range(2)])
         self.input_layernorm = nn.ModuleList([RMSNorm(H, eps) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(H, eps) for _ in range(2)])
@@ -254,7 +254,6 @@ class LongcatFlashDecoderLayer(nn.Module):
             int(hf.get("zero_expert_num", 256) or 0),  # defaults: transformers' LongcatFlashConfig
             cfg.top_k,
             float(hf.get("routed_scaling_factor", 6.0)),
-            backend,
         )
 
     def forward(
@@ -278,7 +277,7 @@ class LongcatFlashForCausalLM(CausalLM):
     sublayers (KV cache list index 2i + j for sublayer j of layer i) and L zero-expert MoE blocks.
     Multi-token-prediction weights (`model.mtp.*`) are not used."""
 
-    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu", backend: str = "torch") -> None:
+    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu") -> None:
         super().__init__()
         hf = config.hf
         check_silu(hf)
@@ -296,11 +295,10 @@ class LongcatFlashForCausalLM(CausalLM):
         self.config = config
         self.dtype = torch_dtype(config.dtype)
         self.device = torch.device(device)
-        self.backend = backend
         H = config.hidden_size
         self.num_decoder_layers = _hf_num_layers(hf)
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.layers = nn.ModuleList([LongcatFlashDecoderLayer(config, backend) for _ in range(self.num_decoder_layers)])
+        self.layers = nn.ModuleList([LongcatFlashDecoderLayer(config) for _ in range(self.num_decoder_layers)])
         self.norm = RMSNorm(H, float(hf.get("rms_norm_eps", 1e-5)))
         self.lm_head = Linear(H, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(hf, rope_dim)

@@ -53,6 +53,8 @@ class MoEBlock(nn.Module):
     # experts and the expert compute goes through the cross-rank exchange
     expert_parallel: Callable[..., torch.Tensor] | None = None
 
+    backend: str = "torch"  # set by `set_backend`
+
     def __init__(
         self,
         hidden: int,
@@ -61,13 +63,11 @@ class MoEBlock(nn.Module):
         *,
         shared_inter: int = 0,
         shared_gate: bool = True,
-        backend: str = "torch",
     ) -> None:
         super().__init__()
         E = rule.num_experts
         self.rule = rule
         self.num_experts = E
-        self.backend = backend
         self.gate = Linear(hidden, E, bias=False)  # router
         self.w13 = nn.Parameter(torch.empty(E, 2 * moe_inter, hidden), requires_grad=False)  # [E, 2I, H]
         self.w2 = nn.Parameter(torch.empty(E, hidden, moe_inter), requires_grad=False)  # [E, H, I]
