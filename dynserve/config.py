@@ -17,6 +17,11 @@ RoutingPolicyName = Literal["top_k", "top_p", "threshold"]
 ROUTING_POLICIES: tuple[str, ...] = ("top_k", "top_p", "threshold")
 
 
+def default_model_dir() -> str:
+    """Path of the model shipped inside the package (dynserve/assets/default_model)."""
+    return str(Path(__file__).resolve().parent / "assets" / "default_model")
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     """How a MoE layer picks experts for a token.
@@ -212,8 +217,6 @@ class EngineConfig:
     ) -> EngineConfig:
         """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
         if model_dir is None:
-            from dynserve.model.loader import default_model_dir
-
             model_dir = default_model_dir()
         if isinstance(routing, dict):
             routing = RoutingConfig.from_dict(routing)

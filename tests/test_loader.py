@@ -11,14 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynserve.config import EngineConfig
+from dynserve.config import EngineConfig, default_model_dir
 from dynserve.model.base import ForwardBatch
-from dynserve.model.loader import (
-    allocate_kv_caches,
-    default_model_dir,
-    kv_cache_bytes_per_block,
-    load_model,
-)
+from dynserve.model.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+from dynserve.model.loader import load_model
 from dynserve.model.registry import get_model_class, supported_architectures
 
 

@@ -17,8 +17,9 @@ from conftest import make_checkpoint
 
 from dynserve.config import EngineConfig
 from dynserve.model.base import ForwardBatch
+from dynserve.model.kv_cache import allocate_kv_caches
 from dynserve.model.layers import RotaryEmbedding, apply_rope
-from dynserve.model.loader import allocate_kv_caches, load_model
+from dynserve.model.loader import load_model
 from dynserve.model.moe import MoEBlock
 from dynserve.routing import Assignment, CheckpointRule
 

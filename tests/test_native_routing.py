@@ -20,7 +20,8 @@ from test_model_parity import BlockPool, assert_close_logits, prompt, run
 
 from dynserve import LLM, RoutingConfig, SamplingParams
 from dynserve.config import EngineConfig
-from dynserve.model.loader import allocate_kv_caches, kv_cache_bytes_per_block, load_model
+from dynserve.model.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+from dynserve.model.loader import load_model
 
 N_EXPERTS, N_ZERO, TOP_K = 4, 3, 3
 LONGCAT = dict(

@@ -437,7 +437,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _worker_loop(config: EngineConfig, rank: int, world_size: int, local_rank: int, init_method: str) -> None:
     from dynserve.model.decoder import torch_dtype
-    from dynserve.model.loader import allocate_kv_caches, load_model
+    from dynserve.model.kv_cache import allocate_kv_caches
+    from dynserve.model.loader import load_model
 
     device = config.device
     if torch.device(device).type == "cuda":

@@ -16,7 +16,8 @@ from dynserve.engine.sampler import Sampler
 from dynserve.engine.sequence import Sequence
 from dynserve.model.base import ForwardBatch
 from dynserve.model.decoder import torch_dtype
-from dynserve.model.loader import allocate_kv_caches, kv_cache_bytes_per_block, load_model
+from dynserve.model.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
+from dynserve.model.loader import load_model
 from dynserve.routing.base import RoutingBatch
 from dynserve.routing.usage import ExpertUsageAccumulator
 
