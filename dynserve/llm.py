@@ -7,9 +7,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from dynserve.config import EngineConfig
-from dynserve.engine.llm_engine import LLMEngine
-from dynserve.engine.outputs import RequestOutput
-from dynserve.engine.stats import EngineStats
+from dynserve.engine import EngineStats, LLMEngine, RequestOutput
 from dynserve.sampling_params import SamplingParams
 
 
