@@ -276,7 +276,7 @@ def _server_exits_on_engine_death() -> bool:
     not _server_exits_on_engine_death(),
     reason="the HTTP server does not exit yet when its engine dies (no add_death_callback in dynserve.server.app)",
 )
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=lambda s: s.name)
 def test_server_exits_nonzero_when_a_worker_dies_or_freezes(mixtral_dir, tmp_path, sig: signal.Signals) -> None:
     import httpx
 

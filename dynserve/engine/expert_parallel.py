@@ -13,9 +13,11 @@ Owns the whole multi-process side of the engine:
   the results back, weighted-combines them per token, and all-gathers the token slices. Variable k costs
   only the pairs that exist; zero-computation experts never become pairs, so they cost no bytes.
 - `ExpertParallelRuntime`: on rank 0 (the engine process) spawns the worker ranks of this machine,
-  broadcasts every step's ForwardBatch to them and stops them on `close()`.
+  broadcasts every step's ForwardBatch to them and stops them on `close()`; its watchdog thread fails
+  the engine when a worker exits or its heartbeat is older than `expert_parallel_heartbeat_timeout`.
 - `worker_main` / `run_worker_node`: the worker side (`python -m dynserve.engine.expert_parallel`):
-  load the model shard, keep a full KV-cache copy, follow rank 0's steps in lockstep.
+  load the model shard, keep a full KV-cache copy, follow rank 0's steps in lockstep; `_WorkerLiveness`
+  beats and ends the worker when rank 0 dies or freezes.
 
 Multi-node: every machine runs the same command with `--nnodes M --node-rank k --dist-init-addr HOST:PORT`;
 node 0 serves, node k > 0 runs ranks k*N/M .. (k+1)*N/M - 1 as workers.
