@@ -422,7 +422,9 @@ class _WorkerLiveness:
                 count = store.add(rank0, 0)
                 aborted = store.check([_ABORT_KEY])
             except Exception as e:  # noqa: BLE001 - the store lives in rank 0's process: it is gone
-                self._exit(f"lost rank 0 ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                # unless it is closing down normally: "stop" may still be on its way to the main thread
+                if not self._stopping.wait(1.0):
+                    self._exit(f"lost rank 0 ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
                 return
             now = time.monotonic()
             self._call_started = None
