@@ -45,6 +45,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nnodes", type=int, default=1, help="machines of an expert-parallel job")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index (0 serves; others run workers)")
     p.add_argument("--dist-init-addr", default=None, help="HOST:PORT where rank 0 rendezvous (multi-node)")
+    p.add_argument(
+        "--expert-parallel-heartbeat-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a worker rank silent this long (died, frozen) fails the engine; workers exit when rank 0 is "
+        "(same value on every node)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineConfig:
@@ -75,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineCon
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         dist_init_addr=args.dist_init_addr,
+        expert_parallel_heartbeat_timeout=args.expert_parallel_heartbeat_timeout,
         **extra,
     )
 

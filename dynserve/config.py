@@ -188,6 +188,9 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # HOST:PORT of rank 0 (required with nnodes > 1)
+    # a worker rank whose heartbeat is older than this (died, frozen) fails the engine; workers exit when
+    # rank 0's is (every node must use the same value)
+    expert_parallel_heartbeat_timeout: float = 10.0
 
     @classmethod
     def create(
@@ -214,6 +217,7 @@ class EngineConfig:
         nnodes: int = 1,
         node_rank: int = 0,
         dist_init_addr: str | None = None,
+        expert_parallel_heartbeat_timeout: float = 10.0,
     ) -> EngineConfig:
         """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
         if model_dir is None:
@@ -230,6 +234,10 @@ class EngineConfig:
             raise ValueError(
                 f"need expert_parallel_size >= 1, nnodes >= 1, 0 <= node_rank < nnodes; got "
                 f"{expert_parallel_size}, {nnodes}, {node_rank}"
+            )
+        if not expert_parallel_heartbeat_timeout > 0:
+            raise ValueError(
+                f"expert_parallel_heartbeat_timeout must be > 0 seconds, got {expert_parallel_heartbeat_timeout}"
             )
         model = ModelConfig.from_dir(model_dir, dtype=dtype, max_model_len=max_model_len)
         if expert_parallel_size > 1 and model.num_experts < expert_parallel_size:
@@ -255,6 +263,7 @@ class EngineConfig:
             nnodes=nnodes,
             node_rank=node_rank,
             dist_init_addr=dist_init_addr,
+            expert_parallel_heartbeat_timeout=float(expert_parallel_heartbeat_timeout),
         )
 
     def with_routing(self, routing: RoutingConfig) -> EngineConfig:

@@ -123,8 +123,10 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
         batch, sample_rows = self.build_batch(scheduled)
         if self.expert_parallel is not None:
-            self.expert_parallel.send_step(batch)
-        hidden = self.model(batch, self.kv_caches)  # [T, H]
+            with self.expert_parallel.step(batch):  # the workers run the same forward in lockstep
+                hidden = self.model(batch, self.kv_caches)  # [T, H]
+        else:
+            hidden = self.model(batch, self.kv_caches)  # [T, H]
         result = StepResult()
         if sample_rows:
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S, V]
