@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "node_rank", 0) > 0:  # a non-head machine of an expert-parallel job: workers only
-            from dynserve.engine.expert_parallel import run_worker_node
+            from dynserve.engine import run_worker_node
 
             rc = run_worker_node(engine_config_from_args(args))
             # leave like the spawned workers do: interpreter teardown with gloo's threads still alive

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from dynserve_kernels.moe_ref import fused_moe_ref
 
 from dynserve import LLM, RoutingConfig, SamplingParams
-from dynserve.engine.expert_parallel import (
-    ExpertParallelMoE,
+from dynserve.model.experts import (
+    ExpertParallelExperts,
     TorchDistributedExchange,
     expert_range,
     token_range,
@@ -94,7 +94,7 @@ def _exchange_rank(rank: int, world: int, port: int) -> None:
         E, H, inter = 4, 8, 6
         w13 = torch.randn(E, 2 * inter, H, generator=g)  # [E, 2I, H]
         w2 = torch.randn(E, H, inter, generator=g)  # [E, H, I]
-        moe = ExpertParallelMoE(ex, E)
+        moe = ExpertParallelExperts(ex, E)
         s, e = expert_range(E, world, rank)
         for T in (2, 7):
             x = torch.randn(T, H, generator=g)  # [T, H]

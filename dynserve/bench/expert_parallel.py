@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import dynserve_kernels
 import torch
+
+from dynserve.model.experts import LocalExperts
 
 
 def make_random_mixtral(path: Path, hidden: int = 256, experts: int = 8, layers: int = 2, seed: int = 0) -> Path:
@@ -43,22 +44,22 @@ def make_random_mixtral(path: Path, hidden: int = 256, experts: int = 8, layers:
     return path
 
 
-class _TimedLocalExperts:
-    """1-rank stand-in for ExpertParallelMoE that only times `fused_moe` (no exchange)."""
+class _TimedLocalExperts(LocalExperts):
+    """1-rank executor that times `fused_moe` (no exchange), to compare with ExpertParallelExperts."""
 
     def __init__(self) -> None:
         self.experts_s = 0.0
 
-    def __call__(self, x, w13, w2, a, backend="torch"):  # noqa: ANN001, ANN204 - MoEBlock hook signature
+    def __call__(self, x, w13, w2, a, backend="torch"):  # noqa: ANN001, ANN204 - ExpertExecutor signature
         t0 = time.perf_counter()
-        out = dynserve_kernels.fused_moe(x, w13, w2, a, backend)  # [T, H]
+        out = super().__call__(x, w13, w2, a, backend)  # [T, H]
         self.experts_s += time.perf_counter() - t0
         return out
 
 
 def run(model_dir: str, ranks: int, prompts: list[list[int]], max_tokens: int, routing: str) -> dict:
     from dynserve import LLM, SamplingParams
-    from dynserve.model.moe import MoEBlock
+    from dynserve.model.experts import use_experts
 
     llm = LLM(model_dir, num_kv_blocks=256, expert_parallel_size=ranks, routing={"policy": routing})
     try:
@@ -66,14 +67,12 @@ def run(model_dir: str, ranks: int, prompts: list[list[int]], max_tokens: int, r
         local = None
         if rt is None:
             local = _TimedLocalExperts()
-            for m in llm.engine.runner.model.modules():
-                if isinstance(m, MoEBlock):
-                    m.expert_parallel = local
+            use_experts(llm.engine.runner.model, local)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2))  # warm-up
         if rt is not None:
-            rt.ep.stats.reset()
-            rt.ep.profile_cuda = True  # synchronize around the expert GEMMs so their time is real
+            rt.experts.stats.reset()
+            rt.experts.profile_cuda = True  # synchronize around the expert GEMMs so their time is real
         steps0 = llm.get_stats().num_steps
         t0 = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
@@ -82,7 +81,7 @@ def run(model_dir: str, ranks: int, prompts: list[list[int]], max_tokens: int, r
         steps = stats.num_steps - steps0
         tokens = [o.outputs[0].token_ids for o in outs]
         if rt is not None:
-            st = rt.ep.stats
+            st = rt.experts.stats
             ex_bytes, ex_s, experts_s = st.bytes_sent + st.bytes_received, st.exchange_s, st.experts_s
         else:
             ex_bytes, ex_s, experts_s = 0, 0.0, local.experts_s if local else 0.0

@@ -27,6 +27,7 @@ _EXPORTS = {
     "RequestOutput": "outputs",
     "TokenLogprobs": "outputs",
     "EngineStats": "stats",
+    "run_worker_node": "expert_parallel",
 }
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "RequestOutput",
     "RequestStream",
     "TokenLogprobs",
+    "run_worker_node",
 ]
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
         RequestMetricsSink,
         RequestStream,
     )
+    from dynserve.engine.expert_parallel import run_worker_node
     from dynserve.engine.llm_engine import ContextLengthError, LLMEngine
     from dynserve.engine.outputs import CompletionOutput, ExpertUsage, Logprob, RequestOutput, TokenLogprobs
     from dynserve.engine.stats import EngineStats

@@ -1,17 +1,7 @@
 """Expert parallelism over torch.distributed: N ranks, each holding 1/N of every MoE layer's experts.
 
-Owns the whole multi-process side of the engine:
-- `expert_range` / `token_range`: which experts a rank owns (contiguous, uneven allowed: 4 experts on
-  3 ranks = 2/1/1) and which tokens of a step it dispatches in an MoE layer.
-- `ExpertExchange` (interface) and `TorchDistributedExchange` (all_to_all_single; gloo on CPU, NCCL on
-  CUDA): the only place bytes move between ranks inside an MoE layer, so a faster GPU all-to-all can
-  replace it.
-- `ExpertParallelMoE`: the MoE layer's expert computation under expert parallelism. Every rank computes
-  the same routing (the router is replicated, like attention); rank r takes the (token, expert) pairs of
-  its token slice, sends each pair's hidden row to the rank owning the expert (counts first, then the
-  ragged payloads), runs its local experts with the same `fused_moe` kernel on what it received, sends
-  the results back, weighted-combines them per token, and all-gathers the token slices. Variable k costs
-  only the pairs that exist; zero-computation experts never become pairs, so they cost no bytes.
+Owns the multi-process side of the engine (the expert compute itself, `ExpertParallelExperts`,
+sits beside the MoE layer in dynserve/model/experts.py and is handed to the model when it is built):
 - `ExpertParallelRuntime`: on rank 0 (the engine process) spawns the worker ranks of this machine,
   broadcasts every step's ForwardBatch to them and stops them on `close()`; its watchdog thread fails
   the engine when a worker exits or its heartbeat is older than `expert_parallel_heartbeat_timeout`.
@@ -36,18 +26,16 @@ import subprocess
 import sys
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import dynserve_kernels
 import torch
 import torch.distributed as dist
 
-from dynserve.routing.base import Assignment
+from dynserve.model.experts import ExpertParallelExperts, TorchDistributedExchange
 
 if TYPE_CHECKING:
     from dynserve.config import EngineConfig
@@ -61,214 +49,6 @@ _IDLE_TIMEOUT = timedelta(days=365)  # workers wait on the control channel while
 
 
 # ------------------------------------------------------------------------------------------ partitions
-def expert_range(num_experts: int, world_size: int, rank: int) -> tuple[int, int]:
-    """[start, end) of the experts `rank` owns: contiguous, the first E % N ranks get one more."""
-    base, extra = divmod(num_experts, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def token_range(num_tokens: int, world_size: int, rank: int) -> tuple[int, int]:
-    """[start, end) of the step's tokens whose pairs `rank` dispatches in an MoE layer."""
-    return rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
-
-
-# ------------------------------------------------------------------------------------------ exchange
-@dataclass
-class ExchangeStats:
-    """Cumulative counters of one rank's exchanges and expert compute."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    exchange_s: float = 0.0
-    experts_s: float = 0.0
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.bytes_sent = self.bytes_received = self.calls = 0
-        self.exchange_s = self.experts_s = 0.0
-
-
-class ExpertExchange(ABC):
-    """Moves ragged rows between ranks. `send_counts[j]` rows of the input go to rank j (rows are
-    grouped by destination rank, in rank order); the output holds `recv_counts[i]` rows from rank i."""
-
-    rank: int
-    world_size: int
-
-    @abstractmethod
-    def exchange_counts(self, send_counts: list[int]) -> list[int]:
-        """Tell every rank how many rows it will get from this one; return how many this one gets."""
-
-    @abstractmethod
-    def exchange(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        """Ragged all-to-all of `rows` [sum(send_counts), ...] -> [sum(recv_counts), ...]."""
-
-    @abstractmethod
-    def all_gather_rows(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Concatenate every rank's `rows` ([counts[r], ...] on rank r) in rank order, on every rank."""
-
-    def dispatch(
-        self, rows: torch.Tensor, expert_ids: torch.Tensor, send_counts: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Send each pair's row and (destination-local) expert id to the owning rank; returns the
-        received rows, their expert ids and the per-source counts (needed to `combine`)."""
-        recv_counts = self.exchange_counts(send_counts)
-        recv_rows = self.exchange(rows, send_counts, recv_counts)  # [R, H]
-        recv_ids = self.exchange(expert_ids, send_counts, recv_counts)  # [R]
-        return recv_rows, recv_ids, recv_counts
-
-    def combine(self, results: torch.Tensor, recv_counts: list[int], send_counts: list[int]) -> torch.Tensor:
-        """Send expert results back to the ranks the rows came from; returns them in send order."""
-        return self.exchange(results, recv_counts, send_counts)
-
-
-class TorchDistributedExchange(ExpertExchange):
-    """`ExpertExchange` over torch.distributed's `all_to_all_single` with uneven splits (gloo on the
-    CPU, NCCL on CUDA). Counts cross as one small int64 all-to-all; payload bytes are counted."""
-
-    def __init__(self, group: Any = None, stats: ExchangeStats | None = None) -> None:
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.stats = stats if stats is not None else ExchangeStats()
-
-    def _count_device(self) -> torch.device:
-        if dist.get_backend(self.group) == "nccl":  # NCCL moves only CUDA tensors
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def exchange_counts(self, send_counts: list[int]) -> list[int]:
-        t0 = time.perf_counter()
-        dev = self._count_device()
-        send = torch.tensor(send_counts, dtype=torch.int64, device=dev)  # [N]
-        recv = torch.empty_like(send)  # [N]
-        dist.all_to_all_single(recv, send, group=self.group)
-        out = recv.tolist()
-        self.stats.bytes_sent += send.numel() * 8
-        self.stats.bytes_received += recv.numel() * 8
-        self.stats.exchange_s += time.perf_counter() - t0
-        return out
-
-    def exchange(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        t0 = time.perf_counter()
-        rows = rows.contiguous()
-        out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
-        dist.all_to_all_single(
-            out, rows, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group
-        )
-        self.stats.bytes_sent += rows.numel() * rows.element_size()
-        self.stats.bytes_received += out.numel() * out.element_size()
-        self.stats.exchange_s += time.perf_counter() - t0
-        return out
-
-    def all_gather_rows(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        t0 = time.perf_counter()
-        width = max(counts)
-        padded = rows.new_zeros((width, *rows.shape[1:]))
-        padded[: rows.shape[0]] = rows
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded, group=self.group)
-        out = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
-        self.stats.bytes_sent += padded.numel() * padded.element_size() * (len(counts) - 1)
-        self.stats.bytes_received += out.numel() * out.element_size()
-        self.stats.exchange_s += time.perf_counter() - t0
-        return out
-
-
-# ------------------------------------------------------------------------------------------ MoE layer
-class ExpertParallelMoE:
-    """The expert computation of every MoE layer of one rank under expert parallelism: replaces
-    `fused_moe(x, w13, w2, assignment)` where w13/w2 hold only this rank's experts.
-
-    Also counts (on every rank, from the full assignment) the pairs each rank computes:
-    `pairs_per_rank` [N] int64, cumulative."""
-
-    def __init__(self, exchange: ExpertExchange, num_experts: int) -> None:
-        self.exchange = exchange
-        self.num_experts = num_experts
-        N = exchange.world_size
-        starts = [expert_range(num_experts, N, r)[0] for r in range(N)]
-        owner = torch.zeros(num_experts, dtype=torch.int64)
-        for r in range(N):
-            s, e = expert_range(num_experts, N, r)
-            owner[s:e] = r
-        self.owner = owner  # [E] rank owning each expert
-        self.first_expert = torch.tensor(starts, dtype=torch.int64)  # [N]
-        self.pairs_per_rank = torch.zeros(N, dtype=torch.int64)  # [N]
-        self.local_range = expert_range(num_experts, N, exchange.rank)
-        self.profile_cuda = False
-
-    @property
-    def stats(self) -> ExchangeStats:
-        return getattr(self.exchange, "stats", ExchangeStats())
-
-    def __call__(
-        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment, backend: str = "torch"
-    ) -> torch.Tensor:
-        ex = self.exchange
-        N, r = ex.world_size, ex.rank
-        T, H = x.shape
-        if self.owner.device != x.device:
-            self.owner = self.owner.to(x.device)
-            self.first_expert = self.first_expert.to(x.device)
-        # load accounting, from the full (replicated) assignment: no communication
-        self.pairs_per_rank += torch.bincount(self.owner[a.expert_ids], minlength=N).cpu()
-        t0, t1 = token_range(T, N, r)
-        p0, p1 = a.token_offsets[[t0, t1]].tolist()
-        tok = a.token_ids[p0:p1]  # [p]
-        exp = a.expert_ids[p0:p1]  # [p]
-        dest = self.owner[exp]  # [p]
-        order = torch.argsort(dest, stable=True)  # [p] pairs grouped by destination rank
-        send_counts = torch.bincount(dest, minlength=N).tolist()
-        send_rows = x.index_select(0, tok[order])  # [p, H]
-        send_ids = (exp - self.first_expert[dest])[order]  # [p] expert ids local to the destination
-        recv_rows, recv_ids, recv_counts = ex.dispatch(send_rows, send_ids, send_counts)  # [R, H], [R]
-        # local experts: every received row is its own token with one pair of weight 1
-        tstart = time.perf_counter()
-        R = recv_rows.shape[0]
-        ar = torch.arange(R + 1, device=x.device, dtype=torch.int64)  # [R+1]
-        local = Assignment(
-            R, int(w13.shape[0]), ar[:R], recv_ids, torch.ones(R, dtype=torch.float32, device=x.device), ar
-        )
-        y = dynserve_kernels.fused_moe(recv_rows, w13, w2, local, backend)  # [R, H]
-        if self.profile_cuda and x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        self.stats.experts_s += time.perf_counter() - tstart
-        back = ex.combine(y, recv_counts, send_counts)  # [p, H], send order
-        # weighted combine per token, in token-major pair order (the 1-rank kernel's order)
-        y_pairs = torch.empty_like(back)  # [p, H]
-        y_pairs[order] = back
-        n_tok = t1 - t0
-        if p1 > p0:
-            y_pairs = y_pairs.float() * a.weights[p0:p1, None].float()  # [p, H]
-            lengths = a.token_offsets[t0 + 1 : t1 + 1] - a.token_offsets[t0:t1]  # [n_tok]
-            out_slice = torch.segment_reduce(y_pairs, "sum", lengths=lengths, axis=0).to(x.dtype)  # [n_tok, H]
-        else:
-            out_slice = torch.zeros(n_tok, H, dtype=x.dtype, device=x.device)
-        sizes = [token_range(T, N, j)[1] - token_range(T, N, j)[0] for j in range(N)]
-        self.stats.calls += 1
-        return ex.all_gather_rows(out_slice, sizes)  # [T, H]
-
-
-def shard_model_experts(model: torch.nn.Module, ep: ExpertParallelMoE | None, rank: int, world_size: int) -> int:
-    """Keep only this rank's experts in every MoE block of `model` and route their expert compute
-    through `ep`; returns the number of MoE blocks sharded."""
-    from dynserve.model.moe import MoEBlock
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MoEBlock):
-            if ep is not None and m.num_experts != ep.num_experts:
-                raise ValueError(f"MoE block with {m.num_experts} experts, expected {ep.num_experts}")
-            s, e = expert_range(m.num_experts, world_size, rank)
-            m.w13 = torch.nn.Parameter(m.w13.data[s:e].clone(), requires_grad=False)  # [E_local, 2I, H]
-            m.w2 = torch.nn.Parameter(m.w2.data[s:e].clone(), requires_grad=False)  # [E_local, H, I]
-            m.expert_parallel = ep
-            n += 1
-    return n
-
-
 # ------------------------------------------------------------------------------------------ runtime
 @dataclass
 class _WorkerSpec:
@@ -278,14 +58,6 @@ class _WorkerSpec:
     local_rank: int
     init_method: str
     parent_pid: int | None
-
-
-@dataclass
-class _Runtime:
-    group: Any = None
-    control: Any = None
-    ep: ExpertParallelMoE | None = None
-    procs: list[subprocess.Popen] = field(default_factory=list)
 
 
 def _backend_for(device: str) -> str:
@@ -456,11 +228,13 @@ class _WorkerLiveness:
 # ------------------------------------------------------------------------------------------ rank 0
 class ExpertParallelRuntime:
     """Rank 0's side of expert parallelism: owns the process groups, the worker processes of this
-    machine, the model's `ExpertParallelMoE`; hands each step to the workers (`step`); watches that
+    machine, the model's `ExpertParallelExperts` (`experts`); hands each step to the workers (`step`); watches that
     every worker rank is alive (a daemon watchdog thread, from construction on; see `start_watchdog`);
     `close()` stops the workers (also registered with atexit, so no worker outlives the engine process)."""
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, num_kv_blocks: int) -> None:
+    def __init__(self, config: EngineConfig) -> None:
+        """Spawn this machine's worker ranks and join the process groups; `experts` is then the
+        executor to build rank 0's model with, and `ready(num_kv_blocks)` waits for every rank."""
         N = config.expert_parallel_size
         nnodes = config.nnodes
         if N % nnodes:
@@ -493,14 +267,21 @@ class ExpertParallelRuntime:
             self.group, self.control = _init_groups(_backend_for(config.device), init_method, 0, N)
             self._store = _store_client(init_method, self.heartbeat_timeout)
             threading.Thread(target=self._watch, name="dynserve-ep-watchdog", daemon=True).start()
-            self.ep = ExpertParallelMoE(TorchDistributedExchange(self.group), config.model.num_experts)
-            shard_model_experts(model, self.ep, 0, N)
+            self.experts = ExpertParallelExperts(TorchDistributedExchange(self.group), config.model.num_experts)
+        except BaseException:
+            self._kill()
+            raise
+        atexit.register(self.close)  # workers never outlive the engine process
+
+    def ready(self, num_kv_blocks: int) -> None:
+        """Rank 0's model is built with `experts`: tell the workers the KV-cache size and wait until
+        every rank has loaded its model shard (a worker that dies meanwhile raises here)."""
+        try:
             dist.broadcast_object_list([("init", num_kv_blocks)], src=0, group=self.control)
             self._wait_for(dist.barrier(group=self.control, async_op=True), "loading the model shard")
         except BaseException:
             self._kill()
             raise
-        atexit.register(self.close)  # workers never outlive the engine process
 
     def _wait_for(self, work: Any, what: str) -> None:
         while not work.is_completed():
@@ -531,7 +312,7 @@ class ExpertParallelRuntime:
             self._idle.set()
 
     def pairs_per_rank(self) -> list[int]:
-        return self.ep.pairs_per_rank.tolist()
+        return self.experts.pairs_per_rank.tolist()
 
     @property
     def failure(self) -> BaseException | None:
@@ -685,9 +466,7 @@ def _worker_loop(
     group, control = _init_groups(_backend_for(device), init_method, rank, world_size)
     liveness.start_beating(init_method)
     torch.manual_seed(config.seed)
-    model = load_model(config)
-    ep = ExpertParallelMoE(TorchDistributedExchange(group), config.model.num_experts)
-    shard_model_experts(model, ep, rank, world_size)
+    model = load_model(config, experts=ExpertParallelExperts(TorchDistributedExchange(group), config.model.num_experts))
     msg: list[Any] = [None]
     dist.broadcast_object_list(msg, src=0, group=control)
     kind, num_blocks = msg[0]

@@ -44,20 +44,27 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         torch.manual_seed(config.seed)
-        self.model = load_model(config)
+        self.num_kv_blocks = self._num_blocks()
+        self.expert_parallel = None  # ExpertParallelRuntime when config.expert_parallel_size > 1
+        if config.expert_parallel_size > 1:
+            from dynserve.engine.expert_parallel import ExpertParallelRuntime
+
+            self.expert_parallel = ExpertParallelRuntime(config)  # spawns the worker ranks
+            try:
+                self.model = load_model(config, experts=self.expert_parallel.experts)
+                self.expert_parallel.ready(self.num_kv_blocks)
+            except BaseException:
+                self.expert_parallel.close()
+                raise
+        else:
+            self.model = load_model(config)
         self.num_moe_layers = self.model.num_moe_layers
         self.num_experts = mc.num_experts
-        self.num_kv_blocks = self._num_blocks()
         self.kv_caches = allocate_kv_caches(mc, self.num_kv_blocks, self.block_size, self.device, torch_dtype(mc.dtype))
         self.expert_usage = ExpertUsageAccumulator(
             self.num_moe_layers, self.num_experts, record_expert_tokens=config.record_expert_token_counts
         )  # engine-wide totals behind the metrics
         self.sampler = Sampler(eos_token_ids=list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids))
-        self.expert_parallel = None  # ExpertParallelRuntime when config.expert_parallel_size > 1
-        if config.expert_parallel_size > 1:
-            from dynserve.engine.expert_parallel import ExpertParallelRuntime
-
-            self.expert_parallel = ExpertParallelRuntime(config, self.model, self.num_kv_blocks)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from dynserve.config import EngineConfig, ModelConfig, default_model_dir
 from dynserve.model import hugepages
 from dynserve.model.base import CausalLM
+from dynserve.model.experts import ExpertExecutor, use_experts
 from dynserve.model.layers import set_backend
 from dynserve.model.registry import get_model_class
 
@@ -85,7 +86,7 @@ def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", b
     return model
 
 
-def load_model(config: EngineConfig) -> CausalLM:
+def load_model(config: EngineConfig, experts: ExpertExecutor | None = None) -> CausalLM:
     """Build `config.model`'s architecture and load its safetensors weights on `config.device` in
     `config.model.dtype`; kernels use the backend `select_backend(config.device, config.use_triton)`."""
     mc = config.model
@@ -96,6 +97,8 @@ def load_model(config: EngineConfig) -> CausalLM:
         model.load_weights(weights)
     finally:
         weights.close()
+    if experts is not None:  # e.g. expert parallelism: keep only the experts this process runs
+        use_experts(model, experts)
     if torch.device(config.device).type == "cpu":
         hugepages.move_parameters(model)  # decode streams every weight: 2 MB pages spare the TLB
     return model.eval()

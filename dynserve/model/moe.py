@@ -7,15 +7,14 @@ bookkeeping on the ForwardBatch, and the mapping from Hugging Face expert tensor
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import dynserve_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dynserve.model.base import ForwardBatch
+from dynserve.model.experts import LOCAL_EXPERTS, ExpertExecutor
 from dynserve.model.layers import GatedMLP, Linear, WeightSource, assign_param
 from dynserve.routing import Assignment, CheckpointRule, route
 
@@ -49,9 +48,9 @@ class MoEBlock(nn.Module):
     identity experts in the Assignment add identity_weight * x.
     """
 
-    # set by dynserve.engine.expert_parallel.shard_model_experts: w13/w2 then hold only this rank's
-    # experts and the expert compute goes through the cross-rank exchange
-    expert_parallel: Callable[..., torch.Tensor] | None = None
+    # how the routed experts run (dynserve.model.experts): set by `use_experts` when the model is
+    # built; under expert parallelism w13/w2 hold only this rank's experts
+    experts: ExpertExecutor = LOCAL_EXPERTS
 
     backend: str = "torch"  # set by `set_backend`
 
@@ -81,10 +80,7 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)
-        if self.expert_parallel is not None:
-            out = self.expert_parallel(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
-        else:
-            out = dynserve_kernels.fused_moe(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
+        out = self.experts(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
         batch.expert_counts.append(assignment.experts_per_token())
         if batch.expert_token_counts is not None:
             batch.expert_token_counts.append(torch.bincount(assignment.expert_ids, minlength=self.num_experts))
