@@ -17,6 +17,9 @@ RoutingPolicyName = Literal["top_k", "top_p", "threshold"]
 ROUTING_POLICIES: tuple[str, ...] = ("top_k", "top_p", "threshold")
 
 
+_UNSET: Any = object()  # a RoutingConfig field the caller did not give
+
+
 def default_model_dir() -> str:
     """Path of the model shipped inside the package (dynserve/assets/default_model)."""
     return str(Path(__file__).resolve().parent / "assets" / "default_model")
@@ -35,6 +38,11 @@ class RoutingConfig:
     renormalize None = do what the checkpoint's top-k rule does.
     Models with native dynamic routing (ReLU routers, zero-computation experts) ignore the policy
     and route as their checkpoint defines.
+
+    One rule for a request's routing, in Python and over HTTP: the fields it sets override the
+    engine's default routing, the others keep the default (`engine_default.overlay(request)`).
+    `RoutingConfig(policy="top_p")` sets only `policy`: with an engine default of top_p p=0.3 and
+    max_experts=4 it keeps p=0.3 and max_experts=4. `explicit_fields` names what was set.
     """
 
     policy: str = "top_k"
@@ -45,8 +53,37 @@ class RoutingConfig:
     max_experts: int | None = None
     renormalize: bool | None = None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        policy: str = _UNSET,  # type: ignore[assignment]
+        p: float = _UNSET,  # type: ignore[assignment]
+        threshold: float = _UNSET,  # type: ignore[assignment]
+        k: int | None = _UNSET,  # type: ignore[assignment]
+        min_experts: int = _UNSET,  # type: ignore[assignment]
+        max_experts: int | None = _UNSET,  # type: ignore[assignment]
+        renormalize: bool | None = _UNSET,  # type: ignore[assignment]
+    ) -> None:
+        given = dict(
+            policy=policy, p=p, threshold=threshold, k=k, min_experts=min_experts,
+            max_experts=max_experts, renormalize=renormalize,
+        )  # fmt: skip
+        explicit = frozenset(name for name, v in given.items() if v is not _UNSET)
+        for f in fields(self):
+            value = given[f.name]
+            object.__setattr__(self, f.name, f.default if value is _UNSET else value)
+        object.__setattr__(self, "_explicit", explicit)  # not a field: outside eq, hash and repr
         self.validate()
+
+    @property
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields given when this config was made (all of them for `dataclasses.replace`)."""
+        return self._explicit  # type: ignore[attr-defined]
+
+    def overlay(self, request: RoutingConfig | None) -> RoutingConfig:
+        """This (engine default) config with the fields `request` set taken from `request`."""
+        if request is None or not request.explicit_fields:
+            return self
+        return replace(self, **{name: getattr(request, name) for name in request.explicit_fields})
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""

@@ -196,3 +196,21 @@ def test_async_engine_reports_a_request_error_and_keeps_serving(shared_engine):
         assert aengine.is_healthy
     finally:
         aengine.shutdown_sync(timeout=0)
+
+
+def test_request_routing_overrides_only_the_fields_it_sets(ckpt):
+    """One rule in Python and over HTTP: a request's routing fields override the engine default,
+    the fields it leaves out keep the default."""
+    engine = LLMEngine(
+        EngineConfig.create(ckpt, num_kv_blocks=64, routing=RoutingConfig(policy="top_p", p=0.99, max_experts=1))
+    )
+    params = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("default", PROMPTS[0], SamplingParams(**params))
+    engine.add_request("keeps-max", PROMPTS[0], SamplingParams(**params, routing=RoutingConfig(p=0.9)))
+    engine.add_request("sets-max", PROMPTS[0], SamplingParams(**params, routing=RoutingConfig(max_experts=3)))
+    engine.add_request("top-k", PROMPTS[0], SamplingParams(**params, routing=RoutingConfig(policy="top_k", k=2)))
+    finals = _run(engine)
+    avg = {rid: out.expert_usage.avg_experts_per_token for rid, out in finals.items()}
+    assert avg["default"] == avg["keeps-max"] == 1.0  # max_experts=1 kept from the default
+    assert avg["sets-max"] > 1.0  # p=0.99 of the default with the request's max_experts=3
+    assert avg["top-k"] == 1.0  # k=2 clamped by the default's max_experts=1
