@@ -612,6 +612,8 @@ class _Server:
         # a few threads: the tokenizer releases the GIL, but each thread is a core's worth of work
         workers = min(8, max(4, os.cpu_count() or 1))
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dynserve-prep")
+        if engine.tokenizer is not None:  # scan the vocabulary for the prompt-length bound now, not mid-request
+            engine.tokenizer.min_num_tokens("x")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
