@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import socket
@@ -39,6 +40,7 @@ MAX_PROMPTS = 4
 MAX_QUEUED = 2
 SHUTDOWN_S = 0.5
 TRIGGER = 5  # token id of <|system|>: a prompt starting with it makes the patched model forward fail
+ENV = {k: v for k, v in os.environ.items() if k != "DYNSERVE_API_KEY"}  # servers here set their key themselves
 
 
 def _free_port() -> int:
@@ -171,7 +173,7 @@ def live(checkpoint_factory, tmp_path_factory):
         *("--shutdown-timeout", str(SHUTDOWN_S)),
     ]
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=ENV)
     server = Live(f"http://127.0.0.1:{port}", port, proc, log)
     try:
         _wait_healthy(server.url, proc, log)
@@ -457,6 +459,7 @@ def test_dynserve_serve_exits_1_when_the_engine_dies(mixtral_dir, tmp_path):
             [sys.executable, "-c", script, "serve", str(mixtral_dir), "--port", str(port), "--log-level", "warning"],
             stdout=logf,
             stderr=subprocess.STDOUT,
+            env=ENV,
         )
     try:
         _wait_healthy(url, proc, log)
@@ -521,7 +524,10 @@ def test_process_exits_even_when_teardown_hangs_after_engine_death(mixtral_dir, 
     log = tmp_path / "serve.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _STUCK_TEARDOWN, str(mixtral_dir), str(port)], stdout=logf, stderr=subprocess.STDOUT
+            [sys.executable, "-c", _STUCK_TEARDOWN, str(mixtral_dir), str(port)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=ENV,
         )
     try:
         _wait_healthy(url, proc, log)

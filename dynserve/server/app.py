@@ -653,7 +653,7 @@ class _Server:
         except Exception as e:
             raise _engine_error(e, self.settings.retry_after_s, param) from None
 
-    # ---------------------------------------------------------------- prompts (worker threads)
+    # ---------------------------------------------------------------- prompts
     def completion_prompts(self, prompt: Any) -> list[tuple[str | None, list[int] | None]]:
         """The validated `prompt` as (text, token ids) pairs; at most --max-prompts-per-request of them."""
         if isinstance(prompt, str):
@@ -672,6 +672,7 @@ class _Server:
             return [(x, None) for x in prompt]
         return [(None, x) for x in prompt]
 
+    # the methods below scale with the input: they run in the worker threads (`offload`)
     def check_text_length(self, text: str, param: str) -> None:
         """400 `context_length_exceeded`, without tokenising, for a text longer than any prompt could be:
         its UTF-8 bytes over the most bytes one token stands for already reach the context length."""
