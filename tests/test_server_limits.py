@@ -322,24 +322,27 @@ def test_zz_sigterm_aborts_what_runs_at_the_deadline(live):
     async def run() -> float:
         async with httpx.AsyncClient(timeout=60, headers=AUTH) as client:
 
-            async def waiting() -> None:  # queued behind the stream (one sequence at a time)
-                await asyncio.sleep(0.2)
+            async def queued() -> None:  # waits behind the stream (one sequence runs at a time)
                 r = await client.post(
                     f"{live.url}/v1/completions", json={"prompt": "b", "max_tokens": 300, "ignore_eos": True}
                 )
                 plain.update(status=r.status_code, body=r.json())
 
-            other = asyncio.ensure_future(waiting())
-            body = {"model": MODEL, "prompt": "a", "max_tokens": 490, "ignore_eos": True, "stream": True}
+            other = None
+            body = {"model": MODEL, "prompt": "a", "max_tokens": 500, "ignore_eos": True, "stream": True}
             async with client.stream("POST", f"{live.url}/v1/completions", json=body) as r:
                 assert r.status_code == 200
                 async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        events.append(line)
-                        if len(events) == 3:
-                            await asyncio.sleep(0.3)  # the second request is queued by now
-                            sent = time.perf_counter()
-                            live.proc.send_signal(signal.SIGTERM)
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line)
+                    if other is None:
+                        other = asyncio.ensure_future(queued())
+                    elif len(events) == 3:
+                        while _metrics(live.url)["dynserve_num_requests_waiting"] < 1:
+                            await asyncio.sleep(0.01)
+                        sent = time.perf_counter()
+                        live.proc.send_signal(signal.SIGTERM)
             await other
             return sent
 
