@@ -4,6 +4,8 @@ Reads `tokenizer.json` with the `tokenizers` library and `tokenizer_config.json`
 tokens, `add_bos_token` / `add_eos_token` and the chat template (also `chat_template.jinja`,
 `chat_template.json` and `additional_chat_templates/*.jinja`). Chat templates are rendered in a jinja2
 sandbox set up the way `transformers` sets it up, so prompts match what `AutoTokenizer` produces.
+Long texts are encoded (and long id lists decoded) with the GIL released, and `min_num_tokens` bounds
+a text's token count from its byte length without tokenising it (for the server's early 400s).
 """
 
 from __future__ import annotations

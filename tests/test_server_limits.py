@@ -149,6 +149,24 @@ def test_no_bound_where_the_tokenizer_drops_input():
 
 
 # ------------------------------------------------------------------------------- live `dynserve serve`
+@pytest.mark.parametrize(
+    "flag,value,words",
+    [
+        ("--max-request-bytes", "0", "max_request_bytes must be at least 1"),
+        ("--max-prompts-per-request", "0", "max_prompts_per_request must be at least 1"),
+    ],
+)
+def test_invalid_limit_flags_are_clear_errors(mixtral_dir, flag, value, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "dynserve.cli", "serve", str(mixtral_dir), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
 @dataclass
 class Live:
     url: str
