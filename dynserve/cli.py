@@ -99,7 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--api-key", default=None, help="require this bearer token (or env DYNSERVE_API_KEY)")
     serve.add_argument("--max-queued-requests", type=int, default=None, help="503 beyond this many waiting requests")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight on SIGTERM")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may run on after SIGTERM; then they are aborted (streams get an error event)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="largest request body accepted (413 beyond it; default 8 MiB)",
+    )
+    serve.add_argument(
+        "--max-prompts-per-request",
+        type=int,
+        default=256,
+        help="most prompts one /v1/completions request may carry (400 beyond it)",
+    )
+    serve.add_argument(
+        "--public-docs",
+        action="store_true",
+        help="serve /docs, /redoc and /openapi.json without the API key (default: they need it)",
+    )
     serve.add_argument(
         "--enable-expert-token-metrics",
         action="store_true",
@@ -157,6 +179,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from dynserve.engine.async_engine import EngineDeadError
     from dynserve.server.app import ServerSettings, run_server
 
     config = engine_config_from_args(
@@ -174,8 +197,15 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         enable_expert_token_metrics=args.enable_expert_token_metrics,
         log_level=args.log_level,
+        max_request_bytes=args.max_request_bytes,
+        max_prompts_per_request=args.max_prompts_per_request,
+        public_docs=args.public_docs,
     )
-    run_server(config, settings)
+    try:
+        run_server(config, settings)
+    except EngineDeadError as e:  # exit non-zero, so that an orchestrator restarts the server
+        print(f"dynserve: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

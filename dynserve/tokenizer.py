@@ -4,15 +4,18 @@ Reads `tokenizer.json` with the `tokenizers` library and `tokenizer_config.json`
 tokens, `add_bos_token` / `add_eos_token` and the chat template (also `chat_template.jinja`,
 `chat_template.json` and `additional_chat_templates/*.jinja`). Chat templates are rendered in a jinja2
 sandbox set up the way `transformers` sets it up, so prompts match what `AutoTokenizer` produces.
+Long texts are encoded (and long id lists decoded) with the GIL released, and `min_num_tokens` bounds
+a text's token count from its byte length without tokenising it (for the server's early 400s).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+# Above this many characters / ids, encode and decode go through the tokenizers batch API, which releases
+# the GIL while it works (the single-text calls hold it: an 8 MB text is seconds of a frozen interpreter).
+_RELEASE_GIL_ABOVE = 2048
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -126,6 +133,67 @@ _CLEANUP = (
     (" 've", "'ve"),
     (" 're", "'re"),
 )
+
+
+def _byte_level_chars() -> frozenset[str]:
+    """The 256 symbols byte-level BPE writes bytes with (printable Latin-1 as themselves, others 256 + i)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    return frozenset([chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))])
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_WHITESPACE = re.compile(r"\s+")
+
+# Input bytes per output byte a normalizer can fold at most: a compatibility mapping takes a 4-byte
+# character to 1 byte (U+1D400 MATHEMATICAL BOLD CAPITAL A -> "A"), composition 3 jamo (9 bytes) into one
+# 3-byte syllable, lowercasing the 3-byte KELVIN SIGN to "k". Kinds not listed may delete text (None).
+_NORMALIZER_SHRINK = {"NFC": 4.0, "NFD": 4.0, "NFKC": 4.0, "NFKD": 4.0, "Lowercase": 3.0, "Prepend": 1.0}
+_NORMALIZER_SHRINK["ByteLevel"] = 1.0
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Split", "Punctuation"}
+
+
+def _has_type(spec: Any, kind: str) -> bool:
+    if not isinstance(spec, Mapping):
+        return False
+    if spec.get("type") == kind:
+        return True
+    return any(_has_type(s, kind) for key in ("normalizers", "pretokenizers", "decoders") for s in spec.get(key) or [])
+
+
+def _normalizer_shrink(spec: Any) -> float | None:
+    """How many input bytes a normalizer may fold into one output byte (1 = never shrinks), None if it may
+    delete text (Strip, StripAccents, BertNormalizer, Precompiled, a regex Replace, ...)."""
+    if spec is None:
+        return 1.0
+    kind = spec.get("type")
+    if kind == "Sequence":
+        total = 1.0
+        for sub in spec.get("normalizers") or []:
+            factor = _normalizer_shrink(sub)
+            if factor is None:
+                return None
+            total *= factor
+        return total
+    if kind == "Replace":
+        pattern, content = spec.get("pattern") or {}, spec.get("content") or ""
+        if "String" not in pattern or not content or not pattern["String"]:
+            return None
+        return max(1.0, len(pattern["String"].encode("utf-8")) / len(content.encode("utf-8")))
+    return _NORMALIZER_SHRINK.get(kind)
+
+
+def _pre_tokenizer_keeps_input(spec: Any) -> bool:
+    """True when the pre-tokenizer only splits (or re-writes) text and never drops any of it."""
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_pre_tokenizer_keeps_input(s) for s in spec.get("pretokenizers") or [])
+    if kind not in _KEEPING_PRE_TOKENIZERS:
+        return False  # Whitespace, WhitespaceSplit, BertPreTokenizer, CharDelimiterSplit drop separators
+    return str(spec.get("behavior", "")).lower() != "removed"
 
 
 class Tokenizer:
@@ -299,15 +367,96 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`. add_special_tokens adds what the post-processor adds (e.g. BOS)."""
+        """Token ids of `text`. add_special_tokens adds what the post-processor adds (e.g. BOS).
+        Long texts are encoded with the GIL released, so other Python threads (an event loop) run meanwhile."""
+        if len(text) > _RELEASE_GIL_ABOVE:
+            batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch  # _fast: no offsets
+            return batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; long id lists are decoded with the GIL released."""
+        ids = list(ids)
+        if len(ids) > _RELEASE_GIL_ABOVE:
+            text = self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        else:
+            text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces:
             for a, b in _CLEANUP:
                 text = text.replace(a, b)
         return text
+
+    # ------------------------------------------------------------------ length bounds
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of text the longest vocabulary entry (added tokens included) stands for: one per symbol of
+        a byte-level BPE piece, one for a byte-fallback piece `<0xNN>`, else the piece's UTF-8 length
+        (an upper bound, e.g. for SentencePiece's 3-byte `\u2581` that stands for one space). Computed once."""
+        byte_level = self._byte_level
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        longest = 1
+        for piece in self._tok.get_vocab(with_added_tokens=True):
+            if len(piece) * 4 <= longest:  # no UTF-8 character is longer than 4 bytes
+                continue
+            if byte_level and piece not in added and all(c in _BYTE_LEVEL_CHARS for c in piece):
+                n = len(piece)
+            elif _BYTE_FALLBACK.fullmatch(piece):
+                n = 1
+            else:
+                n = len(piece.encode("utf-8"))
+            longest = max(longest, n)
+        return longest
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on `len(encode(text))`, found without tokenising: the UTF-8 bytes of `text` over the
+        most bytes one token can stand for. 0 when no bound holds for this tokenizer (one whose normalizer,
+        pre-tokenizer or model may drop or fold input, e.g. BERT's WordPiece)."""
+        per_token = self._max_bytes_per_token
+        if per_token is None or not text:
+            return 0
+        if self._strips_whitespace:  # an added token with lstrip/rstrip swallows any run of whitespace
+            text = _WHITESPACE.sub("", text)
+        n_bytes = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        return math.ceil(n_bytes / per_token)
+
+    @cached_property
+    def _pipeline(self) -> dict[str, Any]:
+        return json.loads(self._tok.to_str())
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        spec = self._pipeline
+        return _has_type(spec.get("pre_tokenizer"), "ByteLevel") or _has_type(spec.get("decoder"), "ByteLevel")
+
+    @cached_property
+    def _strips_whitespace(self) -> bool:
+        return any(t.lstrip or t.rstrip for t in self._tok.get_added_tokens_decoder().values())
+
+    @cached_property
+    def _max_bytes_per_token(self) -> float | None:
+        """Most input bytes one token can cover, or None where tokenisation may drop or fold input."""
+        spec = self._pipeline
+        shrink = _normalizer_shrink(spec.get("normalizer"))
+        if shrink is None or not _pre_tokenizer_keeps_input(spec.get("pre_tokenizer")):
+            return None
+        model = spec.get("model") or {}
+        kind = model.get("type")
+        per_token = float(self.max_token_bytes)
+        if kind == "BPE":
+            if self._byte_level and not model.get("byte_fallback"):
+                vocab = self._tok.get_vocab(with_added_tokens=False)
+                if any(c not in vocab for c in _BYTE_LEVEL_CHARS):  # a byte with no symbol would be dropped
+                    return None
+            elif not model.get("byte_fallback"):
+                if model.get("unk_token") is None or model.get("fuse_unk"):
+                    return None  # unknown characters dropped, or a whole run of them folded into one <unk>
+                per_token = max(per_token, 4.0)  # one <unk> per unknown character
+        elif kind == "Unigram":
+            if not model.get("byte_fallback"):
+                return None
+        else:  # WordPiece (one [UNK] for a whole word), WordLevel
+            return None
+        return per_token * shrink
 
     # ------------------------------------------------------------------ chat
     def get_chat_template(self, tools: list[dict[str, Any]] | None = None, name: str | None = None) -> str:

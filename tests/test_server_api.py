@@ -5,6 +5,7 @@ SSE wire format, logprobs formats, tokenize/detokenize, /health, and /metrics de
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -221,15 +222,90 @@ def test_unknown_route_and_method_use_openai_errors(client):
     _error(client.get("/v1/completions"), 405)
 
 
-def test_api_key_required_on_v1_only(auth_client):
+GUARDED = [
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/completions", {"prompt": "{"}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ("POST", "/tokenize", {"prompt": "x"}),
+    ("POST", "/detokenize", {"tokens": [5]}),
+    ("GET", "/v1/nothing", None),
+]
+DOCS = ["/docs", "/redoc", "/openapi.json"]
+PROBES = ["/health", "/metrics", "/version"]
+
+
+def test_api_key_guards_every_route_that_does_work(auth_client):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        err = _error(auth_client.get("/v1/models", headers=headers), 401)
-        assert err["type"] == "authentication_error"
-        err = _error(auth_client.post("/v1/completions", json={"prompt": "{"}, headers=headers), 401)
+        for method, path, body in GUARDED:
+            err = _error(auth_client.request(method, path, json=body, headers=headers), 401)
+            assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key", path
+        for path in DOCS:  # the docs describe the API: they need the key unless --public-docs
+            _error(auth_client.get(path, headers=headers), 401)
     ok = auth_client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
-    assert auth_client.get("/health").status_code == 200
-    assert auth_client.get("/metrics").status_code == 200
+    r = auth_client.post("/tokenize", json={"prompt": "x = 1"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["count"] >= 1
+    assert auth_client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    for path in PROBES:  # probes and scrapers need no key
+        assert auth_client.get(path).status_code == 200, path
+
+
+def test_public_docs_opens_the_docs_only(engine):
+    c = TestClient(build_app(engine, ServerSettings(served_model_name=MODEL, api_key=KEY, public_docs=True)))
+    for path in DOCS:
+        assert c.get(path).status_code == 200, path
+    assert "/v1/completions" in c.get("/openapi.json").json()["paths"]
+    for method, path, body in GUARDED:
+        _error(c.request(method, path, json=body), 401)
+
+
+# ------------------------------------------------------------------------------- lone surrogates
+def _raw(body: str) -> bytes:
+    """A JSON body written by hand: `\\ud800` stays a JSON escape (no client library sends it otherwise)."""
+    return body.encode()
+
+
+SURROGATE_BODIES = [
+    ("/v1/completions", r'{"prompt": "a\ud800b"}'),
+    ("/v1/completions", r'{"prompt": ["ok", "\udc00"]}'),
+    ("/v1/completions", r'{"prompt": "x", "model": "\ud800"}'),
+    ("/v1/completions", r'{"prompt": "x", "stop": ["\ud83d"]}'),
+    ("/v1/completions", r'{"prompt": "x", "user": "\udfff"}'),
+    ("/v1/completions", r'{"prompt": "x", "routing": {"policy": "\ud800"}}'),
+    ("/v1/completions", r'{"prompt": "x", "\ud800": 1}'),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "hi \ud800"}]}'),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}'),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "x", "name": "\ud800"}]}'),
+    ("/v1/chat/completions", r'{"messages": [{"role": "\ud800", "content": "x"}]}'),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "x"}], "stop": "\ud800"}'),
+    ("/tokenize", r'{"prompt": "\ud800"}'),
+    ("/tokenize", r'{"messages": [{"role": "user", "content": "\ud800"}]}'),
+    ("/detokenize", r'{"tokens": [5], "model": "\ud800"}'),
+]
+
+
+@pytest.mark.parametrize("path,body", SURROGATE_BODIES)
+def test_lone_surrogate_anywhere_is_a_400(client, path, body):
+    err = _error(client.post(path, content=_raw(body), headers={"content-type": "application/json"}), 400)
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_json"
+    assert "surrogate" in err["message"]
+
+
+def test_valid_surrogate_pair_and_invalid_utf8(client):
+    # an escaped pair is one valid character (U+1F600) and is served
+    r = client.post("/tokenize", content=_raw(r'{"prompt": "\ud83d\ude00"}'))
+    emoji = client.post("/tokenize", json={"prompt": "\U0001f600"}).json()
+    assert r.status_code == 200 and r.json()["tokens"] == emoji["tokens"]
+    err = _error(client.post("/v1/completions", content=b'{"prompt": "\xed\xa0\x80"}'), 400)  # UTF-8 of U+D800
+    assert err["code"] == "invalid_json"
+
+
+def test_error_bodies_always_encode():
+    from dynserve.server.app import ApiError
+
+    err = ApiError(404, "The model `\ud800` does not exist.", "not_found_error", param="m\udc00")
+    body = json.loads(err.response().body)
+    assert body["error"]["message"] == "The model `\\ud800` does not exist." and body["error"]["param"] == "m\\udc00"
 
 
 # ------------------------------------------------------------------------------- info routes
@@ -527,3 +603,63 @@ def test_stream_n2_each_choice_finishes_exactly_once(client, engine, route):
     ends = [(pos, ch["choices"][0]["index"]) for pos, ch in enumerate(chunks) if ch["choices"][0]["finish_reason"]]
     assert sorted(i for _, i in ends) == [0, 1]  # each choice finishes once, never repeated
     assert ends[0][0] != ends[1][0]
+
+
+# ------------------------------------------------------------------------------- bounded inputs
+def test_body_over_the_limit_is_413_before_parsing(engine):
+    c = TestClient(build_app(engine, ServerSettings(served_model_name=MODEL, api_key="", max_request_bytes=4096)))
+    head = b'{"prompt": "'
+    at_limit = head + b"x" * (4096 - len(head) - 2) + b'"}'  # exactly 4096 bytes: accepted
+    r = c.post("/tokenize", content=at_limit)
+    assert len(at_limit) == 4096 and r.status_code == 200 and r.json()["count"] > 0, r.text
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        err = _error(c.post(path, content=at_limit + b" "), 413)
+        assert err == {
+            "message": "The request body (4097 bytes) is larger than this server accepts (4096 bytes).",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+
+
+def test_prompts_per_request_cap(engine):
+    c = TestClient(build_app(engine, ServerSettings(served_model_name=MODEL, api_key="", max_prompts_per_request=2)))
+    ok = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+    for prompt in (["a", "b", "c"], [[5], [6], [7]]):
+        err = _error(c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1}), 400)
+        assert err["param"] == "prompt" and "at most 2 prompts" in err["message"]
+    # one prompt of many token ids is one prompt
+    assert c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1}).status_code == 200
+
+
+def test_more_prompts_than_the_queue_holds_is_400_not_a_retry(client, engine):
+    old = engine.max_queued_requests
+    engine.max_queued_requests = 2
+    try:
+        err = _error(client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1}), 400)
+        assert err["param"] == "prompt" and "more than the server queues at once (2)" in err["message"]
+        assert client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1}).status_code == 200
+    finally:
+        engine.max_queued_requests = old
+
+
+def test_text_far_longer_than_the_context_is_rejected_without_tokenizing(client, engine):
+    tok = engine.tokenizer
+    # ~1 MiB of text: tokenising it would take about a second here; the byte count alone rules it out
+    text = "def hello(name):\n    return 'hello ' + name\n" * 24_000
+    assert tok.min_num_tokens(text) >= 512
+    for path, body in (
+        ("/v1/completions", {"prompt": text}),
+        ("/v1/completions", {"prompt": ["x = 1", text]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}),
+    ):
+        t0 = time.perf_counter()
+        err = _error(client.post(path, json=body), 400)
+        elapsed = time.perf_counter() - t0
+        assert err["code"] == "context_length_exceeded" and err["param"] == ("messages" if "chat" in path else "prompt")
+        assert err["message"].startswith("This model's maximum context length is 512 tokens. However, your prompt is")
+        assert elapsed < 0.5, elapsed
+    # just over the context after tokenising: the exact count, in the engine's words
+    err = _error(client.post("/v1/completions", json={"prompt": "import os\n" * 300}), 400)
+    assert err["code"] == "context_length_exceeded" and "However, you requested" in err["message"]

@@ -4,28 +4,39 @@ Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or
 GET /health, GET /version, POST /tokenize, POST /detokenize, GET /metrics.
 Every error uses OpenAI's body {"error": {"message", "type", "param", "code"}}; validation errors
 are 400. A client that goes away (streaming or not) aborts its request in the engine.
+
+Bounded and off the event loop: request bodies are capped (413) before they are parsed; large bodies
+are parsed and validated, prompts rendered and tokenised in a small thread pool (the tokenizer
+releases the GIL), and the engine thread gets token ids, never text to tokenise; a text prompt that
+cannot fit the context whatever it tokenises to is rejected without tokenising it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import secrets
+import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dynserve
 from dynserve.config import EngineConfig
@@ -61,14 +72,27 @@ from dynserve.server.protocol import (
 logger = logging.getLogger("dynserve.server")
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+# Bodies and texts below this size are parsed / tokenised on the event loop (well under a millisecond);
+# above it they go to the worker threads, so a large request never stalls the other connections.
+_INLINE_BYTES = 16 * 1024
+# After a SIGTERM, requests still running at --shutdown-timeout are aborted; their handlers then get
+# this long to send the error (an SSE error event and [DONE]) before uvicorn cuts the connections.
+_ABORT_GRACE_S = 5.0
+# After the engine died: how long in-flight handlers may take to send their error before uvicorn cuts them.
+_DEATH_GRACE_S = 3.0
+_T = TypeVar("_T")
 
 
 @dataclass
 class ServerSettings:
     """How the HTTP server runs (the engine's own options live in EngineConfig).
 
-    api_key None falls back to the DYNSERVE_API_KEY environment variable; empty means no auth.
+    api_key None falls back to the DYNSERVE_API_KEY environment variable; empty means no auth. The key
+    guards every route but the probes (/health, /metrics, /version) and, with public_docs, the API docs.
     served_model_name None falls back to EngineConfig.served_model_name, then the model path.
+    max_request_bytes caps a request body (413 beyond it); max_prompts_per_request caps the prompts of
+    one completions request (400). engine_death_exit_timeout: after the engine died, a process whose
+    graceful stop takes longer than this is ended with os._exit(1) (`run_server` / `serve_engine`).
     """
 
     host: str = "127.0.0.1"
@@ -80,10 +104,20 @@ class ServerSettings:
     enable_expert_token_metrics: bool = False
     log_level: str = "info"
     retry_after_s: int = 1
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_prompts_per_request: int = 256
+    public_docs: bool = False
+    engine_death_exit_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.api_key is None:
             self.api_key = os.environ.get("DYNSERVE_API_KEY") or None
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be at least 1, got {self.max_request_bytes}")
+        if self.max_prompts_per_request < 1:
+            raise ValueError(f"max_prompts_per_request must be at least 1, got {self.max_prompts_per_request}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
 
 
 # ------------------------------------------------------------------------------- errors
@@ -99,6 +133,7 @@ class ApiError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message, param = _encodable(message), _encodable(param) if param is not None else None
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
@@ -108,6 +143,18 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _encodable(text: str) -> str:
+    """`text` with whatever UTF-8 cannot encode (lone surrogates echoed from a request) written as `\\udXXX`,
+    so that an error body can always be sent."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _engine_error(e: BaseException, retry_after: int, prompt_param: str = "prompt") -> ApiError:
@@ -129,9 +176,10 @@ def _engine_error(e: BaseException, retry_after: int, prompt_param: str = "promp
     if isinstance(e, RequestFailedError):
         return ApiError(500, f"the request failed: {e}", "server_error", code="request_failed")
     if isinstance(e, RequestAbortedError):
+        reason = str(e)
         return ApiError(
             503,
-            str(e) or "the request was aborted",
+            reason if "abort" in reason else f"the request was aborted: {reason or 'by the server'}",
             "server_error",
             code="request_aborted",
             headers={"Retry-After": str(retry_after)},
@@ -158,8 +206,8 @@ def _loc_to_param(loc: Iterable[Any]) -> str | None:
     return ".".join(parts) or None
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
+def _validation_error(errors: list[Any]) -> ApiError:
+    """The 400 for pydantic / FastAPI validation errors (FastAPI's locations start with "body")."""
     if not errors:
         return ApiError(400, "invalid request")
     err = errors[0]
@@ -167,7 +215,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     if loc and loc[0] == "body":
         loc = loc[1:]
     if err.get("type") == "json_invalid":
-        detail = (err.get("ctx") or {}).get("error", "")
+        detail = str((err.get("ctx") or {}).get("error", ""))
+        if "surrogate" in detail or "hex escape" in detail:
+            detail += " (strings must be valid Unicode: a lone surrogate escape such as \\ud800 is not)"
         return ApiError(400, f"invalid JSON body: {detail}".rstrip(": "), code="invalid_json")
     if err.get("type") == "missing" and not loc:
         return ApiError(400, "a JSON request body is required")
@@ -195,16 +245,27 @@ _HTTP_TYPES = {
 }
 
 
-# ------------------------------------------------------------------------------- auth
-class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/* (pure ASGI: keeps streaming intact)."""
+# ------------------------------------------------------------------------------- middleware
+_PROBE_PATHS = ("/health", "/metrics", "/version")
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+
+def _route_path(scope: Scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on every route except `open_paths` (probes, scrapers and,
+    with --public-docs, the API docs): a route added later is guarded without anyone remembering to.
+    Pure ASGI, so streaming responses pass through untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Iterable[str] = _PROBE_PATHS) -> None:
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
+        self._open = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope.get("method") != "OPTIONS":
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and _route_path(scope) not in self._open:
             auth = b""
             for k, v in scope.get("headers", []):
                 if k == b"authorization":
@@ -221,6 +282,134 @@ class ApiKeyMiddleware:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Answers 413 (OpenAI's error body, code `request_too_large`) to a request whose body is larger than
+    `max_bytes`: at once when Content-Length says so (the body is never read), else as soon as the bytes
+    received so far (a chunked body) pass the limit; the app then sees a disconnect and whatever it sends
+    is dropped. uvicorn discards the rest of the body. Pure ASGI, so streaming responses pass through."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: int | None) -> ApiError:
+        told = f" ({size} bytes)" if size is not None else ""
+        return ApiError(
+            413,
+            f"The request body{told} is larger than this server accepts ({self.max_bytes} bytes).",
+            code="request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                with contextlib.suppress(ValueError):
+                    declared = int(v)
+        if declared is not None and declared > self.max_bytes:
+            await _send_error(self._too_large(declared), send)
+            return
+        received = 0
+        rejected = False
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    rejected = True
+                    if not response_started:
+                        await _send_error(self._too_large(None), send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if rejected and not response_started:
+                return  # the 413 went out instead
+            response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not rejected:
+                raise  # a body cut short by the 413 may make the app raise: nothing left to tell anyone
+
+
+async def _send_error(err: ApiError, send: Send) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------- JSON bodies
+class _JSONBodyRoute(APIRoute):
+    """A route whose JSON body is parsed and validated by pydantic in one pass (`model_validate_json`),
+    in the worker threads when it is large. pydantic's parser rejects what Python's `json` lets through:
+    a lone surrogate escape (`"\\ud800"`) in any string of the request is a 400 `invalid_json`, before any
+    field is looked at, and invalid UTF-8 too. FastAPI then gets the validated model."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+        model = _body_model(self.endpoint)
+        if model is None:
+            return handler
+
+        async def parse_then_handle(request: Request) -> Response:
+            if _is_json(request.headers.get("content-type")):
+                body = await request.body()
+                if body:  # an empty body is left to FastAPI ("a JSON request body is required")
+                    srv: _Server = request.app.state.server
+                    try:
+                        parsed = await srv.offload(len(body), model.model_validate_json, body)
+                    except ValidationError as e:
+                        return _validation_error(e.errors(include_url=False)).response()
+                    request = _ParsedRequest(request, body, parsed)
+            return await handler(request)
+
+        return parse_then_handle
+
+
+class _ParsedRequest(Request):
+    """A request whose body was already read and parsed: FastAPI's `json()` gets the validated model."""
+
+    def __init__(self, request: Request, body: bytes, parsed: Any) -> None:
+        super().__init__(request.scope, request.receive)
+        self._raw_body, self._parsed = body, parsed
+        self.body_size = len(body)
+
+    async def body(self) -> bytes:
+        return self._raw_body
+
+    async def json(self) -> Any:
+        return self._parsed
+
+
+def _body_model(endpoint: Callable[..., Any]) -> type[BaseModel] | None:
+    try:
+        hints = get_type_hints(endpoint)
+    except Exception:  # an annotation that does not resolve: leave the route to FastAPI
+        return None
+    models = [t for k, t in hints.items() if k != "return" and isinstance(t, type) and issubclass(t, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:  # FastAPI parses a body without a content type as JSON (strict_content_type=False)
+        return True
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -397,8 +586,19 @@ class _ClientGone(Exception):
 
 
 # ------------------------------------------------------------------------------- the app
+@dataclass
+class _Prompt:
+    """One prompt ready for the engine: token ids (the engine never tokenises), the text when there is one
+    (the engine reports it back), and the text to echo."""
+
+    text: str | None
+    token_ids: list[int]
+    echo: str = ""
+
+
 class _Server:
-    """The state behind the routes: engine, settings, metrics, model name."""
+    """The state behind the routes: engine, settings, metrics, model name, and the worker threads that
+    parse large bodies, render chat templates and tokenise."""
 
     def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
         self.engine = engine
@@ -409,6 +609,20 @@ class _Server:
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine.get_stats, self.model_name, settings.enable_expert_token_metrics)
         engine.add_metrics_sink(self.metrics)
+        # a few threads: the tokenizer releases the GIL, but each thread is a core's worth of work
+        workers = min(8, max(4, os.cpu_count() or 1))
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dynserve-prep")
+        if engine.tokenizer is not None:  # scan the vocabulary for the prompt-length bound now, not mid-request
+            engine.tokenizer.min_num_tokens("x")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def offload(self, size: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)`: inline when its input (`size` bytes or characters) is small, else in a worker thread."""
+        if size < _INLINE_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
     @property
     def tokenizer(self) -> Any:
@@ -423,18 +637,147 @@ class _Server:
                 404, f"The model `{model}` does not exist.", "not_found_error", param="model", code="model_not_found"
             )
 
+    def check_capacity(self, num_prompts: int, param: str) -> None:
+        """All prompts of a request must fit the waiting queue at once (503 + Retry-After if not now, 400 if
+        never: more prompts than the queue holds)."""
+        limit = self.engine.max_queued_requests
+        if limit and num_prompts > limit:
+            raise ApiError(
+                400,
+                f"this request has {num_prompts} prompts, more than the server queues at once ({limit}); "
+                "send fewer per request",
+                param=param,
+            )
+        try:
+            self.engine.check_capacity(num_prompts)
+        except Exception as e:
+            raise _engine_error(e, self.settings.retry_after_s, param) from None
+
+    # ---------------------------------------------------------------- prompts
+    def completion_prompts(self, prompt: Any) -> list[tuple[str | None, list[int] | None]]:
+        """The validated `prompt` as (text, token ids) pairs; at most --max-prompts-per-request of them."""
+        if isinstance(prompt, str):
+            return [(prompt, None)]
+        first = prompt[0]
+        if isinstance(first, int):  # one prompt of token ids
+            return [(None, prompt)]
+        cap = self.settings.max_prompts_per_request
+        if len(prompt) > cap:
+            raise ApiError(
+                400,
+                f"prompt: a request may carry at most {cap} prompts (--max-prompts-per-request), got {len(prompt)}",
+                param="prompt",
+            )
+        if isinstance(first, str):
+            return [(x, None) for x in prompt]
+        return [(None, x) for x in prompt]
+
+    # the methods below scale with the input: they run in the worker threads (`offload`)
+    def check_text_length(self, text: str, param: str) -> None:
+        """400 `context_length_exceeded`, without tokenising, for a text longer than any prompt could be:
+        its UTF-8 bytes over the most bytes one token stands for already reach the context length."""
+        least = self.tokenizer.min_num_tokens(text)
+        if least >= self.max_model_len:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt is at "
+                f"least {least} tokens long ({len(text.encode('utf-8', 'surrogatepass'))} bytes of text). "
+                "Please reduce the length of the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def check_context(self, num_tokens: int, max_tokens: int | None, param: str) -> None:
+        """The engine's own context check (same rule, same words), done here so that the engine thread never
+        receives a prompt longer than the context."""
+        limit = self.max_model_len
+        completion = max_tokens if max_tokens is not None else limit - num_tokens
+        if num_tokens + max(completion, 1) > limit or completion < 1:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_tokens + max(completion, 0)} tokens ({num_tokens} in the messages, {completion} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except ApiError:
+            raise
+        except Exception as e:
+            raise ApiError(400, f"could not tokenize the {param}: {e}", param=param) from None
+
+    def prepare_prompts(
+        self, prompts: list[tuple[str | None, list[int] | None]], max_tokens: int | None, echo: bool
+    ) -> list[_Prompt]:
+        out = []
+        for text, ids in prompts:
+            if ids is None:
+                assert text is not None
+                self.check_text_length(text, "prompt")
+                ids = self.encode(text, "prompt")
+            self.check_context(len(ids), max_tokens, "prompt")
+            echo_text = (text if text is not None else self.decode(ids)) if echo else ""
+            out.append(_Prompt(text, ids, echo_text))
+        return out
+
+    def prepare_chat(self, req: ChatCompletionRequest, max_tokens: int | None) -> _Prompt:
+        text = self.render_chat(req.messages, req.add_generation_prompt)
+        self.check_text_length(text, "messages")
+        ids = self.encode(text, "messages", add_special_tokens=False)
+        self.check_context(len(ids), max_tokens, "messages")
+        return _Prompt(text, ids)
+
+    def render_chat(self, messages: list[Any], add_generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        try:
+            return tok.apply_chat_template(conversation(messages), add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        except Exception as e:  # template rendering errors (jinja) are the request's fault too
+            raise ApiError(400, f"could not apply the chat template: {e}", param="messages") from None
+
+    def decode(self, ids: list[int]) -> str:
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        except Exception:
+            return ""
+
+    def tokenize(self, req: TokenizeRequest) -> bytes:
+        if req.messages is not None:
+            text = self.render_chat(req.messages, req.add_generation_prompt)
+            ids = self.encode(text, "messages", add_special_tokens=bool(req.add_special_tokens))
+        else:
+            assert req.prompt is not None
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = self.encode(req.prompt, "prompt", add_special_tokens=add)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len).model_dump_json().encode()
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        vocab = self.engine.config.model.vocab_size
+        if tokens and (min(tokens) < 0 or max(tokens) >= vocab):
+            bad = next(t for t in tokens if not 0 <= t < vocab)
+            raise ApiError(400, f"token id {bad} is out of range for vocabulary size {vocab}", param="tokens")
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        return DetokenizeResponse(prompt=text).model_dump_json().encode()
+
+    # ---------------------------------------------------------------- engine
     async def submit(
         self,
         base_id: str,
-        prompts: list[tuple[str | None, list[int] | None]],
+        prompts: list[_Prompt],
         params: SamplingParams,
         prompt_param: str,
     ) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
-            for i, (text, ids) in enumerate(prompts):
+            self.engine.check_capacity(len(prompts))  # the whole request fits, or none of it is queued
+            for i, p in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.engine.add_request(rid, text, params, ids))
+                streams.append(await self.engine.add_request(rid, p.text, params, p.token_ids))
         except BaseException as e:
             for s in streams:
                 s.abort()
@@ -479,7 +822,7 @@ def _abort_all(streams: list[RequestStream]) -> None:
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, owns_engine: bool = False) -> FastAPI:
     """The FastAPI app serving `engine`. With owns_engine, app shutdown also shuts the engine
-    down (what `run_server` does)."""
+    down (what the Ray Serve replicas do; `serve_engine` stops the engine itself)."""
     settings = settings or ServerSettings()
     if settings.max_queued_requests is not None:
         engine.max_queued_requests = settings.max_queued_requests
@@ -489,6 +832,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.remove_metrics_sink(srv.metrics)
+        srv.close()
         if owns_engine:
             await engine.shutdown(timeout=1.0)
 
@@ -499,9 +843,15 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         lifespan=lifespan,
         strict_content_type=False,
     )
+    app.router.route_class = _JSONBodyRoute  # every route below parses its JSON body with pydantic
     app.state.server = srv
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.api_key:  # added last: the outermost layer, so a request without the key is never read
+        open_paths = list(_PROBE_PATHS)
+        if settings.public_docs:
+            docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+            open_paths += [d for d in docs if d]
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, open_paths=open_paths)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -509,7 +859,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _validation_error(list(exc.errors())).response()
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid_params(_: Request, exc: InvalidRequestError) -> JSONResponse:
@@ -563,42 +913,31 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         return _model_card(srv)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=errors)
-    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(req: TokenizeRequest, raw: Request) -> Response:
         srv.check_model(req.model)
-        tok = srv.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send exactly one of 'prompt' or 'messages'", param="prompt")
-        try:
-            if req.messages is not None:
-                conv = conversation(req.messages)
-                text = tok.apply_chat_template(conv, add_generation_prompt=req.add_generation_prompt)
-                ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
-            else:
-                add = True if req.add_special_tokens is None else req.add_special_tokens
-                ids = tok.encode(req.prompt, add_special_tokens=add)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        return TokenizeResponse(tokens=list(ids), count=len(ids), max_model_len=srv.max_model_len)
+        body = await srv.offload(_work_size(raw), srv.tokenize, req)
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=errors)
-    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(req: DetokenizeRequest, raw: Request) -> Response:
         srv.check_model(req.model)
-        vocab = engine.config.model.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"token id {bad[0]} is out of range for vocabulary size {vocab}", param="tokens")
-        return DetokenizeResponse(prompt=srv.tokenizer.decode(req.tokens, skip_special_tokens=False))
+        body = await srv.offload(_work_size(raw), srv.detokenize, req.tokens)
+        return Response(body, media_type="application/json")
 
     # ---------------------------------------------------------------- completions
     @app.post("/v1/completions", response_model=CompletionResponse, responses=errors)
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         srv.check_model(req.model)
         params = req.to_sampling_params(engine.config.routing)
-        prompts = _completion_prompts(req.prompt)
+        prompts = srv.completion_prompts(req.prompt)
+        srv.check_capacity(len(prompts), "prompt")  # before the tokenising work, not after it
+        prepared = await srv.offload(_work_size(raw), srv.prepare_prompts, prompts, params.max_tokens, req.echo)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await srv.submit(request_id, prompts, params, "prompt")
-        echo_texts = [_echo_text(srv, t, ids) for t, ids in prompts] if req.echo else None
+        streams = await srv.submit(request_id, prepared, params, "prompt")
+        echo_texts = [p.echo for p in prepared] if req.echo else None
         headers = {"x-request-id": request_id}
         if req.stream:
             gen = _completion_stream(srv, req, streams, request_id, created, echo_texts, len(prompts))
@@ -634,17 +973,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         srv.check_model(req.model)
         params = req.to_sampling_params(engine.config.routing)
-        tok = srv.tokenizer
-        try:
-            text = tok.apply_chat_template(conversation(req.messages), add_generation_prompt=req.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=False)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        except Exception as e:  # template rendering errors (jinja) are the request's fault too
-            raise ApiError(400, f"could not apply the chat template: {e}", param="messages") from None
+        srv.check_capacity(1, "messages")
+        prompt = await srv.offload(_work_size(raw), srv.prepare_chat, req, params.max_tokens)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await srv.submit(request_id, [(text, ids)], params, "messages")
+        streams = await srv.submit(request_id, [prompt], params, "messages")
         headers = {"x-request-id": request_id}
         if req.stream:
             gen = _chat_stream(srv, req, streams[0], request_id, created)
@@ -689,23 +1022,9 @@ def _finish_or_raise(srv: _Server, reason: str | None) -> str | None:
         raise _engine_error(e, srv.settings.retry_after_s) from None
 
 
-def _completion_prompts(prompt: Any) -> list[tuple[str | None, list[int] | None]]:
-    if isinstance(prompt, str):
-        return [(prompt, None)]
-    if all(isinstance(x, str) for x in prompt):
-        return [(x, None) for x in prompt]
-    if all(isinstance(x, int) for x in prompt):
-        return [(None, list(prompt))]
-    return [(None, list(x)) for x in prompt]
-
-
-def _echo_text(srv: _Server, text: str | None, ids: list[int] | None) -> str:
-    if text is not None:
-        return text
-    try:
-        return srv.tokenizer.decode(ids or [], skip_special_tokens=False)
-    except Exception:
-        return ""
+def _work_size(request: Request) -> int:
+    """The size of the body behind a route's work (parsing, rendering, tokenising scale with it)."""
+    return request.body_size if isinstance(request, _ParsedRequest) else _INLINE_BYTES
 
 
 def _stream_error(e: Exception, srv: _Server) -> str:
@@ -848,9 +1167,8 @@ async def _chat_stream(
 
 # ------------------------------------------------------------------------------- run_server
 def run_server(engine_config: EngineConfig, settings: ServerSettings | None = None) -> None:
-    """Load the engine, serve the app with uvicorn until SIGINT/SIGTERM, then shut down
-    gracefully: stop accepting, let in-flight requests finish for up to
-    `settings.shutdown_timeout` seconds, abort the rest, stop the engine thread."""
+    """Load the engine and serve it (`serve_engine`) until SIGINT/SIGTERM, or until the engine dies:
+    then raise EngineDeadError, so that `dynserve serve` exits 1 and an orchestrator restarts it."""
     settings = settings or ServerSettings()
     level = getattr(logging, str(settings.log_level).upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -859,31 +1177,58 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings | None = No
     if settings.served_model_name and not engine_config.served_model_name:
         engine_config = replace(engine_config, served_model_name=settings.served_model_name)
     engine = AsyncEngine.from_config(engine_config, max_queued_requests=settings.max_queued_requests)
-    app = build_app(engine, settings, owns_engine=True)
+    serve_engine(engine, settings)
+
+
+def serve_engine(engine: AsyncEngine, settings: ServerSettings | None = None, *, hard_exit: bool = True) -> None:
+    """Serve a running engine with uvicorn; stops the engine on the way out.
+
+    SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to `settings.shutdown_timeout`
+    seconds, then abort the rest (a stream ends with an SSE error event `request_aborted` and
+    `data: [DONE]`, a JSON request gets a 503) and return.
+    Engine death (an error that belongs to no request, or `engine.fail()`): stop accepting, give in-flight
+    requests a moment to send their error, then raise EngineDeadError. With `hard_exit`, a graceful stop
+    that has not ended the process `settings.engine_death_exit_timeout` seconds after the death (the
+    engine thread stuck in a collective, a worker that will not stop) ends it with `os._exit(1)`.
+    """
+    settings = settings or ServerSettings()
+    app = build_app(engine, settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=str(settings.log_level).lower(),
-        timeout_graceful_shutdown=settings.shutdown_timeout,
+        # the engine aborts what is left at shutdown_timeout; the handlers then send their error events
+        timeout_graceful_shutdown=settings.shutdown_timeout + _ABORT_GRACE_S,
         lifespan="on",
     )
-    server = _UvicornServer(config, engine)
+    server = _UvicornServer(config, engine, settings, hard_exit=hard_exit)
     try:
         server.run()
     finally:
         if engine.is_healthy:
             engine.shutdown_sync(timeout=0.0)
+    if server.engine_error is not None:
+        raise EngineDeadError(f"the engine died: {server.engine_error!r}")
 
 
 class _UvicornServer(uvicorn.Server):
-    """uvicorn.Server whose exit signal first makes the engine refuse new requests (503)."""
+    """uvicorn.Server that stops the engine with the server: the exit signal first makes the engine refuse
+    new requests (503); at the shutdown deadline the engine aborts what still runs, before uvicorn would cut
+    the connections; the engine's death stops the server (and, past a deadline, the process)."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, settings: ServerSettings, hard_exit: bool) -> None:
         super().__init__(config)
         self._engine = engine
+        self._shutdown_timeout = settings.shutdown_timeout
+        self._death_exit_timeout = settings.engine_death_exit_timeout if hard_exit else None
+        self._exit_requested_at: float | None = None
+        self.engine_error: BaseException | None = None
+        engine.add_death_callback(self._on_engine_death)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._exit_requested_at is None:
+            self._exit_requested_at = time.monotonic()
         self._engine.stop_accepting()
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals once it has shut down, which would make the process
@@ -891,3 +1236,45 @@ class _UvicornServer(uvicorn.Server):
         captured = getattr(self, "_captured_signals", None)
         if isinstance(captured, list):
             captured.clear()
+
+    def _on_engine_death(self, error: BaseException) -> None:
+        """Runs on whichever thread saw the death (engine thread, a watchdog): only plain assignments and a
+        timer thread here; uvicorn's loop notices `should_exit` within 0.1 s."""
+        if self.engine_error is not None:
+            return
+        self.engine_error = error
+        logger.critical("the engine died (%r): stopping the server; the process will exit with status 1", error)
+        if self._death_exit_timeout is not None:
+            threading.Thread(
+                target=_exit_after, args=(self._death_exit_timeout,), name="dynserve-exit-deadline", daemon=True
+            ).start()
+        # in-flight requests got their EngineDeadError already; let their handlers send it, then cut
+        grace = self.config.timeout_graceful_shutdown
+        self.config.timeout_graceful_shutdown = _DEATH_GRACE_S if grace is None else min(grace, _DEATH_GRACE_S)
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        stop_engine = asyncio.ensure_future(self._stop_engine())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await stop_engine
+
+    async def _stop_engine(self) -> None:
+        """Let in-flight requests finish until the shutdown deadline, abort the rest (their handlers answer
+        with an error while uvicorn still waits for them), then stop the engine thread."""
+        if self.engine_error is not None:  # nothing to wait for; the thread may be stuck: do not wait long
+            await self._engine.shutdown(timeout=0.0)
+            return
+        started = self._exit_requested_at if self._exit_requested_at is not None else time.monotonic()
+        remaining = self._shutdown_timeout - (time.monotonic() - started)
+        await self._engine.shutdown(timeout=max(0.0, remaining))
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    logger.critical("the server did not stop within %.1f s of the engine's death: exiting now", seconds)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from dynserve.config import ROUTING_POLICIES, RoutingConfig
@@ -46,6 +46,15 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# The element checks of a list prompt run in pydantic-core (Rust), not in a Python loop, and stop at the
+# first bad element: a body of millions of token ids is never iterated by the interpreter, and a list of
+# millions of wrong elements does not build millions of error records.
+_FAST = Field(fail_fast=True)
+_STRS = TypeAdapter(Annotated[list[Str], _FAST])
+_IDS = TypeAdapter(Annotated[list[Int], _FAST])
+_ID_LISTS = TypeAdapter(Annotated[list[Annotated[list[Int], Field(min_length=1, fail_fast=True)]], _FAST])
+
+
 def _check_prompt(v: Any) -> Any:
     msg = "prompt must be a string, a list of strings, a list of token ids, or a list of token id lists"
     if isinstance(v, str):
@@ -54,15 +63,14 @@ def _check_prompt(v: Any) -> Any:
         raise PydanticCustomError("prompt_type", msg)
     if not v:
         raise PydanticCustomError("prompt_empty", "prompt must not be empty")
-    if all(isinstance(x, str) for x in v):
-        return v
-    if all(_is_int(x) for x in v):
-        return v
-    if all(isinstance(x, list) and all(_is_int(t) for t in x) for x in v):
-        if any(not x for x in v):
-            raise PydanticCustomError("prompt_empty", "prompt token id lists must not be empty")
-        return v
-    raise PydanticCustomError("prompt_type", msg)
+    first = v[0]
+    adapter = _STRS if isinstance(first, str) else _IDS if _is_int(first) else _ID_LISTS
+    try:
+        return adapter.validate_python(v)
+    except ValidationError as e:
+        if adapter is _ID_LISTS and all(err["type"] == "too_short" for err in e.errors(include_url=False)):
+            raise PydanticCustomError("prompt_empty", "prompt token id lists must not be empty") from None
+        raise PydanticCustomError("prompt_type", msg) from None
 
 
 def _check_stop(v: Any) -> Any:

@@ -23,7 +23,15 @@ from dynserve.engine.async_engine import AsyncEngine
 from dynserve.server.app import ServerSettings, build_app
 
 # keys of `args` that configure the HTTP layer; every other key is an EngineConfig.create option
-_SERVER_KEYS = ("api_key", "served_model_name", "max_queued_requests", "enable_expert_token_metrics")
+_SERVER_KEYS = (
+    "api_key",
+    "served_model_name",
+    "max_queued_requests",
+    "enable_expert_token_metrics",
+    "max_request_bytes",
+    "max_prompts_per_request",
+    "public_docs",
+)
 
 
 @serve.deployment(
