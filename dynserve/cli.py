@@ -179,8 +179,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dynserve.engine.async_engine import EngineDeadError
-    from dynserve.server.app import ServerSettings, run_server
+    from dynserve.engine import EngineDeadError
+    from dynserve.server.run import ServerSettings, run_server
 
     config = engine_config_from_args(
         args,

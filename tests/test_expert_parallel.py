@@ -241,7 +241,7 @@ def test_server_with_two_ranks_matches_offline(checkpoint_factory, reference, tm
     code = textwrap.dedent(
         f"""
         from dynserve.config import EngineConfig
-        from dynserve.server.app import ServerSettings, run_server
+        from dynserve.server.run import ServerSettings, run_server
         cfg = EngineConfig.create({ckpt!r}, num_kv_blocks=64, expert_parallel_size=2)
         run_server(cfg, ServerSettings(host="127.0.0.1", port={port}, served_model_name="m", log_level="warning"))
         """

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import signal
 import socket
@@ -265,17 +264,7 @@ def test_workers_exit_when_rank0_freezes(mixtral_dir, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------ the server process
-def _server_exits_on_engine_death() -> bool:
-    from dynserve.server import app
-
-    return "add_death_callback" in inspect.getsource(app)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _server_exits_on_engine_death(),
-    reason="the HTTP server does not exit yet when its engine dies (no add_death_callback in dynserve.server.app)",
-)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=lambda s: s.name)
 def test_server_exits_nonzero_when_a_worker_dies_or_freezes(mixtral_dir, tmp_path, sig: signal.Signals) -> None:
     import httpx

@@ -16,7 +16,7 @@ from dynserve.engine.async_engine import AsyncEngine
 from dynserve.engine.outputs import CompletionOutput, RequestOutput
 from dynserve.engine.stats import EngineStats
 from dynserve.server.app import ServerSettings, build_app
-from dynserve.server.protocol import ChatCompletionStreamResponse, CompletionStreamResponse
+from dynserve.server.responses import ChatCompletionStreamResponse, CompletionStreamResponse
 
 MODEL = "tiny-moe"
 KEY = "sk-test-123"

@@ -29,7 +29,7 @@ from tokenizers import models, normalizers, pre_tokenizers
 
 from dynserve.config import EngineConfig
 from dynserve.engine.async_engine import AsyncEngine, EngineDeadError
-from dynserve.server.app import ServerSettings, serve_engine
+from dynserve.server.run import ServerSettings, serve_engine
 from dynserve.tokenizer import Tokenizer
 
 MODEL = "tiny-moe"
@@ -512,7 +512,7 @@ import atexit, sys, time
 from dynserve.config import EngineConfig
 from dynserve.engine.async_engine import AsyncEngine
 from dynserve.engine.stats import EngineStats
-from dynserve.server.app import ServerSettings, serve_engine
+from dynserve.server.run import ServerSettings, serve_engine
 from dynserve.tokenizer import Tokenizer
 
 class BrokenEngine:

@@ -65,7 +65,7 @@ def server(checkpoint_factory, tmp_path_factory):
     code = textwrap.dedent(
         f"""
         from dynserve.config import EngineConfig
-        from dynserve.server.app import ServerSettings, run_server
+        from dynserve.server.run import ServerSettings, run_server
         cfg = EngineConfig.create({ckpt!r}, num_kv_blocks=128, max_num_seqs={MAX_SEQS}, routing={{"policy": "top_k"}})
         run_server(cfg, ServerSettings(host="127.0.0.1", port={port}, api_key={KEY!r},
                    served_model_name={MODEL!r}, max_queued_requests={MAX_QUEUED}, shutdown_timeout=20,

@@ -19,8 +19,9 @@ from ray import serve
 from ray.serve import Application
 
 from dynserve.config import EngineConfig
-from dynserve.engine.async_engine import AsyncEngine
-from dynserve.server.app import ServerSettings, build_app
+from dynserve.engine import AsyncEngine
+from dynserve.server.app import build_app
+from dynserve.server.settings import ServerSettings
 
 # keys of `args` that configure the HTTP layer; every other key is an EngineConfig.create option
 _SERVER_KEYS = (
