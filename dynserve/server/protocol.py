@@ -9,7 +9,6 @@ accepted here with vLLM's names and meanings.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
@@ -143,17 +142,21 @@ class RoutingParams(BaseModel):
     renormalize: Bool | None = None
 
     def to_routing_config(self, default: RoutingConfig) -> RoutingConfig:
-        """Overlay the fields this request set on the engine's default routing."""
+        """The fields this request set, as a RoutingConfig that the engine lays over its default
+        (`RoutingConfig.overlay`, the one rule for Python and HTTP); checked against `default` here so
+        that a combination that cannot work (min_experts above the default's max_experts) is a 400."""
         changes = {name: getattr(self, name) for name in self.model_fields_set}
         for name in ("policy", "p", "threshold", "min_experts"):  # not nullable in RoutingConfig
             if name in changes and changes[name] is None:
                 del changes[name]
         try:
-            return replace(default, **changes)
+            request = RoutingConfig(**changes)
+            default.overlay(request)
         except ValueError as e:
             msg = str(e)
             param = msg.split(" ", 1)[0] if msg.startswith("routing.") else "routing"
             raise InvalidRequestError(msg, param=param) from None
+        return request
 
 
 class StreamOptions(BaseModel):
