@@ -133,3 +133,25 @@ def test_engine_serves_after_the_fuzz(served):
     stats = engine.engine.get_stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
     assert json.loads(json.dumps(client.get("/health").json())) == {"status": "ok"}
+
+
+def test_stop_strings_and_stop_token_ids_are_bounded(served):
+    """Every step checks each stop string and stop id of every running sequence: one request may not
+    bring thousands of them (400 naming the field); the largest allowed request is served."""
+    engine, client = served
+    base = {"prompt": "def f(x):", "max_tokens": 3}
+    for extra, param in (
+        ({"stop": [f"s{i}" for i in range(65)]}, "stop"),
+        ({"stop": "x" * 1025}, "stop"),
+        ({"stop": ["ok", "y" * 1025]}, "stop"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ):
+        r = client.post("/v1/completions", json={**base, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+    r = client.post(
+        "/v1/completions",
+        json={**base, "stop": [f"z{i}" * 100 for i in range(64)], "stop_token_ids": list(range(300, 1324))},
+    )
+    assert r.status_code == 200, r.text
+    _still_serving(engine, client)

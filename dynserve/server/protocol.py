@@ -19,6 +19,11 @@ from dynserve.sampling_params import SamplingParams
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+# every engine step checks each stop string and stop token of every running sequence: bounded, so that
+# one request cannot slow everyone else's steps (OpenAI allows 4 stop strings; vLLM sets no limit)
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class InvalidRequestError(ValueError):
@@ -72,9 +77,19 @@ def _check_prompt(v: Any) -> Any:
 
 
 def _check_stop(v: Any) -> Any:
-    if v is None or isinstance(v, str):
+    if v is None:
         return v
+    if isinstance(v, str):
+        v = [v]
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        if len(v) > MAX_STOP_STRINGS:
+            raise PydanticCustomError(
+                "stop_count", "stop may hold at most {limit} strings", {"limit": MAX_STOP_STRINGS}
+            )
+        if any(len(x) > MAX_STOP_STRING_CHARS for x in v):
+            raise PydanticCustomError(
+                "stop_length", "a stop string may be at most {limit} characters long", {"limit": MAX_STOP_STRING_CHARS}
+            )
         return v
     raise PydanticCustomError("stop_type", "stop must be a string or a list of strings")
 
@@ -189,7 +204,7 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: Float | None = Field(default=None, gt=0.0)
     min_tokens: Int = Field(default=0, ge=0)
     ignore_eos: Bool = False
-    stop_token_ids: list[Int] | None = None
+    stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
     # dynserve extension
