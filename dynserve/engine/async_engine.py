@@ -420,8 +420,6 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cond:
-                if self._dead_error is not None:  # failed from outside (a watchdog): stop stepping
-                    return
                 while (
                     not self._stop
                     and self._dead_error is None
@@ -430,7 +428,7 @@ class AsyncEngine:
                     and not engine.has_unfinished_requests()
                 ):
                     self._cond.wait()
-                if self._dead_error is not None:
+                if self._dead_error is not None:  # failed from outside (a watchdog): stop stepping
                     return
                 inbox, self._inbox = self._inbox, _Inbox()
                 if self._stop:
@@ -611,13 +609,11 @@ class AsyncEngine:
 
 
 # ---------------------------------------------------------------------- loop-side helpers
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> bool:
-    """Run fn(*args) on `loop`; False if that loop is closed."""
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
     try:
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the consumer's loop is closed
-        return False
-    return True
+        pass
 
 
 def _put_many(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -158,8 +158,7 @@ class LLMEngine:
         req.finished_time = time.monotonic()
         del self.requests[req.request_id]
         if report:
-            out = self._safe_output(req, error)
-            self._pending_outputs.append(out)
+            self._pending_outputs.append(self._safe_output(req, error))
 
     def set_failure_handler(self, handler: Callable[[BaseException], None]) -> None:
         """`handler(error)` is called from a watchdog thread when something outside a step fails for
@@ -241,11 +240,7 @@ class LLMEngine:
         except Exception as e:
             error = error or f"{type(e).__name__}: {e}"
             if req.request_id in self.requests:
-                self.scheduler.abort(req.request_id)
-                for s in req.samples:
-                    self.runner.release(s.seq)
-                del self.requests[req.request_id]
-            req.finished_time = req.finished_time or time.monotonic()
+                self._end_request(req, report=False)
             out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [], finished=True)
         if error is not None:
             out.error, out.finished = error, True
