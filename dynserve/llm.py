@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -35,22 +36,17 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | Seq[str] | Seq[Seq[int]] | None = None,
+        prompts: PromptInput | Seq[PromptInput] | None = None,
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         *,
         prompt_token_ids: Seq[Seq[int]] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token id lists); returns outputs in prompt order.
-        `sampling_params` may be one for all prompts or one per prompt (each may carry its own
-        routing override, so one call can mix routing policies)."""
-        items: list[tuple[str | None, list[int] | None]] = []
-        if prompt_token_ids is not None:
-            items = [(None, list(p)) for p in prompt_token_ids]
-        elif isinstance(prompts, str):
-            items = [(prompts, None)]
-        elif prompts is not None:
-            for p in prompts:
-                items.append((p, None) if isinstance(p, str) else (None, list(p)))
+        """Generate for every prompt; returns outputs in prompt order. Prompts as vLLM takes them: a
+        string, `{"prompt": str}`, `{"prompt_token_ids": [int, ...]}`, a list of token ids, or a list
+        mixing these; or token id lists through `prompt_token_ids=`. `sampling_params` may be one for
+        all prompts or one per prompt (each may carry its own routing override, so one call can mix
+        routing policies)."""
+        items = _prompt_items(prompts, prompt_token_ids)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (
@@ -100,3 +96,50 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PromptInput = str | Mapping[str, Any] | Seq[int]
+_FORMS = 'a string, {"prompt": str}, {"prompt_token_ids": [int, ...]}, a list of token ids, or a list of these'
+
+
+def _prompt_items(prompts: Any, prompt_token_ids: Seq[Seq[int]] | None) -> list[tuple[str | None, list[int] | None]]:
+    """(text, token ids) per prompt from vLLM's prompt forms; TypeError naming them for anything else."""
+    if prompt_token_ids is not None:
+        if prompts is not None:
+            raise TypeError("pass prompts or prompt_token_ids=, not both")
+        return [_one_prompt({"prompt_token_ids": p}) for p in prompt_token_ids]
+    if prompts is None:
+        return []
+    if isinstance(prompts, str | Mapping) or _is_ids(prompts):
+        return [_one_prompt(prompts)]
+    if isinstance(prompts, Seq):
+        return [_one_prompt(p) for p in prompts]
+    raise TypeError(f"prompts must be {_FORMS}; got {type(prompts).__name__}")
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, Seq) and not isinstance(x, str) and bool(x) and all(_is_int(t) for t in x)
+
+
+def _is_int(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _one_prompt(p: Any) -> tuple[str | None, list[int] | None]:
+    if isinstance(p, str):
+        return p, None
+    if _is_ids(p):
+        return None, list(p)
+    if isinstance(p, Mapping):
+        unknown = set(p) - {"prompt", "prompt_token_ids"}
+        if unknown:
+            raise TypeError(f"unknown prompt field(s) {sorted(unknown)}: a prompt is {_FORMS}")
+        if "prompt_token_ids" in p:
+            ids = p["prompt_token_ids"]
+            if not _is_ids(ids):
+                raise TypeError(f"prompt_token_ids must be a non-empty list of integers, got {ids!r:.80}")
+            text = p.get("prompt")
+            return (text if isinstance(text, str) else None), list(ids)
+        if isinstance(p.get("prompt"), str):
+            return p["prompt"], None
+    raise TypeError(f"each prompt must be {_FORMS}; got {p!r:.80}")

@@ -1,0 +1,52 @@
+"""LLM.generate takes vLLM's prompt forms (DESIGN.md's Python contract): a string, {"prompt": str},
+{"prompt_token_ids": [...]}, a list of token ids, lists mixing these, and `prompt_token_ids=`; each
+gives the same tokens as the plain form, and anything else is a TypeError naming the forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynserve import LLM, SamplingParams
+
+TEXT = "def hello(name):"
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint_factory):
+    return LLM(str(checkpoint_factory("mixtral")), num_kv_blocks=64)
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_every_prompt_form_gives_the_plain_forms_tokens(llm):
+    ids = llm.tokenizer.encode(TEXT)
+    want = _tokens(llm.generate(TEXT, GREEDY))[0]
+    assert _tokens(llm.generate({"prompt": TEXT}, GREEDY)) == [want]
+    assert _tokens(llm.generate({"prompt_token_ids": ids}, GREEDY)) == [want]
+    assert _tokens(llm.generate(ids, GREEDY)) == [want]  # one prompt of token ids
+    assert _tokens(llm.generate(prompt_token_ids=[ids], sampling_params=GREEDY)) == [want]
+    mixed = [TEXT, {"prompt": TEXT}, {"prompt_token_ids": ids}, ids]
+    outs = llm.generate(mixed, GREEDY)
+    assert _tokens(outs) == [want] * 4
+    assert outs[1].prompt == TEXT and outs[2].prompt_token_ids == ids
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"text": TEXT},
+        {"prompt": 5},
+        {"prompt_token_ids": []},
+        {"prompt_token_ids": ["a"]},
+        [1.5, 2],
+        [[1, 2], {"prompt": 3}],
+        42,
+    ],
+)
+def test_other_forms_are_a_type_error_naming_the_forms(llm, bad):
+    with pytest.raises(TypeError, match="prompt_token_ids"):
+        llm.generate(bad, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
