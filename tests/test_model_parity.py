@@ -393,3 +393,35 @@ def test_partial_rotary_matches_transformers():
     torch.testing.assert_close(apply_rope(q, cos, sin), ref_q[0].transpose(0, 1), rtol=0, atol=1e-6)
     torch.testing.assert_close(apply_rope(k, cos, sin), ref_k[0].transpose(0, 1), rtol=0, atol=1e-6)
     assert torch.equal(apply_rope(q, cos, sin)[..., 8:], q[..., 8:])  # the last half passes through
+
+
+def test_glm4_moe_engine_greedy_matches_transformers_and_top_p_spends_fewer_experts(checkpoint_factory):
+    import transformers
+
+    from dynserve import LLM, RoutingConfig, SamplingParams
+
+    path = checkpoint_factory("glm4_moe")
+    new = 6
+    prompts = [prompt(n, 384, 20 + n) for n in (4, 13)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        expected = [
+            hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=16)  # chunked prefill + paged decode
+    greedy = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    sparse = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, routing=RoutingConfig("top_p", p=0.2))
+    # one generate call mixes the checkpoint's rule and top_p requests
+    outs = llm.generate(prompt_token_ids=prompts * 2, sampling_params=[greedy, greedy, sparse, sparse])
+    assert [o.outputs[0].token_ids for o in outs[:2]] == expected
+    top_k = 4  # num_experts_per_tok
+    for o in outs[:2]:
+        assert o.expert_usage.avg_experts_per_token == pytest.approx(top_k)
+    for o in outs[2:]:
+        assert 1 <= o.expert_usage.avg_experts_per_token < top_k
+        assert all(0 < t < 384 for t in o.outputs[0].token_ids)
