@@ -93,7 +93,30 @@ ARCH_CONFIGS = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=96)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=96, head_dim=16)),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            head_dim=16,
+        ),
+    ),
 }
+
+# families whose tiny checkpoints get non-zero linear biases (the others keep transformers' zero init)
+RANDOM_BIAS_ARCHS = {"glm4_moe"}
 
 
 def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards: int = 1, **overrides: object) -> Path:
@@ -126,6 +149,12 @@ def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+            elif arch in RANDOM_BIAS_ARCHS and name.endswith(".bias"):
+                p.normal_(0.0, 0.05)  # attention biases: non-zero, so a dropped bias shows
+        # sigmoid routers (DeepSeek-V3 / GLM-4.5): a non-zero selection bias, so ignoring it changes picks
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
     size = None
     if num_shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.parameters())

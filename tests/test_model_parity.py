@@ -23,8 +23,11 @@ from dynserve.model.loader import load_model
 from dynserve.model.moe import MoEBlock
 from dynserve.routing import Assignment, CheckpointRule
 
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3"]
-MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe"]
+MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"}
+DENSE_FIRST_LAYERS = {"glm4_moe": 1}  # first_k_dense_replace in conftest's tiny config
+# routers whose weight (and selection bias) stay float32 in a bfloat16 model, as transformers computes them
+FP32_ROUTER_ARCHS = {"glm4_moe"}
 LENGTHS = (5, 17, 33)
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
@@ -146,7 +149,7 @@ def test_prefill_matches_transformers(arch, setup_for):
         assert_close_logits(logits, ref)
         if arch in MOE_ARCHS:
             top_k = s.cfg.model.top_k
-            assert s.model.num_moe_layers == s.cfg.model.num_layers
+            assert s.model.num_moe_layers == s.cfg.model.num_layers - DENSE_FIRST_LAYERS.get(arch, 0)
             assert len(batch.expert_counts) == s.model.num_moe_layers
             for counts in batch.expert_counts:
                 assert counts.tolist() == [top_k] * len(p)
@@ -198,7 +201,9 @@ def test_batched_sequences_match_transformers(arch, setup_for):
 def test_bfloat16_loads_and_tracks_float32(arch, setup_for):
     s32 = setup_for(arch)
     s = setup_for(arch, dtype="bfloat16")
-    assert all(prm.dtype == torch.bfloat16 for prm in s.model.parameters())
+    for name, prm in s.model.named_parameters():
+        fp32 = arch in FP32_ROUTER_ARCHS and (name.endswith("gate.weight") or "e_score_correction_bias" in name)
+        assert prm.dtype == (torch.float32 if fp32 else torch.bfloat16), name
     p, ref = s32.prompts[2], s32.ref[2]
     logits, _ = run(s.model, s.kv(), [(p, 0, BlockPool().take(len(p)))])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
@@ -359,3 +364,64 @@ def test_moe_block_variable_k_and_identity_weight(monkeypatch):
                 expect[t] += weights[t, e] * (block.w2[e] @ h)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     assert batch.expert_counts[0].tolist() == [0, 1, 3]
+
+
+def test_glm4_moe_qk_norm_and_full_rotary(tmp_path):
+    # GLM-4.5's optional per-head q/k RMSNorm, with rotary over the whole head this time
+    s = Setup(make_checkpoint(tmp_path / "glm", "glm4_moe", use_qk_norm=True, partial_rotary_factor=1.0))
+    assert s.model.spec.qk_norm == "head" and s.model.spec.rotary_dim == 16
+    p, ref = s.prompts[2], s.ref[2]
+    logits, _ = run(s.model, s.kv(), [(p, 0, BlockPool().take(len(p)))])
+    assert_close_logits(logits, ref)
+
+
+def test_partial_rotary_matches_transformers():
+    from transformers.models.glm4_moe.modeling_glm4_moe import apply_rotary_pos_emb
+
+    hf = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}
+    ours = RotaryEmbedding(hf, head_dim=16, rotary_dim=8)
+    pos = torch.tensor([0, 3, 40, 511])
+    cos, sin = ours(pos, torch.float32)  # [4, 8]
+    q, k = torch.randn(4, 2, 16), torch.randn(4, 1, 16)  # [T, heads, D]
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))  # [4]
+    freqs = pos.float()[:, None] * inv  # [T, 4]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, 8]
+    # transformers' layout: [batch, heads, T, D] with cos/sin [batch, T, R]
+    ref_q, ref_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None]
+    )
+    torch.testing.assert_close(apply_rope(q, cos, sin), ref_q[0].transpose(0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(apply_rope(k, cos, sin), ref_k[0].transpose(0, 1), rtol=0, atol=1e-6)
+    assert torch.equal(apply_rope(q, cos, sin)[..., 8:], q[..., 8:])  # the last half passes through
+
+
+def test_glm4_moe_engine_greedy_matches_transformers_and_top_p_spends_fewer_experts(checkpoint_factory):
+    import transformers
+
+    from dynserve import LLM, RoutingConfig, SamplingParams
+
+    path = checkpoint_factory("glm4_moe")
+    new = 6
+    prompts = [prompt(n, 384, 20 + n) for n in (4, 13)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        expected = [
+            hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=16)  # chunked prefill + paged decode
+    greedy = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    sparse = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True, routing=RoutingConfig("top_p", p=0.2))
+    # one generate call mixes the checkpoint's rule and top_p requests
+    outs = llm.generate(prompt_token_ids=prompts * 2, sampling_params=[greedy, greedy, sparse, sparse])
+    assert [o.outputs[0].token_ids for o in outs[:2]] == expected
+    top_k = 4  # num_experts_per_tok
+    for o in outs[:2]:
+        assert o.expert_usage.avg_experts_per_token == pytest.approx(top_k)
+    for o in outs[2:]:
+        assert 1 <= o.expert_usage.avg_experts_per_token < top_k
+        assert all(0 < t < 384 for t in o.outputs[0].token_ids)

@@ -59,10 +59,13 @@ class DecoderSpec:
     moe_prefix: str = "mlp"  # HF module name of the MoE block inside a layer
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = True  # sigmoid(shared_expert_gate(x)) scales the shared expert (Qwen2-MoE)
+    shared_expert_prefix: str = "shared_expert"  # HF module name of the shared expert(s) in the MoE block
     expert_names: ExpertNames = ExpertNames()
     rule: CheckpointRule | None = None
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    rotary_dim: int | None = None  # rotary on the first rotary_dim dims of each head (None = all)
 
 
 class DecoderLayer(nn.Module):
@@ -93,6 +96,8 @@ class DecoderLayer(nn.Module):
                 spec.moe_intermediate_size,
                 spec.rule,
                 shared_inter=spec.shared_expert_intermediate_size,
+                shared_gate=spec.shared_expert_gate,
+                shared_prefix=spec.shared_expert_prefix,
             )
         else:
             self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)
@@ -130,7 +135,7 @@ class DecoderForCausalLM(CausalLM):
         self.layers = nn.ModuleList([DecoderLayer(config, spec, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(H, spec.rms_norm_eps)
         self.lm_head = Linear(H, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.hf, config.head_dim)
+        self.rotary = RotaryEmbedding(config.hf, config.head_dim, rotary_dim=spec.rotary_dim)
         self.moe_layer_ids = [i for i, layer in enumerate(self.layers) if layer.is_moe]
         self.num_moe_layers = len(self.moe_layer_ids)
         self.requires_grad_(False)
@@ -145,7 +150,7 @@ class DecoderForCausalLM(CausalLM):
 
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         x = F.embedding(batch.input_ids, self.embed_tokens.weight)  # [T, H]
-        cos, sin = self.rotary(batch.positions, x.dtype)  # [T, D] each
+        cos, sin = self.rotary(batch.positions, x.dtype)  # [T, rotary_dim] each
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, batch)
         return self.norm(x)  # [T, H]

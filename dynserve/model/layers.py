@@ -158,14 +158,22 @@ def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def rope_inv_freq(hf: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [D/2] (float32, host) and the cos/sin scale, as transformers computes them."""
+def rope_inv_freq(hf: dict[str, Any], head_dim: int, rotary_dim: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] (float32, host) and the cos/sin scale, as transformers computes them.
+
+    R = `rotary_dim` when the family applies rotary to part of each head (it says so by passing
+    it); otherwise R = head_dim, and a config asking for partial rotary is refused."""
     p = rope_parameters(hf)
     rope_type = p["rope_type"]
     base = float(p["rope_theta"])
-    dim = int(head_dim * p.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
-    if dim != head_dim:
-        raise ValueError(f"partial rotary embeddings (rotary dim {dim} < head_dim {head_dim}) are not supported")
+    if rotary_dim is not None:
+        dim = rotary_dim
+    else:
+        dim = int(head_dim * p.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+        if dim != head_dim:
+            raise ValueError(f"partial rotary embeddings (rotary dim {dim} < head_dim {head_dim}) are not supported")
+    if dim % 2 or not 0 < dim <= head_dim:
+        raise ValueError(f"rotary dim {dim} must be even and in (0, head_dim={head_dim}]")
     exps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # [D/2]
     inv_freq = 1.0 / (base**exps)  # [D/2]
     if rope_type == "default":
@@ -228,14 +236,14 @@ def _yarn(
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary position embedding (rotate halves), frequencies as transformers derives them.
 
-    `forward(positions)` returns (cos, sin), each [T, D] in `dtype`, computed once per step and
-    shared by every layer: cos = [c, c] and sin = [-s, s], so that
-    rope(x) = x * cos + swap_halves(x) * sin  (see `apply_rope`).
+    `forward(positions)` returns (cos, sin), each [T, R] in `dtype` (R = rotary_dim, default
+    head_dim), computed once per step and shared by every layer: cos = [c, c] and sin = [-s, s],
+    so that rope(x) = x * cos + swap_halves(x) * sin on the first R dims (see `apply_rope`).
     """
 
-    def __init__(self, hf: dict[str, Any], head_dim: int) -> None:
+    def __init__(self, hf: dict[str, Any], head_dim: int, rotary_dim: int | None = None) -> None:
         super().__init__()
-        inv_freq, self.scale = rope_inv_freq(hf, head_dim)
+        inv_freq, self.scale = rope_inv_freq(hf, head_dim, rotary_dim)
         self._inv_freq: dict[torch.device, torch.Tensor] = {torch.device("cpu"): inv_freq}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,9 +261,14 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] rotated by `RotaryEmbedding`'s cos/sin [T, D]; returns a new contiguous tensor.
+    """x [T, H, D] rotated by `RotaryEmbedding`'s cos/sin [T, R]; returns a new contiguous tensor.
 
-    First half: x1 * c - x2 * s; second half: x2 * c + x1 * s (transformers' rotate_half form)."""
+    First half: x1 * c - x2 * s; second half: x2 * c + x1 * s (transformers' rotate_half form).
+    With R < D (partial rotary, GLM-4.5) only the first R dims of each head rotate, their halves
+    split at R/2 (not interleaved), and the last D - R dims pass through, as transformers does."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)  # [T, H, D]
     rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)  # [T, H, D] halves swapped
     return x * cos[:, None, :] + rolled * sin[:, None, :]
 

@@ -44,8 +44,11 @@ class MoEBlock(nn.Module):
 
     Appends each token's FFN expert count to `batch.expert_counts` (and per-expert token counts to
     `batch.expert_token_counts` when that list is present). A shared expert, if configured, is
-    added as sigmoid(shared_expert_gate(x)) * shared_expert(x) (Qwen2-MoE); zero-computation
-    identity experts in the Assignment add identity_weight * x.
+    added as sigmoid(shared_expert_gate(x)) * shared_expert(x) (Qwen2-MoE), or ungated when
+    `shared_gate` is False (DeepSeek-V3 / GLM-4.5 `shared_experts`); zero-computation identity
+    experts in the Assignment add identity_weight * x. Sigmoid routers (DeepSeek-V3 / GLM-4.5)
+    keep the router weight and the per-expert selection bias `e_score_correction_bias` [E] in
+    float32 and compute their logits in float32, as transformers does.
     """
 
     # how the routed experts run (dynserve.model.experts): set by `use_experts` when the model is
@@ -62,12 +65,18 @@ class MoEBlock(nn.Module):
         *,
         shared_inter: int = 0,
         shared_gate: bool = True,
+        shared_prefix: str = "shared_expert",
     ) -> None:
         super().__init__()
         E = rule.num_experts
         self.rule = rule
         self.num_experts = E
-        self.gate = Linear(hidden, E, bias=False)  # router
+        self.router_fp32 = rule.scoring == "sigmoid"
+        self.gate = Linear(hidden, E, bias=False, dtype=torch.float32 if self.router_fp32 else None)  # router
+        self.e_score_correction_bias: nn.Parameter | None = None
+        if rule.selection_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(E, dtype=torch.float32), requires_grad=False)
+        self.shared_prefix = shared_prefix
         self.w13 = nn.Parameter(torch.empty(E, 2 * moe_inter, hidden), requires_grad=False)  # [E, 2I, H]
         self.w2 = nn.Parameter(torch.empty(E, hidden, moe_inter), requires_grad=False)  # [E, H, I]
         self.shared_expert = GatedMLP(hidden, shared_inter) if shared_inter > 0 else None
@@ -76,6 +85,9 @@ class MoEBlock(nn.Module):
     def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
         """Router logits [T, E] -> Assignment by each token's RoutingConfig; families with native
         dynamic routing (ReLU routers, zero-computation experts) override this."""
+        if self.router_fp32:
+            logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32
+            return route(logits, batch.routing, self.rule, self.e_score_correction_bias)
         return route(self.gate(x), batch.routing, self.rule)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -96,7 +108,13 @@ class MoEBlock(nn.Module):
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, names: ExpertNames) -> None:
         """Router `<prefix>.gate.weight`; experts either per expert (`<prefix>.experts.{e}.<name>.weight`)
         or already fused (`<prefix>.experts.gate_up_proj` [E, 2I, H], `<prefix>.experts.down_proj` [E, H, I])."""
-        assign_param(self.gate, "weight", ws.get(f"{prefix}.gate.weight"), device, f"{prefix}.gate.weight")
+        name = f"{prefix}.gate.weight"
+        gate_w = ws.weights[name].float() if self.router_fp32 and ws.has(name) else ws.get(name)
+        assign_param(self.gate, "weight", gate_w, device, name)
+        if self.e_score_correction_bias is not None:
+            name = f"{prefix}.gate.e_score_correction_bias"
+            ws.get(name)  # KeyError naming it when missing
+            assign_param(self, "e_score_correction_bias", ws.weights[name].float(), device, name)
         E = self.num_experts
         fused_gu = f"{prefix}.experts.gate_up_proj"
         if ws.has(fused_gu):
@@ -117,7 +135,7 @@ class MoEBlock(nn.Module):
         assign_param(self, "w13", w13, device, f"{prefix}.experts (gate/up)")
         assign_param(self, "w2", w2, device, f"{prefix}.experts (down)")
         if self.shared_expert is not None:
-            self.shared_expert.load_hf(ws, f"{prefix}.shared_expert", device)
+            self.shared_expert.load_hf(ws, f"{prefix}.{self.shared_prefix}", device)
         if self.shared_expert_gate is not None:
             name = f"{prefix}.shared_expert_gate.weight"
             assign_param(self.shared_expert_gate, "weight", ws.get(name), device, name)

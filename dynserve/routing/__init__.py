@@ -9,6 +9,7 @@ from dynserve.routing.policies import (
     relu_route,
     route,
     route_probs,
+    route_sigmoid,
     route_with_zero_experts,
     router_probs,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "relu_route",
     "route",
     "route_probs",
+    "route_sigmoid",
     "route_with_zero_experts",
     "router_probs",
     "sequence_layer_counts",

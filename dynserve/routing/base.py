@@ -73,12 +73,47 @@ class Assignment:
 
 @dataclass(frozen=True)
 class CheckpointRule:
-    """A checkpoint's own routing: softmax over `num_experts`, top `top_k`, optional renorm."""
+    """A checkpoint's own routing rule, which the `top_k` policy reproduces bit for bit.
+
+    scoring "softmax" (Mixtral, Qwen-MoE, OLMoE): softmax over `num_experts`, top `top_k`,
+    optional renormalisation. scoring "sigmoid" (DeepSeek-V3, GLM-4.5, transformers'
+    `deepseek_v3` / `glm4_moe` routers): scores = sigmoid(logits) in float32; experts are chosen on
+    scores + the layer's per-expert bias (`e_score_correction_bias`, passed to `route` as
+    `score_bias`) within the best `topk_group` of `n_group` equal groups (each group ranked by the
+    sum of its two best biased scores); weights are the unbiased scores, renormalised if
+    `renormalize` (`norm_topk_prob`), times `routed_scaling_factor`. `selection_bias` says the
+    layer carries such a bias tensor (a parameter of the MoE layer, not of the rule).
+    """
 
     num_experts: int
     top_k: int
     renormalize: bool = False
-    scoring: str = "softmax"
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"CheckpointRule.scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ValueError(f"num_experts ({self.num_experts}) must split into n_group ({self.n_group}) equal groups")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+        sigmoid_only = self.n_group != 1 or self.routed_scaling_factor != 1.0 or self.selection_bias
+        if self.scoring == "softmax" and sigmoid_only:
+            raise NotImplementedError("group limits, routed scaling and selection bias apply to sigmoid routers only")
+
+    @property
+    def grouped(self) -> bool:
+        """True when the group limit removes experts (topk_group < n_group)."""
+        return self.topk_group < self.n_group
+
+    @property
+    def allowed_experts(self) -> int:
+        """Experts a token may pick after the group limit: topk_group * num_experts / n_group."""
+        return self.topk_group * (self.num_experts // self.n_group)
 
 
 @dataclass

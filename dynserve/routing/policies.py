@@ -7,6 +7,8 @@ Policies (chosen per request through RoutingConfig; requests with different poli
                  descending probabilities whose cumulative sum reaches p.
   - "threshold": every expert whose probability is >= threshold.
 The number of experts is then clamped to [min_experts, max_experts] per token.
+Sigmoid routers with a selection bias and group limit (DeepSeek-V3, GLM-4.5) follow the same
+policies by `route_sigmoid`'s rule (its docstring; the README's routing table).
 
 Native dynamic routing for architectures that define their own rule (no RoutingConfig):
   - `relu_route`: ReLU routers (ReMoE, BlockFFN): an expert is active where the router output > 0.
@@ -44,8 +46,8 @@ def router_probs(router_logits: torch.Tensor, rule: CheckpointRule) -> torch.Ten
     """[T, E] float32 routing probabilities of a checkpoint (softmax in float32, as `checkpoint_top_k`)."""
     if rule.scoring != "softmax":
         raise NotImplementedError(
-            f"route() supports softmax routers only (got scoring={rule.scoring!r}); "
-            "models with other scoring route natively"
+            f"router_probs is defined for softmax routers only (got scoring={rule.scoring!r}); "
+            "sigmoid routers route through route_sigmoid"
         )
     return _softmax_no_nan(router_logits)  # [T, E]
 
@@ -56,8 +58,18 @@ def _softmax_no_nan(router_logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(router_logits.float(), dim=-1).nan_to_num_(nan=0.0)  # [T, E]
 
 
-def route(router_logits: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) -> Assignment:
-    """Route every token of a batch by its own RoutingConfig (see `route_probs`)."""
+def route(
+    router_logits: torch.Tensor,
+    batch: RoutingBatch,
+    rule: CheckpointRule,
+    score_bias: torch.Tensor | None = None,
+) -> Assignment:
+    """Route every token of a batch by its own RoutingConfig: softmax rules by `route_probs`,
+    sigmoid rules (DeepSeek-V3 / GLM-4.5, with the layer's `score_bias` [E]) by `route_sigmoid`."""
+    if rule.scoring == "sigmoid":
+        return route_sigmoid(router_logits, batch, rule, score_bias)
+    if score_bias is not None:
+        raise ValueError("score_bias applies to sigmoid routers only")
     return route_probs(router_probs(router_logits, rule), batch, rule)
 
 
@@ -179,6 +191,138 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
 
 
 # ----------------------------------------------------------------------------------------------
+# sigmoid routers with a selection bias and a group limit (DeepSeek-V3, GLM-4.5)
+
+_DENOM_EPS = 1e-20  # transformers' DeepSeek-V3 / GLM-4.5 renormalisation: w / (sum w + 1e-20)
+
+
+def _group_limited_choice(choice: torch.Tensor, rule: CheckpointRule) -> torch.Tensor:
+    """`choice` [T, E] with every expert outside the token's best `topk_group` groups set to -inf.
+
+    A group's score is the sum of its two best choice scores (its one score for groups of one)."""
+    if not rule.grouped:
+        return choice
+    T, E = choice.shape
+    G = rule.n_group
+    grouped = choice.view(T, G, E // G)  # [T, G, E/G]
+    group_scores = grouped.topk(min(2, E // G), dim=-1)[0].sum(dim=-1)  # [T, G]
+    group_idx = torch.topk(group_scores, k=rule.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores)  # [T, G]
+    group_mask.scatter_(1, group_idx, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)  # [T, E]
+    return choice.masked_fill(~expert_mask.bool(), float("-inf"))  # [T, E]
+
+
+def _checkpoint_sigmoid_top_k(
+    scores: torch.Tensor, masked_choice: torch.Tensor, k: int, renormalize: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's own picks: ids [T, k] (torch.topk(sorted=False) order, as transformers)
+    and weights [T, k] (unbiased scores, / (sum + 1e-20) if renormalize, x scale)."""
+    ids = torch.topk(masked_choice, k=k, dim=-1, sorted=False)[1]  # [T, k]
+    w = scores.gather(1, ids)  # [T, k]
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + _DENOM_EPS)
+    return ids, w * scale  # [T, k] each
+
+
+def route_sigmoid(
+    router_logits: torch.Tensor,
+    batch: RoutingBatch,
+    rule: CheckpointRule,
+    score_bias: torch.Tensor | None = None,
+) -> Assignment:
+    """Route a DeepSeek-V3 / GLM-4.5 style sigmoid router; every token by its own RoutingConfig.
+
+    Common steps (float32): s = sigmoid(router_logits) (a NaN logit gives s = 0); choice = s +
+    `score_bias` [E] (zeros if None); the group limit keeps the best `rule.topk_group` of
+    `rule.n_group` groups (group score = sum of its two best choice scores); the A =
+    `rule.allowed_experts` experts of those groups are ranked by choice, descending.
+
+    Per policy (n = experts kept, always the n best-ranked allowed experts):
+      - top_k: n = config.k or rule.top_k. Without k (or with k = the checkpoint's) in a batch
+        where no token clamps it, ids, their order and weights equal transformers'
+        `DeepseekV3TopkRouter` / `Glm4MoeTopkRouter` bit for bit (torch.topk(sorted=False) order).
+      - top_p / threshold: the probability of an allowed expert is q = s / sum of s over the A
+        allowed experts (sums to 1 like a softmax; experts in dropped groups have q = 0).
+        top_p keeps the shortest rank prefix whose cumulative q reaches p (the rank before it
+        sums to < p); threshold keeps n = #{allowed experts with q >= threshold}, taken as the n
+        best by choice (the same experts whenever the bias does not reorder them).
+    n is clamped to [min_experts, max_experts] and then to A: a k above A is clamped to A (the
+    group limit is never lifted). Weights: unbiased s of the kept experts, divided by (their sum
+    + 1e-20) if config.renormalize (None -> rule.renormalize), times rule.routed_scaling_factor.
+    Pairs are token-major; within a token, by rank (top_k: in the checkpoint's order).
+    """
+    T, E = router_logits.shape
+    device = router_logits.device
+    scores = torch.sigmoid(router_logits.float()).nan_to_num_(nan=0.0)  # [T, E]
+    choice = scores if score_bias is None else scores + score_bias.float()  # [T, E]
+    masked = _group_limited_choice(choice, rule)  # [T, E], -inf outside allowed groups
+    A = rule.allowed_experts
+    scale = float(rule.routed_scaling_factor)
+    rows = [_resolve(c, rule, A) for c in batch.configs]
+    if batch.uniform and rows[0].policy == TOP_K:
+        ids, w = _checkpoint_sigmoid_top_k(scores, masked, rows[0].k, rows[0].renormalize, scale)
+        return Assignment.from_topk(ids, w, E)
+
+    index = None
+    if not batch.uniform:
+        if batch.config_index is None:
+            raise ValueError("RoutingBatch with several configs needs config_index")
+        index = batch.config_index.to(device=device, dtype=torch.int64)  # [T]
+
+    def per_token(values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype, device=device)  # [C]
+        return t[:1] if index is None else t[index]  # [T] or [1]
+
+    _, ranked_ids = torch.sort(masked, dim=-1, descending=True, stable=True)  # [T, E], allowed first
+    ranked_s = scores.gather(1, ranked_ids)  # [T, E]
+    allowed = (torch.arange(E, device=device) < A)[None, :]  # [1, E] over ranks
+    policies = {r.policy for r in rows}
+    counts: dict[int, torch.Tensor] = {}
+    if TOP_K in policies:
+        counts[TOP_K] = per_token([r.k for r in rows], torch.int64).expand(T)  # [T]
+    if TOP_P in policies or THRESHOLD in policies:
+        s_allowed = ranked_s * allowed  # [T, E]
+        q = s_allowed / s_allowed.sum(dim=-1, keepdim=True).clamp_min(_TINY)  # [T, E]
+        if TOP_P in policies:
+            p_t = per_token([r.p for r in rows], torch.float32)
+            before = torch.cumsum(q, dim=-1) - q  # [T, E] sum of the ranks before
+            counts[TOP_P] = ((before < p_t[:, None]) & allowed).sum(dim=-1)  # [T]
+        if THRESHOLD in policies:
+            thr_t = per_token([r.threshold for r in rows], torch.float32)
+            counts[THRESHOLD] = ((q >= thr_t[:, None]) & allowed).sum(dim=-1)  # [T]
+    if len(counts) == 1:
+        n = next(iter(counts.values()))
+    else:
+        policy_t = per_token([r.policy for r in rows], torch.int64)  # [T]
+        n = torch.zeros(T, dtype=torch.int64, device=device)
+        for code, c in counts.items():
+            n = torch.where(policy_t == code, c, n)  # [T]
+    lo_t = per_token([r.lo for r in rows], torch.int64)
+    hi_t = per_token([r.hi for r in rows], torch.int64)
+    n = torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
+
+    keep = torch.arange(E, device=device)[None, :] < n[:, None]  # [T, E] over ranks
+    kept_s = ranked_s * keep  # [T, E]
+    renorm_t = per_token([r.renormalize for r in rows], torch.bool).expand(T)  # [T]
+    denom = torch.where(renorm_t, kept_s.sum(dim=-1) + _DENOM_EPS, torch.ones_like(kept_s[:, 0]))  # [T]
+    out_ids = ranked_ids  # [T, E] experts in output order
+    out_w = ranked_s / denom[:, None] * scale  # [T, E] weights in output order
+    # top_k tokens take the checkpoint's own picks and arithmetic, so a request's pairs do not
+    # depend on what it is batched with
+    for k, renorm in sorted({(r.k, r.renormalize) for r in rows if r.policy == TOP_K}):
+        is_k = per_token([r.policy == TOP_K and (r.k, r.renormalize) == (k, renorm) for r in rows], torch.bool)
+        ids_k, w_k = _checkpoint_sigmoid_top_k(scores, masked, k, renorm, scale)  # [T, k]
+        is_k = is_k.expand(T)[:, None]  # [T, 1]
+        out_ids = torch.cat([torch.where(is_k, ids_k, out_ids[:, :k]), out_ids[:, k:]], dim=1)  # [T, E]
+        out_w = torch.cat([torch.where(is_k, w_k, out_w[:, :k]), out_w[:, k:]], dim=1)  # [T, E]
+    tok, slot = keep.nonzero(as_tuple=True)  # [P] token-major, output order
+    offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(n, dim=0)
+    return Assignment(T, E, tok, out_ids[tok, slot], out_w[tok, slot].float(), offsets)
+
+
+# ----------------------------------------------------------------------------------------------
 # native dynamic routing
 
 
@@ -269,6 +413,7 @@ __all__ = [
     "relu_route",
     "route",
     "route_probs",
+    "route_sigmoid",
     "route_with_zero_experts",
     "router_probs",
 ]
