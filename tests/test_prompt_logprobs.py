@@ -66,3 +66,54 @@ def test_prompt_logprobs_validation():
     for bad in (-1, 21, 1.5, True):
         with pytest.raises(ValueError, match="prompt_logprobs"):
             SamplingParams(prompt_logprobs=bad)
+
+
+@pytest.fixture(scope="module")
+def client(ckpt):
+    from fastapi.testclient import TestClient
+
+    from dynserve.config import EngineConfig
+    from dynserve.engine import AsyncEngine
+    from dynserve.server.app import ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.create(ckpt, num_kv_blocks=64))
+    yield TestClient(build_app(engine, ServerSettings(served_model_name="m", api_key="")))
+    engine.shutdown_sync(timeout=0)
+
+
+def test_lm_eval_style_echo_logprobs_over_http(client, ckpt, hf_logprobs):
+    """lm-eval's likelihood request: token-id prompt, echo, logprobs 1, max_tokens 1 (and the SDK's
+    max_tokens 0): the prompt tokens' logprobs come back, null for the first, as transformers has them."""
+    from dynserve.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(ckpt).encode(TEXT)
+    ref = hf_logprobs(ids)
+    for max_tokens in (0, 1):
+        r = client.post(
+            "/v1/completions",
+            json={"prompt": [ids], "max_tokens": max_tokens, "logprobs": 1, "echo": True, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = [float(ref[p - 1, ids[p]]) for p in range(1, len(ids))]
+        assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-4)
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+        if max_tokens == 0:
+            assert r.json()["usage"]["completion_tokens"] == 0
+
+
+def test_streamed_echo_carries_the_prompt_logprobs_first(client):
+    import json
+
+    body = {"prompt": TEXT, "max_tokens": 3, "logprobs": 2, "echo": True, "stream": True, "temperature": 0}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    first = events[0]["choices"][0]
+    assert first["text"] == TEXT
+    assert first["logprobs"]["token_logprobs"][0] is None
+    assert len(first["logprobs"]["tokens"]) > 1
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    plain = client.post("/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+    assert text == plain["text"]

@@ -28,6 +28,21 @@ class ContextLengthError(ValueError):
     """The prompt plus the requested completion do not fit the model's context."""
 
 
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The context rule, the one place it is written: the completion's length (None: what the context
+    has left), raising ContextLengthError (OpenAI's words) unless the prompt plus at least one token
+    fits. An explicit 0 asks for the prompt alone (it still needs the one position it computes)."""
+    n = max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
+    no_room = max_tokens is None and n < 1
+    if n < 0 or no_room or num_prompt_tokens + max(n, 1) > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max(n, 0)} tokens ({num_prompt_tokens} in the messages, {n} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    return n
+
+
 @dataclass
 class _SampleState:
     seq: Sequence
@@ -102,17 +117,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is out of range for vocabulary size {vocab}")
         n_prompt = len(prompt_token_ids)
-        max_len = self.model_config.max_model_len
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max_len - n_prompt
-        no_room = params.max_tokens is None and max_tokens < 1  # (an explicit 0 asks for the prompt alone)
-        if max_tokens < 0 or no_room or n_prompt + max(max_tokens, 1) > max_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{n_prompt + max(max_tokens, 0)} tokens ({n_prompt} in the messages, {max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion."
-            )
+        max_tokens = resolve_max_tokens(n_prompt, params.max_tokens, self.model_config.max_model_len)
         if not self.scheduler.can_fit_ever(n_prompt + max_tokens):
             raise ValueError(
                 f"the request needs {n_prompt + max_tokens} tokens of KV cache, more than the whole pool holds "
