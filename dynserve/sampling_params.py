@@ -23,7 +23,9 @@ class SamplingParams:
     """Per-request sampling and stopping options (vLLM's names and meanings).
 
     temperature 0 means greedy. top_k -1 (or 0) means all tokens. `logprobs` N returns the chosen
-    token's log-probability plus the top N; `prompt_logprobs` is not supported.
+    token's log-probability plus the top N; `prompt_logprobs` N does the same for every prompt token
+    (None for the first; such a prompt is always computed, never served from the prefix cache).
+    max_tokens 0 computes the prompt (and its logprobs) and generates nothing.
     `routing` overrides the engine's default expert routing for this request only.
     """
 
@@ -43,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     routing: RoutingConfig | None = None
 
@@ -92,8 +95,8 @@ class SamplingParams:
             _int("seed", self.seed)
         if self.max_tokens is not None:
             _int("max_tokens", self.max_tokens)
-            if self.max_tokens < 1:
-                raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            if self.max_tokens < 0:
+                raise ValueError(f"max_tokens must be at least 0, got {self.max_tokens}")
         _int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
@@ -103,7 +106,9 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _int("stop_token_ids", t)
-        if self.logprobs is not None:
-            _int("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= 20:
-                raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None:
+                _int(name, n)
+                if not 0 <= n <= 20:
+                    raise ValueError(f"{name} must be in [0, 20], got {n}")

@@ -21,6 +21,7 @@ _EXPORTS = {
     "RequestStream": "async_engine",
     "ContextLengthError": "llm_engine",
     "LLMEngine": "llm_engine",
+    "resolve_max_tokens": "llm_engine",
     "CompletionOutput": "outputs",
     "ExpertUsage": "outputs",
     "Logprob": "outputs",
@@ -47,6 +48,7 @@ __all__ = [
     "RequestOutput",
     "RequestStream",
     "TokenLogprobs",
+    "resolve_max_tokens",
     "run_worker_node",
 ]
 
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
         RequestStream,
     )
     from dynserve.engine.expert_parallel import run_worker_node
-    from dynserve.engine.llm_engine import ContextLengthError, LLMEngine
+    from dynserve.engine.llm_engine import ContextLengthError, LLMEngine, resolve_max_tokens
     from dynserve.engine.outputs import CompletionOutput, ExpertUsage, Logprob, RequestOutput, TokenLogprobs
     from dynserve.engine.stats import EngineStats
 

@@ -28,6 +28,21 @@ class ContextLengthError(ValueError):
     """The prompt plus the requested completion do not fit the model's context."""
 
 
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The context rule, the one place it is written: the completion's length (None: what the context
+    has left), raising ContextLengthError (OpenAI's words) unless the prompt plus at least one token
+    fits. An explicit 0 asks for the prompt alone (it still needs the one position it computes)."""
+    n = max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
+    no_room = max_tokens is None and n < 1
+    if n < 0 or no_room or num_prompt_tokens + max(n, 1) > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max(n, 0)} tokens ({num_prompt_tokens} in the messages, {n} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    return n
+
+
 @dataclass
 class _SampleState:
     seq: Sequence
@@ -102,16 +117,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is out of range for vocabulary size {vocab}")
         n_prompt = len(prompt_token_ids)
-        max_len = self.model_config.max_model_len
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max_len - n_prompt
-        if n_prompt + max(max_tokens, 1) > max_len or max_tokens < 1:
-            raise ContextLengthError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{n_prompt + max(max_tokens, 0)} tokens ({n_prompt} in the messages, {max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion."
-            )
+        max_tokens = resolve_max_tokens(n_prompt, params.max_tokens, self.model_config.max_model_len)
         if not self.scheduler.can_fit_ever(n_prompt + max_tokens):
             raise ValueError(
                 f"the request needs {n_prompt + max_tokens} tokens of KV cache, more than the whole pool holds "
@@ -192,6 +198,8 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         for (seq, n), start, usage in zip(scheduled, starts, result.usage, strict=True):
             seq.expert_usage.add(start, n, usage)
+        for i, lps in result.prompt_logprobs.items():
+            scheduled[i][0].prompt_logprobs.extend(lps)
         now = time.monotonic()
         failed: dict[str, str] = {}  # request id -> the error of its own that ends it
         for i, (seq, token, lp) in enumerate(zip(result.sampled_seqs, result.sampled, result.logprobs, strict=True)):
@@ -222,6 +230,10 @@ class LLMEngine:
 
     def _accept_token(self, req: _Request, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float) -> None:
         state = req.samples[seq.sample_index]
+        if seq.sampling_params.max_tokens == 0:  # the prompt alone was asked for: drop the token
+            self.scheduler.finish(seq, FinishReason.LENGTH)
+            self.runner.release(seq)
+            return
         seq.append_token(token)
         self._generation_tokens += 1
         if seq.first_token_time is None:
@@ -292,6 +304,9 @@ class LLMEngine:
             st.sent_logprobs = len(st.logprobs) if st.logprobs is not None else 0
         usage = ExpertUsage.merge([s.seq.expert_usage.report() for s in req.samples])
         first = req.samples[0].seq
+        prompt_lps: list[TokenLogprobs | None] | None = None
+        if req.params.prompt_logprobs is not None:
+            prompt_lps = [None, *first.prompt_logprobs]
         metrics = {"arrival_time": req.arrival_time}
         times = [s.seq.first_scheduled_time for s in req.samples if s.seq.first_scheduled_time is not None]
         if times:
@@ -309,6 +324,7 @@ class LLMEngine:
             finished=req.finished_time is not None,
             expert_usage=usage,
             num_cached_tokens=first.num_cached_prompt_tokens or 0,
+            prompt_logprobs=prompt_lps,
             metrics=metrics,
         )
 

@@ -12,7 +12,7 @@ import torch
 
 from dynserve.config import EngineConfig
 from dynserve.engine.outputs import TokenLogprobs
-from dynserve.engine.sampler import Sampler
+from dynserve.engine.sampler import Sampler, token_logprobs
 from dynserve.engine.sequence import Sequence
 from dynserve.model.base import ForwardBatch
 from dynserve.model.decoder import torch_dtype
@@ -32,6 +32,7 @@ class StepResult:
     sampled: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     sample_errors: dict[int, str] = field(default_factory=dict)  # index into sampled -> why it failed
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # scheduled index -> new ones
     usage: list[list[int]] = field(default_factory=list)  # [B][L_moe]
 
 
@@ -143,12 +144,44 @@ class ModelRunner:
             result.sampled = out.token_ids
             result.logprobs = out.logprobs
             result.sample_errors = out.errors
+        result.prompt_logprobs = self._prompt_logprobs(scheduled, batch, hidden)
         # a request's usage counts a position once: skip what a recompute after preemption repeats
         skip = [seq.expert_usage.already_counted(seq.num_computed_tokens, n) for seq, n in scheduled]
         result.usage = self.expert_usage.add_step(
             batch.expert_counts, batch.query_start_loc, skip, batch.expert_token_counts
         ).tolist()  # [B][L]
         return result
+
+    def _prompt_logprobs(
+        self, scheduled: list[tuple[Sequence, int]], batch: ForwardBatch, hidden: torch.Tensor
+    ) -> dict[int, list[TokenLogprobs]]:
+        """Logprobs of the prompt tokens whose predicting position was computed this step, for the
+        sequences that asked for them: the hidden state at position p gives token p+1's logprob."""
+        rows: list[int] = []
+        targets: list[int] = []
+        num_top: list[int] = []
+        owners: list[int] = []
+        qsl = batch.query_start_loc_host
+        for i, (seq, n) in enumerate(scheduled):
+            want = seq.sampling_params.prompt_logprobs
+            if want is None:
+                continue
+            start = seq.num_computed_tokens
+            first = max(start, len(seq.prompt_logprobs))  # positions already done (a recompute) are skipped
+            last = min(start + n, seq.num_prompt_tokens - 1)
+            for p in range(first, last):
+                rows.append(qsl[i] + p - start)
+                targets.append(seq.token_ids[p + 1])
+                num_top.append(want)
+                owners.append(i)
+        if not rows:
+            return {}
+        idx = torch.tensor(rows, dtype=torch.int64, device=hidden.device)  # [R]
+        raw = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)  # [R, V]
+        out: dict[int, list[TokenLogprobs]] = {}
+        for owner, lp in zip(owners, token_logprobs(raw, targets, num_top), strict=True):
+            out.setdefault(owner, []).append(lp)
+        return out
 
     def close(self) -> None:
         """Stop the expert-parallel workers, if any (idempotent)."""

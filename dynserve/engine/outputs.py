@@ -56,3 +56,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first_token/finish times
     error: str | None = None  # set (with finished=True) when an error of this request alone ended it
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

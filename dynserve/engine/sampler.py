@@ -283,15 +283,23 @@ class Sampler:
         result: list[TokenLogprobs | None] = [None] * B
         if raw is None:
             return result
-        dev = raw.device
-        chosen = torch.tensor([token_ids[i] for i in rows], device=dev).unsqueeze(1)  # [L, 1]
-        chosen_lp = raw.gather(1, chosen).squeeze(1).tolist()  # [L]
-        n_max = max(params[i].logprobs for i in rows)
-        if n_max > 0:
-            top_lp, top_ids = raw.topk(n_max, dim=-1)  # [L, n_max], sorted descending
-            top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = params[i].logprobs
-            top = [Logprob(t, lp) for t, lp in zip(top_ids_l[j][:n], top_lp_l[j][:n], strict=True)] if n else []
-            result[i] = TokenLogprobs(token_ids[i], chosen_lp[j], top)
+        lps = token_logprobs(raw, [token_ids[i] for i in rows], [params[i].logprobs for i in rows])
+        for i, lp in zip(rows, lps, strict=True):
+            result[i] = lp
         return result
+
+
+def token_logprobs(raw: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """Row r of `raw` [R, V] (log-probabilities) -> the logprob of token_ids[r] and the top num_top[r]."""
+    chosen = torch.tensor(token_ids, device=raw.device).unsqueeze(1)  # [R, 1]
+    chosen_lp = raw.gather(1, chosen).squeeze(1).tolist()  # [R]
+    n_max = max(num_top, default=0)
+    top_lp_l: list[list[float]] = [[] for _ in token_ids]
+    top_ids_l: list[list[int]] = [[] for _ in token_ids]
+    if n_max > 0:
+        top_lp, top_ids = raw.topk(n_max, dim=-1)  # [R, n_max], sorted descending
+        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    return [
+        TokenLogprobs(t, lp, [Logprob(i, v) for i, v in zip(top_ids_l[r][:n], top_lp_l[r][:n], strict=True)])
+        for r, (t, lp, n) in enumerate(zip(token_ids, chosen_lp, num_top, strict=True))
+    ]

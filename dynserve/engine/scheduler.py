@@ -159,7 +159,8 @@ class Scheduler:
         or 0 (holding no blocks) if it cannot start this step."""
         bm = self.block_manager
         matched = False
-        if seq.num_computed_tokens == 0 and not seq.block_table:
+        if seq.num_computed_tokens == 0 and not seq.block_table and seq.sampling_params.prompt_logprobs is None:
+            # (prompt logprobs need every prompt position computed: no prefix-cache hit for those)
             bm.match_prefix(seq, record_stats=False)
             matched = True
         n = seq.num_uncomputed_tokens

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from dynserve.config import RoutingConfig
+from dynserve.engine.outputs import TokenLogprobs
 from dynserve.routing.usage import SequenceUsage
 from dynserve.sampling_params import SamplingParams
 
@@ -60,6 +61,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     expert_usage: SequenceUsage = field(default_factory=SequenceUsage)  # FFN experts its positions used
+    # with sampling_params.prompt_logprobs: logprobs of prompt tokens 1, 2, ... as computed so far
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

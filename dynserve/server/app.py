@@ -27,7 +27,7 @@ from dynserve.engine import (
     AsyncEngine,
 )
 from dynserve.server.errors import ApiError, install_error_handlers
-from dynserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs
+from dynserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs, echo_logprobs, join_logprobs
 from dynserve.server.middleware import PROBE_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, JSONBodyRoute, ParsedRequest
 from dynserve.server.protocol import (
     ChatCompletionRequest,
@@ -169,6 +169,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
                 lp = None
                 if c.logprobs is not None and req.logprobs is not None:
                     lp, _ = completion_logprobs(c.logprobs, tok_text, len(prefix))
+                if req.echo and out.prompt_logprobs is not None:  # echo + logprobs: the prompt's first
+                    lp = join_logprobs(echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, tok_text)[0], lp)
                 choices.append(
                     {
                         "index": i * req.n + c.index,

@@ -98,6 +98,26 @@ def completion_logprobs(lps: list[TokenLogprobs], text: TokenText, offset: int) 
     return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}, offset
 
 
+def echo_logprobs(
+    prompt_token_ids: list[int], prompt_lps: list[TokenLogprobs | None], text: TokenText
+) -> tuple[dict[str, Any], int]:
+    """Completions logprobs of an echoed prompt (OpenAI's and vLLM's shape): the first token has
+    `null` logprob and top_logprobs, every other prompt token its own; returns the end offset."""
+    first, rest = prompt_token_ids[0], [lp for lp in prompt_lps[1:] if lp is not None]
+    tok, raw = text(first)
+    body, offset = completion_logprobs(rest, text, len(raw.decode("utf-8", errors="replace")) if raw else len(tok))
+    body["text_offset"].insert(0, 0)
+    body["token_logprobs"].insert(0, None)
+    body["tokens"].insert(0, tok)
+    body["top_logprobs"].insert(0, None)
+    return body, offset
+
+
+def join_logprobs(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
+    """Completions logprobs `a` followed by `b` (each list concatenated)."""
+    return a if b is None else {k: a[k] + b[k] for k in a}
+
+
 def chat_logprobs(lps: list[TokenLogprobs], text: TokenText, num_top: int) -> dict[str, Any]:
     content = []
     for lp in lps:

@@ -225,7 +225,11 @@ class _SamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, default_routing: RoutingConfig
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        default_routing: RoutingConfig,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         routing = self.routing.to_routing_config(default_routing) if self.routing is not None else None
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -247,6 +251,7 @@ class _SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 routing=routing,
             )
@@ -263,7 +268,7 @@ class CompletionRequest(_SamplingRequest):
     suffix: Str | None = None
     echo: Bool = False
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: Int | None = Field(default=16, ge=1)
+    max_tokens: Int | None = Field(default=16, ge=0)  # 0 with echo: the prompt alone (and its logprobs)
     best_of: Int | None = Field(default=None, ge=1, le=MAX_N)
 
     def to_sampling_params(self, default_routing: RoutingConfig) -> SamplingParams:
@@ -273,9 +278,8 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of is not supported (it must equal n)", "best_of")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", "echo")
-        return self._sampling_params(self.max_tokens, self.logprobs, default_routing)
+        prompt_logprobs = self.logprobs if self.echo else None  # echo + logprobs: every prompt token's too
+        return self._sampling_params(self.max_tokens, self.logprobs, default_routing, prompt_logprobs)
 
 
 class ChatMessage(BaseModel):

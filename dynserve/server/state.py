@@ -16,8 +16,10 @@ from fastapi import Request
 
 from dynserve.engine import (
     AsyncEngine,
+    ContextLengthError,
     RequestOutput,
     RequestStream,
+    resolve_max_tokens,
 )
 from dynserve.sampling_params import SamplingParams
 from dynserve.server.errors import ApiError, engine_error
@@ -137,19 +139,12 @@ class ServerState:
             )
 
     def check_context(self, num_tokens: int, max_tokens: int | None, param: str) -> None:
-        """The engine's own context check (same rule, same words), done here so that the engine thread never
-        receives a prompt longer than the context."""
-        limit = self.max_model_len
-        completion = max_tokens if max_tokens is not None else limit - num_tokens
-        if num_tokens + max(completion, 1) > limit or completion < 1:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_tokens + max(completion, 0)} tokens ({num_tokens} in the messages, {completion} in the "
-                "completion). Please reduce the length of the messages or completion.",
-                param=param,
-                code="context_length_exceeded",
-            )
+        """The engine's own context rule, checked here so that the engine thread never receives a prompt
+        longer than the context."""
+        try:
+            resolve_max_tokens(num_tokens, max_tokens, self.max_model_len)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
 
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         try:

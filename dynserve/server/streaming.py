@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -17,7 +17,7 @@ from dynserve.engine import (
     RequestStream,
 )
 from dynserve.server.errors import ApiError, engine_error
-from dynserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs
+from dynserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs, echo_logprobs
 from dynserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from dynserve.server.responses import UsageInfo
 
@@ -143,14 +143,29 @@ async def completion_stream(
             }
         )
 
+    def echo_chunks(i: int, out: RequestOutput | None) -> Iterator[str]:
+        assert echo_texts is not None
+        lp = None
+        if out is not None and out.prompt_logprobs is not None:
+            lp = echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, tok_text)[0]
+        for j in range(n):
+            offsets[i * n + j] = len(echo_texts[i])
+            yield chunk([{"index": i * n + j, "text": echo_texts[i], "logprobs": lp, "finish_reason": None}])
+
+    # with logprobs the echo waits for the prompt's logprobs, which come with the prompt's first output
+    echo_later = bool(echo_texts) and req.logprobs is not None
     try:
-        if echo_texts:
-            for i, t in enumerate(echo_texts):
-                for j in range(n):
-                    offsets[i * n + j] = len(t)
-                    yield chunk([{"index": i * n + j, "text": t, "logprobs": None, "finish_reason": None}])
+        if echo_texts and not echo_later:
+            for i in range(len(echo_texts)):
+                for text in echo_chunks(i, None):
+                    yield text
+        echoed: set[int] = set()
         ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
         async for i, out in merge_streams(streams):
+            if echo_later and i not in echoed:
+                echoed.add(i)
+                for text in echo_chunks(i, out):
+                    yield text
             if out.finished:
                 finals[i] = out
             for c in out.outputs:
