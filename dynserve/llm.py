@@ -136,8 +136,8 @@ def _one_prompt(p: Any) -> tuple[str | None, list[int] | None]:
             raise TypeError(f"unknown prompt field(s) {sorted(unknown)}: a prompt is {_FORMS}")
         if "prompt_token_ids" in p:
             ids = p["prompt_token_ids"]
-            if not _is_ids(ids):
-                raise TypeError(f"prompt_token_ids must be a non-empty list of integers, got {ids!r:.80}")
+            if not (_is_ids(ids) or (isinstance(ids, Seq) and not isinstance(ids, str) and not ids)):
+                raise TypeError(f"prompt_token_ids must be a list of integers, got {ids!r:.80}")
             text = p.get("prompt")
             return (text if isinstance(text, str) else None), list(ids)
         if isinstance(p.get("prompt"), str):

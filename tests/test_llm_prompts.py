@@ -34,12 +34,20 @@ def test_every_prompt_form_gives_the_plain_forms_tokens(llm):
     assert outs[1].prompt == TEXT and outs[2].prompt_token_ids == ids
 
 
+def test_an_empty_prompt_is_a_value_error(llm):
+    for empty in ({"prompt_token_ids": []}, [{"prompt_token_ids": []}]):
+        with pytest.raises(ValueError, match="empty"):
+            llm.generate(empty, GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(prompt_token_ids=[[]], sampling_params=GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize(
     "bad",
     [
         {"text": TEXT},
         {"prompt": 5},
-        {"prompt_token_ids": []},
         {"prompt_token_ids": ["a"]},
         [1.5, 2],
         [[1, 2], {"prompt": 3}],
