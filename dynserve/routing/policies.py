@@ -106,6 +106,39 @@ def _top_k_fast(probs: torch.Tensor, row: _ConfigRow, num_experts: int) -> Assig
     return Assignment.from_topk(topk_ids, topk_w, num_experts)
 
 
+class _PerToken:
+    """Per-config parameter rows gathered to the tokens: `per_token(values, dtype)` turns one value per
+    config [C] into [T] (or [1], broadcast, when the batch is uniform)."""
+
+    def __init__(self, batch: RoutingBatch, device: torch.device) -> None:
+        self.device = device
+        self.index: torch.Tensor | None = None
+        if not batch.uniform:
+            if batch.config_index is None:
+                raise ValueError("RoutingBatch with several configs needs config_index")
+            self.index = batch.config_index.to(device=device, dtype=torch.int64)  # [T]
+
+    def __call__(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype, device=self.device)  # [C]
+        return t[:1] if self.index is None else t[self.index]  # [T] or [1]
+
+
+def _clamped_counts(
+    counts: dict[int, torch.Tensor], rows: list[_ConfigRow], per_token: _PerToken, T: int
+) -> torch.Tensor:
+    """[T] experts per token: each token's policy's count, clamped to its [min_experts, max_experts]."""
+    if len(counts) == 1:
+        n = next(iter(counts.values()))
+    else:
+        policy_t = per_token([r.policy for r in rows], torch.int64)  # [T]
+        n = torch.zeros(T, dtype=torch.int64, device=per_token.device)
+        for code, c in counts.items():
+            n = torch.where(policy_t == code, c, n)  # [T]
+    lo_t = per_token([r.lo for r in rows], torch.int64)
+    hi_t = per_token([r.hi for r in rows], torch.int64)
+    return torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
+
+
 def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) -> Assignment:
     """Route tokens from their routing probabilities `probs` [T, E] (float32, rows sum to 1).
 
@@ -136,16 +169,7 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
     if batch.uniform and rows[0].policy == TOP_K:
         return _top_k_fast(probs, rows[0], E)
 
-    index = None
-    if not batch.uniform:
-        if batch.config_index is None:
-            raise ValueError("RoutingBatch with several configs needs config_index")
-        index = batch.config_index.to(device=device, dtype=torch.int64)  # [T]
-
-    def per_token(values: list, dtype: torch.dtype) -> torch.Tensor:
-        """[C] parameter row gathered to [T] (or [1], broadcast, for a uniform batch)."""
-        t = torch.tensor(values, dtype=dtype, device=device)  # [C]
-        return t[:1] if index is None else t[index]  # [T] or [1]
+    per_token = _PerToken(batch, device)
 
     policies = {r.policy for r in rows}
     sorted_p, sorted_ids = torch.sort(probs, dim=-1, descending=True)  # [T, E]
@@ -160,16 +184,7 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
     if THRESHOLD in policies:
         thr_t = per_token([r.threshold for r in rows], torch.float32)  # [T] or [1]
         counts[THRESHOLD] = (sorted_p >= thr_t[:, None]).sum(dim=-1)  # [T]
-    if len(counts) == 1:
-        n = next(iter(counts.values()))
-    else:
-        policy_t = per_token([r.policy for r in rows], torch.int64)  # [T]
-        n = torch.zeros(T, dtype=torch.int64, device=device)
-        for code, c in counts.items():
-            n = torch.where(policy_t == code, c, n)  # [T]
-    lo_t = per_token([r.lo for r in rows], torch.int64)
-    hi_t = per_token([r.hi for r in rows], torch.int64)
-    n = torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
+    n = _clamped_counts(counts, rows, per_token, T)  # [T]
 
     keep = torch.arange(E, device=device)[None, :] < n[:, None]  # [T, E] over ranks
     tok, rank = keep.nonzero(as_tuple=True)  # [P], row-major => token-major, rank order
@@ -264,15 +279,7 @@ def route_sigmoid(
         ids, w = _checkpoint_sigmoid_top_k(scores, masked, rows[0].k, rows[0].renormalize, scale)
         return Assignment.from_topk(ids, w, E)
 
-    index = None
-    if not batch.uniform:
-        if batch.config_index is None:
-            raise ValueError("RoutingBatch with several configs needs config_index")
-        index = batch.config_index.to(device=device, dtype=torch.int64)  # [T]
-
-    def per_token(values: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype, device=device)  # [C]
-        return t[:1] if index is None else t[index]  # [T] or [1]
+    per_token = _PerToken(batch, device)
 
     _, ranked_ids = torch.sort(masked, dim=-1, descending=True, stable=True)  # [T, E], allowed first
     ranked_s = scores.gather(1, ranked_ids)  # [T, E]
@@ -291,16 +298,7 @@ def route_sigmoid(
         if THRESHOLD in policies:
             thr_t = per_token([r.threshold for r in rows], torch.float32)
             counts[THRESHOLD] = ((q >= thr_t[:, None]) & allowed).sum(dim=-1)  # [T]
-    if len(counts) == 1:
-        n = next(iter(counts.values()))
-    else:
-        policy_t = per_token([r.policy for r in rows], torch.int64)  # [T]
-        n = torch.zeros(T, dtype=torch.int64, device=device)
-        for code, c in counts.items():
-            n = torch.where(policy_t == code, c, n)  # [T]
-    lo_t = per_token([r.lo for r in rows], torch.int64)
-    hi_t = per_token([r.hi for r in rows], torch.int64)
-    n = torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
+    n = _clamped_counts(counts, rows, per_token, T)  # [T]
 
     keep = torch.arange(E, device=device)[None, :] < n[:, None]  # [T, E] over ranks
     kept_s = ranked_s * keep  # [T, E]
