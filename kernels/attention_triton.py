@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 _LOG2E = 1.4426950408889634
 
 
+# The compiled kernel of each kernel's latest launch (None under the interpreter): read by the GPU check.
+LAST_COMPILED: dict[str, object] = {}
+
+
 def _interpreting() -> bool:
     """True when the kernels were built for the interpreter (TRITON_INTERPRET=1 at import time)."""
     return not isinstance(_write_kv_kernel, JITFunction)
@@ -65,7 +69,7 @@ def write_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
         value = value.contiguous()
     slots = slot_mapping.to(device=kv_cache.device).contiguous()  # [T]
     row = hkv * d
-    _write_kv_kernel[(T,)](
+    LAST_COMPILED["write_kv"] = _write_kv_kernel[(T,)](
         key, value, kv_cache, slots, key.stride(0), value.stride(0), kv_cache[0].numel(), row,
         BLOCK=triton.next_power_of_2(row), num_warps=4 if row >= 1024 else 2,
     )  # fmt: skip
@@ -283,7 +287,7 @@ def paged_attention_triton(
     )  # fmt: skip
     if batch.max_query_len == 1 and T == B:
         block_g = max(16, triton.next_power_of_2(g))
-        _decode_kernel[(B, hkv)](
+        LAST_COMPILED["decode"] = _decode_kernel[(B, hkv)](
             q, kv_cache, out, tables, seq_lens, **common,
             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=16 if interp else 64, UPCAST=upcast,
             PRECISION=precision, num_warps=4,
@@ -293,7 +297,7 @@ def paged_attention_triton(
     block_m = 16 if interp else (64 if d <= 128 else 32)
     block_n = 16 if interp else (64 if d <= 128 else 32)
     grid = (triton.cdiv(batch.max_query_len, block_m), B, hq)
-    _prefill_kernel[grid](
+    LAST_COMPILED["prefill"] = _prefill_kernel[grid](
         q, kv_cache, out, tables, seq_lens, qsl, **common,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision, num_warps=4,
     )  # fmt: skip

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from dynserve.routing.base import Assignment
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+# The compiled kernel of each kernel's latest launch (Triton returns it; None under the interpreter):
+# the GPU check reads registers, spills and shared memory from it.
+LAST_COMPILED: dict[str, object] = {}
 
 
 @triton.jit
@@ -251,20 +254,20 @@ def fused_moe_triton(
 
     inter = torch.empty(p_pad, inter_size, dtype=x.dtype, device=device)  # [P_pad, I]
     grid1 = (num_blocks * triton.cdiv(inter_size, bn),)
-    _gate_up_kernel[grid1](
+    LAST_COMPILED["gate_up"] = _gate_up_kernel[grid1](
         x, w13, inter, sorted_ids, block_expert, token_ids, P, num_blocks, H, inter_size,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, PRECISION=precision, UPCAST=upcast, **launch,
     )  # fmt: skip
     pair_out = torch.empty(P, H, dtype=torch.float32, device=device)  # [P, H] weighted expert outputs
     grid2 = (num_blocks * triton.cdiv(H, bn),)
-    _down_kernel[grid2](
+    LAST_COMPILED["down"] = _down_kernel[grid2](
         inter, w2, pair_out, sorted_ids, block_expert, weights, P, num_blocks, H, inter_size,
         inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, PRECISION=precision, UPCAST=upcast, **launch,
     )  # fmt: skip
     block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](
+    LAST_COMPILED["combine"] = _combine_kernel[(T, triton.cdiv(H, block_h))](
         pair_out, offsets, out, H, pair_out.stride(0), out.stride(0), BLOCK_H=block_h, num_warps=4
     )
     return out

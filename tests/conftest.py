@@ -1,172 +1,47 @@
-"""Shared fixtures: tiny random-weight Hugging Face checkpoints built offline with save_pretrained."""
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints (built by tests/checkpoints.py) and the
+device the kernel tests run on."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run on the CPU interpreter; with one they are compiled for it
+# (TRITON_INTERPRET=1 in the environment still forces the interpreter). Set before triton is imported.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine extra threads
 # oversubscribe the cores (10-30x slower). Also inherited by the server subprocesses tests start.
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # Triton kernels run on the CPU interpreter in tests
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-_CORPUS = [
-    "def hello(name):\n    return 'hello ' + name\n",
-    "The quick brown fox jumps over the lazy dog. 0123456789",
-    "import os, sys\nfor i in range(10):\n    print(i * i)\n",
-    "class Foo(object):\n    pass\n",
-    "# comment with unicode: caf\u00e9 \u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9 \u65e5\u672c\u8a9e \U0001f600\n",
-]
-
-
-def save_tokenizer(path: Path, vocab_size: int = 384) -> int:
-    """A byte-level BPE tokenizer (trained in-process on a few strings) with special tokens and a
-    chat template; returns the vocab size actually produced."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<|bos|>",
-                "eos_token": "<|eos|>",
-                "pad_token": "<|pad|>",
-                "add_bos_token": False,
-                "chat_template": CHAT_TEMPLATE,
-                "model_max_length": 4096,
-            }
-        )
-    )
-    return tok.get_vocab_size()
-
-
-ARCH_CONFIGS = {
-    "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
-    ),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        dict(
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=40,
-            shared_expert_intermediate_size=56,
-            intermediate_size=56,
-            decoder_sparse_step=1,
-            norm_topk_prob=False,
-        ),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=40,
-            intermediate_size=56,
-            decoder_sparse_step=1,
-            norm_topk_prob=True,
-            head_dim=16,
-        ),
-    ),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48)),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=96)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=96, head_dim=16)),
-    "glm4_moe": (
-        "Glm4MoeConfig",
-        "Glm4MoeForCausalLM",
-        dict(
-            num_hidden_layers=3,
-            first_k_dense_replace=1,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            n_group=4,
-            topk_group=2,
-            n_shared_experts=1,
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            partial_rotary_factor=0.5,
-            attention_bias=True,
-            head_dim=16,
-        ),
-    ),
-}
-
-# families whose tiny checkpoints get non-zero linear biases (the others keep transformers' zero init)
-RANDOM_BIAS_ARCHS = {"glm4_moe"}
-
-
-def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards: int = 1, **overrides: object) -> Path:
-    """Save a tiny random-weight `arch` checkpoint (config.json, safetensors, tokenizer) to path."""
-    import torch
-    import transformers
-
-    cfg_name, model_name, extra = ARCH_CONFIGS[arch]
-    vocab = save_tokenizer(path)
-    kwargs = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(extra)
-    kwargs.update(overrides)
-    config = getattr(transformers, cfg_name)(**kwargs)
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
-    # random init of a tiny model gives near-uniform logits; widen them so greedy is decisive
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
-            elif arch in RANDOM_BIAS_ARCHS and name.endswith(".bias"):
-                p.normal_(0.0, 0.05)  # attention biases: non-zero, so a dropped bias shows
-        # sigmoid routers (DeepSeek-V3 / GLM-4.5): a non-zero selection bias, so ignoring it changes picks
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.2)
-    size = None
-    if num_shards > 1:
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        size = max(1, total // num_shards + 1)
-    model.save_pretrained(path, safe_serialization=True, max_shard_size=size if size else "10GB")
-    return path
+from checkpoints import make_checkpoint  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def kernel_device() -> str:
+    """Where the Triton kernel tests run: "cuda" when kernels are compiled for a GPU, else "cpu"."""
+    return "cuda" if _cuda_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return kernel_device()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import save_tokenizer
+from checkpoints import save_tokenizer
 
 from dynserve.engine.detokenizer import IncrementalDetokenizer
 from dynserve.tokenizer import Tokenizer
@@ -64,7 +64,7 @@ def test_random_tokens_match_full_decode(tok):
 
 
 def test_sentencepiece_style_leading_space_after_prompt(tmp_path):
-    from conftest import _CORPUS
+    from checkpoints import _CORPUS
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 

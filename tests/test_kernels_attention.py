@@ -1,11 +1,10 @@
-"""Paged attention and KV writes: torch reference and Triton kernels (interpreter on CPU) against a
-float64 loop over sequences, heads and query tokens, with shuffled (non-contiguous) block tables."""
+"""Paged attention and KV writes: torch reference and Triton kernels (compiled on a GPU, interpreter on
+CPU: the `device` fixture) against a float64 loop over sequences, heads and query tokens, with
+shuffled (non-contiguous) block tables."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+import dataclasses
 
 import dynserve_kernels
 import pytest
@@ -37,8 +36,26 @@ def _setup(seqs, bs, hq, hkv, d, dtype, seed=0):
     return batch, kv_cache, key, value, q
 
 
+def _batch_on(batch, device: str):
+    """The batch with its tensor fields on `device` (host-side lists stay as they are)."""
+    moved = {
+        f.name: v.to(device) for f in dataclasses.fields(batch) if isinstance(v := getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **moved)
+
+
+def _triton(q, key, value, kv_cache, batch, scale, device):
+    """write_kv then paged_attention with the Triton backend on `device`; (out, kv_cache) back on CPU."""
+    cache = kv_cache.to(device)
+    dev_batch = _batch_on(batch, device)
+    dynserve_kernels.write_kv(key.to(device), value.to(device), cache, dev_batch.slot_mapping, backend="triton")
+    out = dynserve_kernels.paged_attention(q.to(device), cache, dev_batch, scale, backend="triton")
+    return out.cpu(), cache.cpu()
+
+
 def _check(out, ref, dtype):
     assert out.dtype == dtype
+    assert torch.isfinite(out).all()
     err = (out.double() - ref).abs().max().item()
     assert err <= TOL[dtype] * max(ref.abs().max().item(), 1.0), err
 
@@ -56,18 +73,16 @@ def test_reference_matches_naive(name, seqs, bs, hq, hkv, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,seqs,bs", LAYOUTS, ids=[c[0] for c in LAYOUTS])
-def test_triton_matches_naive(name, seqs, bs, dtype):
+def test_triton_matches_naive(name, seqs, bs, dtype, device):
     hq, hkv, d = 6, 2, 16
     batch, kv_cache, key, value, q = _setup(seqs, bs, hq, hkv, d, dtype, seed=1)
-    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
-    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, backend="triton")
+    out, kv_cache = _triton(q, key, value, kv_cache, batch, 0.3, device)
     _check(out, naive_attention(q, kv_cache, batch, 0.3), dtype)
 
 
-def test_triton_head_dim_not_power_of_two_and_mqa():
+def test_triton_head_dim_not_power_of_two_and_mqa(device):
     batch, kv_cache, key, value, q = _setup([(7, 3), (12, 1)], 4, 4, 1, 12, torch.float32, seed=2)
-    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
-    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.25, backend="triton")
+    out, kv_cache = _triton(q, key, value, kv_cache, batch, 0.25, device)
     _check(out, naive_attention(q, kv_cache, batch, 0.25), torch.float32)
 
 
@@ -87,12 +102,15 @@ def test_decode_attends_to_whole_context_only():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_write_kv_writes_only_its_slots(backend):
+def test_write_kv_writes_only_its_slots(backend, device):
     batch, kv_cache, key, value, _ = _setup([(6, 3), (4, 4)], 4, 2, 2, 8, torch.bfloat16)
     before = kv_cache.clone()
     slots = batch.slot_mapping.clone()
     slots[1] = -1  # a padding token: not written
-    dynserve_kernels.write_kv(key, value, kv_cache, slots, backend=backend)
+    dev = device if backend == "triton" else "cpu"
+    cache = kv_cache.to(dev)
+    dynserve_kernels.write_kv(key.to(dev), value.to(dev), cache, slots.to(dev), backend=backend)
+    kv_cache = cache.cpu()
     flat, flat_before = kv_cache.view(2, -1, 2, 8), before.view(2, -1, 2, 8)
     written = slots[slots >= 0]
     assert torch.equal(flat[0, written], key[slots >= 0])
@@ -102,7 +120,7 @@ def test_write_kv_writes_only_its_slots(backend):
     assert torch.equal(flat[:, untouched], flat_before[:, untouched])
 
 
-def test_write_kv_strided_key_from_fused_projection():
+def test_write_kv_strided_key_from_fused_projection(device):
     # key/value as slices of a fused qkv output (rows strided, heads dense)
     batch, kv_cache, _, _, _ = _setup([(5, 5)], 4, 2, 2, 8, torch.float32)
     qkv = torch.randn(5, 48)
@@ -110,8 +128,12 @@ def test_write_kv_strided_key_from_fused_projection():
     value = qkv[:, 32:48].view(5, 2, 8)
     ref = kv_cache.clone()
     dynserve_kernels.write_kv(key, value, ref, batch.slot_mapping)
-    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
-    assert torch.equal(kv_cache, ref)
+    qkv_d = qkv.to(device)
+    cache = kv_cache.to(device)
+    dynserve_kernels.write_kv(
+        qkv_d[:, 16:32].view(5, 2, 8), qkv_d[:, 32:48].view(5, 2, 8), cache, batch.slot_mapping.to(device), "triton"
+    )
+    assert torch.equal(cache.cpu(), ref)
 
 
 def test_reference_decode_path_equals_sequence_loop():

@@ -1,11 +1,10 @@
 """Fused MoE kernels: the torch reference against a dense all-experts computation, the Triton kernel
-(under the interpreter on CPU) against the reference, and the alignment layout."""
+against the reference (compiled on a GPU, under the interpreter on CPU: the `device` fixture), and
+the alignment layout."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+import dataclasses
 
 import dynserve_kernels
 import pytest
@@ -43,8 +42,17 @@ def _problem(ks, E, experts, dtype, H=40, inter=24, seed=0):
     return x, w13, w2, a
 
 
+def _on(device: str, x, w13, w2, a: Assignment):
+    """The problem's tensors moved to `device` (the reference stays on the CPU copies)."""
+    moved = {
+        f.name: v.to(device) if isinstance(v := getattr(a, f.name), torch.Tensor) else v for f in dataclasses.fields(a)
+    }
+    return x.to(device), w13.to(device), w2.to(device), Assignment(**moved)
+
+
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert out.shape == ref.shape and out.dtype == ref.dtype
+    out, ref = out.cpu(), ref.cpu()
     scale = max(ref.float().abs().max().item(), 1.0)
     err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
     assert err <= TOL[dtype] * scale, f"max error {err} (scale {scale})"
@@ -75,13 +83,13 @@ def test_reference_matches_hand_computed_expert():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_idle_experts_are_never_read(backend):
+def test_idle_experts_are_never_read(backend, device):
     # NaN weights in experts no token picked must not leak: work is per pair, not T x E
     x, w13, w2, a = _problem([1, 2, 1, 0, 2], 5, [1, 3], torch.float32)
     for e in (0, 2, 4):
         w13[e] = float("nan")
         w2[e] = float("nan")
-    out = dynserve_kernels.fused_moe(x, w13, w2, a, backend=backend)
+    out = dynserve_kernels.fused_moe(*_on(device if backend == "triton" else "cpu", x, w13, w2, a), backend=backend)
     assert torch.isfinite(out).all()
     _close(out, dense_moe_reference(x, w13.nan_to_num(), w2.nan_to_num(), a), torch.float32)
 
@@ -90,11 +98,11 @@ def test_idle_experts_are_never_read(backend):
 @pytest.mark.parametrize(
     "name,ks,E,experts", [CASES[0], CASES[3], CASES[4], CASES[5]], ids=[CASES[i][0] for i in (0, 3, 4, 5)]
 )
-def test_triton_matches_reference(name, ks, E, experts, dtype):
+def test_triton_matches_reference(name, ks, E, experts, dtype, device):
     from dynserve_kernels.moe_triton import fused_moe_triton
 
     x, w13, w2, a = _problem(ks, E, experts, dtype)
-    _close(fused_moe_triton(x, w13, w2, a), fused_moe_ref(x, w13, w2, a), dtype)
+    _close(fused_moe_triton(*_on(device, x, w13, w2, a)), fused_moe_ref(x, w13, w2, a), dtype)
 
 
 @pytest.mark.parametrize(
@@ -105,17 +113,18 @@ def test_triton_matches_reference(name, ks, E, experts, dtype):
     ],
     ids=["16x16x16", "32x64x16"],
 )
-def test_triton_block_sizes_not_dividing_pairs(config):
+def test_triton_block_sizes_not_dividing_pairs(config, device):
     # 37 pairs over 3 experts, H and I not multiples of the tiles
     from dynserve_kernels.moe_triton import fused_moe_triton
 
     ks = [3, 2, 1, 3, 2, 3, 1, 2, 3, 3, 2, 1, 3, 2, 3, 3]
     x, w13, w2, a = _problem(ks, 3, None, torch.float32, H=24, inter=20, seed=3)
     assert a.num_pairs == 37
-    _close(fused_moe_triton(x, w13, w2, a, config=config), fused_moe_ref(x, w13, w2, a), torch.float32)
+    out = fused_moe_triton(*_on(device, x, w13, w2, a), config=config)
+    _close(out, fused_moe_ref(x, w13, w2, a), torch.float32)
 
 
-def test_triton_unsorted_pairs_within_token_and_strided_input():
+def test_triton_unsorted_pairs_within_token_and_strided_input(device):
     # pairs of one token need not be expert-sorted; x may be a non-contiguous view
     from dynserve_kernels.moe_triton import fused_moe_triton
 
@@ -124,21 +133,24 @@ def test_triton_unsorted_pairs_within_token_and_strided_input():
     a = Assignment.from_topk(ids, torch.rand(3, 2, generator=gen), 4)
     x = torch.randn(40, 3, generator=gen).t()  # [3, 40], non-contiguous
     w13, w2 = _weights(4, 40, 24, torch.float32, gen)
-    _close(fused_moe_triton(x, w13, w2, a), dense_moe_reference(x, w13, w2, a), torch.float32)
+    xd, w13d, w2d, ad = _on(device, x, w13, w2, a)
+    xd = x.t().contiguous().to(device).t()  # keep the non-contiguous layout on the device
+    _close(fused_moe_triton(xd, w13d, w2d, ad), dense_moe_reference(x, w13, w2, a), torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_empty_batch(backend):
+def test_empty_batch(backend, device):
     x = torch.randn(0, 16)
     w13, w2 = _weights(2, 16, 16, torch.float32, torch.Generator().manual_seed(0))
     a = make_assignment([], 2, torch.Generator())
-    assert dynserve_kernels.fused_moe(x, w13, w2, a, backend=backend).shape == (0, 16)
+    on = _on(device if backend == "triton" else "cpu", x, w13, w2, a)
+    assert dynserve_kernels.fused_moe(*on, backend=backend).shape == (0, 16)
 
 
-def test_triton_rejects_bad_inputs():
+def test_triton_rejects_bad_inputs(device):
     from dynserve_kernels.moe_triton import fused_moe_triton
 
-    x, w13, w2, a = _problem([1, 2], 3, None, torch.float32, H=16, inter=16)
+    x, w13, w2, a = _on(device, *_problem([1, 2], 3, None, torch.float32, H=16, inter=16))
     with pytest.raises(ValueError):
         fused_moe_triton(x[:, :8], w13, w2, a)
     with pytest.raises(TypeError):
@@ -148,14 +160,15 @@ def test_triton_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("block_m", [1, 3, 4, 16])
-def test_align_matches_python_reference_and_invariants(block_m):
+def test_align_matches_python_reference_and_invariants(block_m, device):
     gen = torch.Generator().manual_seed(block_m)
     E = 6
     for trial in range(20):
         P = int(torch.randint(0, 30, (1,), generator=gen))
         used = torch.randperm(E, generator=gen)[: 1 + trial % E]  # some experts stay idle
         ids = used[torch.randint(0, len(used), (P,), generator=gen)]  # [P]
-        sorted_ids, blocks, p_pad = moe_align_ids(ids, block_m, E)
+        sorted_ids, blocks, p_pad = moe_align_ids(ids.to(device), block_m, E)
+        sorted_ids, blocks = sorted_ids.cpu(), blocks.cpu()
         ref_sorted, ref_blocks = moe_align_reference(ids.tolist(), block_m, E)
         assert sorted_ids.dtype == torch.int32 and blocks.dtype == torch.int32
         assert sorted_ids.tolist() == ref_sorted and blocks.tolist() == ref_blocks

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from checkpoints import make_checkpoint
 
 from dynserve.config import EngineConfig
 from dynserve.model.base import ForwardBatch

@@ -15,7 +15,7 @@ from pathlib import Path
 import dynserve_kernels
 import pytest
 import torch
-from conftest import save_tokenizer
+from checkpoints import save_tokenizer
 from test_model_parity import BlockPool, assert_close_logits, prompt, run
 
 from dynserve import LLM, RoutingConfig, SamplingParams

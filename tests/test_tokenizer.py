@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from conftest import save_tokenizer
+from checkpoints import save_tokenizer
 
 from dynserve.tokenizer import Tokenizer
 

@@ -66,15 +66,22 @@ def run_dynserve(model_dir: Path, prompts: list[list[int]], new_tokens: int, **o
     return dt, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def run_transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int, batch_size: int) -> tuple[float, int]:
+def run_transformers(
+    model_dir: Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    batch_size: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, int]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     total = 0
     with torch.inference_mode():
-        model.generate(torch.tensor([prompts[0][:8]]), max_new_tokens=4, do_sample=False)  # warm-up
+        model.generate(torch.tensor([prompts[0][:8]], device=device), max_new_tokens=4, do_sample=False)  # warm-up
         t0 = time.perf_counter()
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
@@ -85,13 +92,15 @@ def run_transformers(model_dir: Path, prompts: list[list[int]], new_tokens: int,
                 ids[j, width - len(p) :] = torch.tensor(p)
                 mask[j, width - len(p) :] = 1
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
             )
             total += (out.shape[1] - width) * len(chunk)
+        if device != "cpu":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     return dt, total
 
