@@ -56,7 +56,7 @@ def fused_moe(
         from dynserve_kernels.moe_triton import fused_moe_triton
 
         return fused_moe_triton(x, w13, w2, assignment)
-    if backend == "cpu" and assignment.num_pairs > 0:
+    if backend == "cpu" and assignment.num_pairs > 0 and x.device.type == "cpu":  # never CUDA tensors
         a = assignment
         counts = torch.bincount(a.expert_ids, minlength=w13.shape[0])  # [E] rows per expert
         if cpu_native.takes_moe(x, w13, w2, counts):

@@ -279,6 +279,9 @@ def paged_attention_triton(
     upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
     interp = _interpreting()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding for float32 inputs
+    # float32 K/V tiles are twice as big: 3 pipeline stages of [64, 128] K and V tiles (192 KB) leave
+    # no shared memory to spare on an H100 (227 KB), so float32 keeps 2
+    stages = 2 if q.dtype == torch.float32 else 3
     common = dict(
         qk_scale=scale * _LOG2E,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
@@ -290,7 +293,7 @@ def paged_attention_triton(
         LAST_COMPILED["decode"] = _decode_kernel[(B, hkv)](
             q, kv_cache, out, tables, seq_lens, **common,
             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=16 if interp else 64, UPCAST=upcast,
-            PRECISION=precision, num_warps=4,
+            PRECISION=precision, num_warps=4, num_stages=stages,
         )  # fmt: skip
         return out
     qsl = batch.query_start_loc.to(device)  # [B+1]
@@ -300,5 +303,6 @@ def paged_attention_triton(
     LAST_COMPILED["prefill"] = _prefill_kernel[grid](
         q, kv_cache, out, tables, seq_lens, qsl, **common,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision, num_warps=4,
+        num_stages=stages,
     )  # fmt: skip
     return out

@@ -246,8 +246,8 @@ def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torc
     expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows per expert)."""
     return (
         counts.numel() > 0
+        and _cpu_f32(x, w13, w2)  # before counts.max(): no device sync for a CUDA tensor
         and int(counts.max()) <= NATIVE_MOE_MAX_ROWS
-        and _cpu_f32(x, w13, w2)
         and w13.is_contiguous()
         and w2.is_contiguous()
         and available()

@@ -120,7 +120,9 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             block_size=bs,
             logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),  # [S]
-            routing=RoutingBatch.from_per_sequence([s.routing for s, _ in scheduled], [n for _, n in scheduled]),
+            routing=RoutingBatch.from_per_sequence(
+                [s.routing for s, _ in scheduled], [n for _, n in scheduled], device=dev
+            ),  # config_index [T] on the device
             query_start_loc_host=qsl,
             seq_lens_host=seq_lens,
             expert_token_counts=[] if self.config.record_expert_token_counts else None,

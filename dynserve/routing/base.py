@@ -136,11 +136,14 @@ class RoutingBatch:
         return cls([config], None)
 
     @classmethod
-    def from_per_sequence(cls, configs: list[RoutingConfig], tokens_per_seq: list[int]) -> RoutingBatch:
-        """One config per sequence, repeated over that sequence's tokens in this step."""
+    def from_per_sequence(
+        cls, configs: list[RoutingConfig], tokens_per_seq: list[int], device: torch.device | str = "cpu"
+    ) -> RoutingBatch:
+        """One config per sequence, repeated over that sequence's tokens in this step; `config_index`
+        is built on the host and copied to `device` once (not once per MoE layer)."""
         unique: dict[RoutingConfig, int] = {}
         idx = [unique.setdefault(c, len(unique)) for c in configs]
         if len(unique) == 1:
             return cls(list(unique), None)
-        index = torch.repeat_interleave(torch.tensor(idx, dtype=torch.int64), torch.tensor(tokens_per_seq))
-        return cls(list(unique), index)
+        index = [i for i, n in zip(idx, tokens_per_seq, strict=True) for _ in range(n)]  # [T]
+        return cls(list(unique), torch.tensor(index, dtype=torch.int64, device=device))
