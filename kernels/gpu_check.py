@@ -172,6 +172,8 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 # bf16 MoE rounds gate, up, silu*up and each expert's output to bf16 (as the torch reference does):
 # against a float32 computation that is ~1.5% relative error; against the bf16 reference it is ~TOL
 BF16_VS_FP32 = 3e-2
+if DRY_RUN:  # the interpreter's float32 -> bf16 casts are coarser than the GPU's round-to-nearest
+    TOL[torch.bfloat16] = 2e-2
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
