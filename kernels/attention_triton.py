@@ -79,7 +79,8 @@ def _load_kv_tile(cache_ptr, bt_row_ptr, pos, p_mask, kv_off_h, offs_d, d_mask, 
     return tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
 
 
-@triton.jit
+# stride_bt (= max blocks per sequence in the batch) grows with the context: no specialization
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -151,7 +152,8 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
     tl.store(
         out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -159,7 +161,7 @@ def _decode_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,
     cache_ptr,
@@ -241,12 +243,35 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
     tl.store(
         out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None] & d_mask[None, :],
     )
+
+
+def decode_config(d: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, int]:
+    """BLOCK_N and launch options of the decode kernel for head dim `d` (checked by dynserve_kernels.aot).
+
+    `interpret`: the small interpreter tiles; default: whether the kernels were built for it."""
+    if _interpreting() if interpret is None else interpret:
+        return dict(BLOCK_N=16, num_warps=4)
+    if dtype == torch.float32 and d > 64:  # FMA dots with the tiles in registers: spread them wider
+        return dict(BLOCK_N=32, num_warps=8)
+    return dict(BLOCK_N=64 if d <= 128 else 32, num_warps=4)
+
+
+def prefill_config(d: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, int]:
+    """BLOCK_M, BLOCK_N and launch options of the prefill kernel (checked by dynserve_kernels.aot)."""
+    if _interpreting() if interpret is None else interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+    if dtype == torch.float32:  # FMA dots, operands in registers
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if d <= 64 else 8)
+    if d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    return dict(BLOCK_M=64 if d <= 128 else 32, BLOCK_N=32, num_warps=4)
 
 
 def paged_attention_triton(
@@ -273,7 +298,6 @@ def paged_attention_triton(
     tables = batch.block_tables.to(device)  # [B, max_blocks]
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
-    interp = _interpreting()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding for float32 inputs
     common = dict(
         qk_scale=scale * _LOG2E,
@@ -283,18 +307,17 @@ def paged_attention_triton(
     )  # fmt: skip
     if batch.max_query_len == 1 and T == B:
         block_g = max(16, triton.next_power_of_2(g))
+        cfg = decode_config(d, q.dtype)
         _decode_kernel[(B, hkv)](
             q, kv_cache, out, tables, seq_lens, **common,
-            BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=16 if interp else 64, UPCAST=upcast,
-            PRECISION=precision, num_warps=4,
+            BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, **cfg,
         )  # fmt: skip
         return out
     qsl = batch.query_start_loc.to(device)  # [B+1]
-    block_m = 16 if interp else (64 if d <= 128 else 32)
-    block_n = 16 if interp else (64 if d <= 128 else 32)
-    grid = (triton.cdiv(batch.max_query_len, block_m), B, hq)
+    cfg = prefill_config(d, q.dtype)
+    grid = (triton.cdiv(batch.max_query_len, cfg["BLOCK_M"]), B, hq)
     _prefill_kernel[grid](
         q, kv_cache, out, tables, seq_lens, qsl, **common,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision, num_warps=4,
+        BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, **cfg,
     )  # fmt: skip
     return out
