@@ -22,6 +22,7 @@ CPU when TRITON_INTERPRET=1. Public ops:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,14 @@ def select_backend(device: torch.device | str, use_triton: bool | None = None) -
         return forced
     on_cuda = torch.device(device).type == "cuda"
     if use_triton or (use_triton is None and on_cuda):
+        if on_cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            # correct but ~1000x slower: the kernels run on the CPU interpreter against GPU tensors
+            warnings.warn(
+                "TRITON_INTERPRET=1 is set but the device is CUDA: the Triton kernels will run in the CPU "
+                "interpreter (~1000x slower). Unset TRITON_INTERPRET (or set it to 0) to run them compiled.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return "triton"
     return "torch" if on_cuda else "cpu"
 

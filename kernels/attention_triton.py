@@ -83,7 +83,8 @@ def _load_kv_tile(cache_ptr, bt_row_ptr, pos, p_mask, kv_off_h, offs_d, d_mask, 
     return tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
 
 
-@triton.jit
+# stride_bt (= max blocks per sequence in the batch) grows with the context: no specialization
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -155,7 +156,8 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
     tl.store(
         out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -163,7 +165,7 @@ def _decode_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,
     cache_ptr,
@@ -245,12 +247,35 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
     tl.store(
         out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None] & d_mask[None, :],
     )
+
+
+def decode_config(d: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, int]:
+    """BLOCK_N and launch options of the decode kernel for head dim `d` (checked by dynserve_kernels.aot).
+
+    `interpret`: the small interpreter tiles; default: whether the kernels were built for it."""
+    if _interpreting() if interpret is None else interpret:
+        return dict(BLOCK_N=16, num_warps=4)
+    if dtype == torch.float32 and d > 64:  # FMA dots with the tiles in registers: spread them wider
+        return dict(BLOCK_N=32, num_warps=8)
+    return dict(BLOCK_N=64 if d <= 128 else 32, num_warps=4)
+
+
+def prefill_config(d: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, int]:
+    """BLOCK_M, BLOCK_N and launch options of the prefill kernel (checked by dynserve_kernels.aot)."""
+    if _interpreting() if interpret is None else interpret:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
+    if dtype == torch.float32:  # FMA dots, operands in registers
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4 if d <= 64 else 8)
+    if d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    return dict(BLOCK_M=64 if d <= 128 else 32, BLOCK_N=32, num_warps=4)
 
 
 def paged_attention_triton(
@@ -277,11 +302,7 @@ def paged_attention_triton(
     tables = batch.block_tables.to(device)  # [B, max_blocks]
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
-    interp = _interpreting()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding for float32 inputs
-    # float32 K/V tiles are twice as big: 3 pipeline stages of [64, 128] K and V tiles (192 KB) leave
-    # no shared memory to spare on an H100 (227 KB), so float32 keeps 2
-    stages = 2 if q.dtype == torch.float32 else 3
     common = dict(
         qk_scale=scale * _LOG2E,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
@@ -290,19 +311,17 @@ def paged_attention_triton(
     )  # fmt: skip
     if batch.max_query_len == 1 and T == B:
         block_g = max(16, triton.next_power_of_2(g))
+        cfg = decode_config(d, q.dtype)
         LAST_COMPILED["decode"] = _decode_kernel[(B, hkv)](
             q, kv_cache, out, tables, seq_lens, **common,
-            BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=16 if interp else 64, UPCAST=upcast,
-            PRECISION=precision, num_warps=4, num_stages=stages,
+            BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, **cfg,
         )  # fmt: skip
         return out
     qsl = batch.query_start_loc.to(device)  # [B+1]
-    block_m = 16 if interp else (64 if d <= 128 else 32)
-    block_n = 16 if interp else (64 if d <= 128 else 32)
-    grid = (triton.cdiv(batch.max_query_len, block_m), B, hq)
+    cfg = prefill_config(d, q.dtype)
+    grid = (triton.cdiv(batch.max_query_len, cfg["BLOCK_M"]), B, hq)
     LAST_COMPILED["prefill"] = _prefill_kernel[grid](
         q, kv_cache, out, tables, seq_lens, qsl, **common,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision, num_warps=4,
-        num_stages=stages,
+        BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, **cfg,
     )  # fmt: skip
     return out

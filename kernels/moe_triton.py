@@ -49,7 +49,8 @@ def _block_coords(pid, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+# num_pairs / num_blocks change every step: specializing on them (== 1, % 16) would recompile while serving
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _gate_up_kernel(
     x_ptr,
     w13_ptr,
@@ -79,35 +80,37 @@ def _gate_up_kernel(
     pair = tl.load(sorted_ids_ptr + offs_m)  # [BM]; == num_pairs on padding rows
     valid = pair < num_pairs
     tok = tl.load(token_ids_ptr + pair, mask=valid, other=0).to(tl.int64)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N_INTER
+    # one [BK, 2*BN] weight tile per K step, gate and up rows interleaved column by column
+    # (gate n, up n, gate n+1, ...): one accumulator and one tl.dot instead of two
+    offs_j = tl.arange(0, 2 * BLOCK_N)
+    offs_n2 = pid_n * BLOCK_N + offs_j // 2  # [2BN] intermediate column of each tile column
+    n2_mask = offs_n2 < N_INTER
+    w_rows = offs_n2 + (offs_j % 2) * N_INTER  # [2BN] w13 rows: gate in [0, I), up in [I, 2I)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
-    wg_ptrs = w13_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
-    wu_ptrs = wg_ptrs + N_INTER * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptrs = w13_ptr + e * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, 2BN]
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k_mask = offs_k < H - k0
-        a = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        bg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        bu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & n2_mask[None, :], other=0.0)  # [BK, 2BN]
         if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # [BM, 2BN]
         x_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # [BM, BN] each
     # round gate/up to the activation dtype first, as the torch reference does
     g = acc_g.to(inter_ptr.dtype.element_ty).to(tl.float32)
     u = acc_u.to(inter_ptr.dtype.element_ty).to(tl.float32)
     h = g * tl.sigmoid(g) * u  # silu(gate) * up
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_INTER
     out_ptrs = inter_ptr + offs_m[:, None].to(tl.int64) * stride_it + offs_n[None, :]
     tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _down_kernel(
     inter_ptr,
     w2_ptr,
@@ -179,11 +182,11 @@ _CONFIG_TABLE: dict[str, list[tuple[int, dict[str, int]]]] = {
     "16bit": [
         (64, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)),
         (512, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)),
-        (4096, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)),
+        (4096, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
         (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
     ],
     "32bit": [
-        (64, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)),
+        (64, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)),
         (1024, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=3)),
         (1 << 62, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)),
     ],
