@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-prompt-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and peak GFLOP/s")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         engines[name] = eng
     times: dict[str, list[float]] = {name: [] for name in engines}
     tokens: dict[str, dict[str, list[int]]] = {name: {} for name in engines}  # variant -> prompt -> tokens
+    experts: dict[str, list[float]] = {name: [] for name in engines}  # avg experts/token per request
     for _ in range(args.steps):
         for name, eng in engines.items():
             t0 = time.perf_counter()
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(time.perf_counter() - t0)
             for o in outs:
                 tokens[name][o.request_id.split("-")[-1]] = list(o.outputs[0].token_ids)
+                if o.expert_usage.num_tokens:
+                    experts[name].append(o.expert_usage.avg_experts_per_token)
     first = statistics.median(times[args.variants[0]])
     same = all(tokens[name] == tokens[args.variants[0]] for name in engines)
     res: dict = {"threads": torch.get_num_threads(), "batch": args.num_prompts, "same_tokens": same, "variants": {}}
@@ -96,11 +100,42 @@ def main(argv: list[str] | None = None) -> dict:
         best = 1000 * min(ts)
         print(f"{name:18s} median {1000 * med:7.1f} ms  best {best:7.1f} ms  x {args.variants[0]}: {med / first:.2f}")
     print(f"greedy tokens identical across variants: {same}")
+    if not args.no_roofline:
+        context = statistics.mean(len(p) for p in prompts) + 2 + args.steps / 2
+        res["roofline"] = _roofline(engines, times, experts, args.num_prompts, context)
     for eng in engines.values():
         eng.close()
     if args.json:
         print(json.dumps(res))
     return res
+
+
+def _roofline(engines: dict, times: dict, experts: dict, batch: int, context: float) -> dict:
+    """Each variant's median step against the machine's measured read bandwidth and matmul peak."""
+    from dynserve.bench.roofline import ModelCost, measure_peak_gflops, measure_read_bandwidth, report
+
+    bw = measure_read_bandwidth()
+    out: dict = {"bandwidth_gb_s": bw, "variants": {}}
+    print(f"roofline: read bandwidth {bw:.1f} GB/s (1 GiB float32 sum), ", end="")
+    peak = None
+    for name, eng in engines.items():
+        model = eng.runner.model
+        dtype = next(model.parameters()).dtype
+        if peak is None:
+            peak = measure_peak_gflops(dtype=dtype)
+            out["peak_gflops"] = peak
+            print(f"matmul peak {peak:.1f} GFLOP/s (2048^3 {str(dtype).removeprefix('torch.')})")
+        k = statistics.mean(experts[name]) if experts[name] else 0.0
+        r = report(ModelCost.of(model), statistics.median(times[name]), batch, k, context, bw, peak)
+        out["variants"][name] = r
+        print(
+            f"{name:18s} {r['weight_mb_per_step']:.1f} MB weights/step (k={k:.2f}): "
+            f"{r['achieved_gb_s']:.1f} GB/s = {r['bandwidth_ratio']:.0%} of bandwidth; "
+            f"{r['achieved_gflops']:.1f} GFLOP/s = {r['peak_ratio']:.0%} of peak; "
+            f"outside weight reads {r['outside_weight_reads_ms']:.1f} ms "
+            f"({r['outside_weight_reads_share']:.0%} of the step)"
+        )
+    return out
 
 
 if __name__ == "__main__":
