@@ -518,20 +518,10 @@ def section_engine(rep: Report, ctx: dict, budget: float) -> None:
 def section_offline(rep: Report, ctx: dict, budget: float) -> None:
     import transformers
 
-    from dynserve.bench.offline import make_prompts, run_dynserve, run_transformers
+    from dynserve.bench.offline import BENCH_CONFIG, make_prompts, run_dynserve, run_transformers
 
-    cfg = dict(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=14,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+    # the ~100M CPU benchmark model, scaled to ~1.1B: 8 experts top-2, vocab 32000
+    cfg = dict(BENCH_CONFIG, hidden_size=1024, intermediate_size=2816, num_hidden_layers=14, num_attention_heads=16)
     new_tokens, batches = 128, (1, 64)
     if DRY_RUN:
         cfg.update(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
