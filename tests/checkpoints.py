@@ -1,5 +1,5 @@
 """Tiny random-weight Hugging Face checkpoints built offline with save_pretrained (and their byte-level
-BPE tokenizer). Plain module (no pytest), so scripts such as kernels/gpu_check.py can build them too."""
+BPE tokenizer). Plain module (no pytest), so scripts such as dynserve/bench/gpu_check.py can build them too."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GPU check's CPU-runnable parts: `kernels/gpu_check.py --dry-run` runs its sections on the CPU
+"""The GPU check's CPU-runnable parts: `python -m dynserve.bench.gpu_check --dry-run` runs its sections on the CPU
 (Triton interpreter, tiny shapes) and writes the summary a GPU run would write."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def test_dry_run_writes_summary_and_passes(tmp_path):
     out = tmp_path / "gc"
     sections = "env,correctness,engine,offline,attn_bench"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "kernels" / "gpu_check.py"), "--dry-run", "--out", str(out), "--only", sections],
+        [sys.executable, "-m", "dynserve.bench.gpu_check", "--dry-run", "--out", str(out), "--only", sections],
         capture_output=True,
         text=True,
         timeout=600,
@@ -39,10 +39,9 @@ def test_dry_run_writes_summary_and_passes(tmp_path):
         assert title in summary
 
 
-def test_failed_check_gives_exit_status_1(tmp_path, monkeypatch):
+def test_failed_check_gives_exit_status_1(tmp_path):
     # a FAIL anywhere makes the one command fail, so a person running it cannot miss it
-    monkeypatch.syspath_prepend(str(ROOT / "kernels"))
-    import gpu_check
+    from dynserve.bench import gpu_check
 
     rep = gpu_check.Report(tmp_path)
     rep.check("x", "ok one", True)

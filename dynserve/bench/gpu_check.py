@@ -2,8 +2,10 @@
 engine parity, kernel and end-to-end speed. Needs only torch, triton, transformers, safetensors and
 tokenizers (pytest and pytest-xdist if present, for the kernel tests); no network, no FastAPI.
 
-    python3 kernels/gpu_check.py --out DIR              # one CUDA GPU; about 7 minutes on an H100
-    python3 kernels/gpu_check.py --out DIR --dry-run    # CPU, Triton interpreter, tiny shapes
+    python3 -m dynserve.bench.gpu_check --out DIR              # one CUDA GPU; ~7 minutes on an H100
+    python3 -m dynserve.bench.gpu_check --out DIR --dry-run    # CPU, Triton interpreter, tiny shapes
+
+From the repository root no install is needed: the script maps kernels/ to `dynserve_kernels`.
 
 Sections run in order of importance, each in try/except and within the time left (--budget), and
 print as they go. DIR gets summary.md (the tables; the README's GPU section takes it verbatim),
@@ -42,7 +44,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":  # before triton is imported (a test importing this module keeps its own)
     os.environ["TRITON_INTERPRET"] = "1" if DRY_RUN else "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
