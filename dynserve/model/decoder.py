@@ -1,16 +1,20 @@
 """The pre-norm decoder-only transformer every supported family is an instance of.
 
-Owns `DecoderSpec` (the few facts in which the families differ: attention biases, q/k norm,
-which layers are MoE, expert naming, routing rule) and `DecoderForCausalLM`, the CausalLM that
-builds embedding -> [attention, dense MLP or MoE] x L -> norm -> lm_head from a spec and loads
-Hugging Face weights into it. Each family file (llama.py, mixtral.py, ...) only derives a spec.
+Owns `DecoderSpec` (the few facts in which the families differ: the attention kind and its
+biases / q/k norm, which layers are MoE, expert naming, routing rule, shared experts),
+`AttentionKind` (what a spec's attention part provides: the module of a layer, the paged-cache
+layout, the rotary embedding) with `GQA` (grouped-query attention; `mla.MLA` is the latent one),
+and `DecoderForCausalLM`, the CausalLM that builds embedding -> [attention, dense MLP or MoE] x L ->
+norm -> lm_head from a spec and loads Hugging Face weights into it. Each family file (llama.py,
+mixtral.py, deepseek.py, ...) only derives a spec.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +48,52 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+class AttentionKind(Protocol):
+    """The attention part of a `DecoderSpec`: builds one layer's attention module (with
+    `forward(x, cos, sin, kv_cache, batch)` and `load_hf(ws, prefix, device)`), says the per-layer
+    paged-cache layout, and builds the rotary embedding the model computes once per step."""
+
+    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module: ...
+
+    def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
+        """(KV heads, head dim) of one attention layer's paged cache."""
+        ...
+
+    def rotary(self, cfg: ModelConfig, spec: DecoderSpec) -> RotaryEmbedding: ...
+
+
+@dataclass(frozen=True)
+class GQA:
+    """Grouped-query attention (`layers.Attention`): merged q/k/v, the spec's biases, q/k norm and
+    clipping; caches num_key_value_heads x head_dim; rotary on `spec.rotary_dim` dims of each head."""
+
+    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module:
+        return Attention(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            qkv_bias=spec.qkv_bias,
+            o_bias=spec.o_bias,
+            qk_norm=spec.qk_norm,
+            norm_eps=spec.rms_norm_eps,
+            clip_qkv=spec.clip_qkv,
+        )
+
+    def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
+        return cfg.num_kv_heads, cfg.head_dim
+
+    def rotary(self, cfg: ModelConfig, spec: DecoderSpec) -> RotaryEmbedding:
+        return RotaryEmbedding(cfg.hf, cfg.head_dim, rotary_dim=spec.rotary_dim)
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
     """What distinguishes one family's decoder layers from another's."""
 
     rms_norm_eps: float
     intermediate_size: int  # dense MLP width (dense layers)
+    attention: AttentionKind = field(default_factory=GQA)  # GQA() | mla.MLA(...)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -61,6 +105,7 @@ class DecoderSpec:
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = True  # sigmoid(shared_expert_gate(x)) scales the shared expert (Qwen2-MoE)
     shared_expert_prefix: str = "shared_expert"  # HF module name of the shared expert(s) in the MoE block
+    router_fp32: bool | None = None  # router weight + logits in float32 (None: sigmoid routers only)
     expert_names: ExpertNames = ExpertNames()
     rule: CheckpointRule | None = None
     tie_word_embeddings: bool = False
@@ -77,17 +122,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = layer_idx in spec.moe_layers
         self.input_layernorm = RMSNorm(H, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, spec.rms_norm_eps)
-        self.self_attn = Attention(
-            H,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            qkv_bias=spec.qkv_bias,
-            o_bias=spec.o_bias,
-            qk_norm=spec.qk_norm,
-            norm_eps=spec.rms_norm_eps,
-            clip_qkv=spec.clip_qkv,
-        )
+        self.self_attn = spec.attention.build(cfg, spec)
         self.mlp: nn.Module
         if self.is_moe:
             assert spec.rule is not None
@@ -98,6 +133,7 @@ class DecoderLayer(nn.Module):
                 shared_inter=spec.shared_expert_intermediate_size,
                 shared_gate=spec.shared_expert_gate,
                 shared_prefix=spec.shared_expert_prefix,
+                router_fp32=spec.router_fp32,
             )
         else:
             self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)
@@ -135,7 +171,7 @@ class DecoderForCausalLM(CausalLM):
         self.layers = nn.ModuleList([DecoderLayer(config, spec, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(H, spec.rms_norm_eps)
         self.lm_head = Linear(H, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.hf, config.head_dim, rotary_dim=spec.rotary_dim)
+        self.rotary = spec.attention.rotary(config, spec)
         self.moe_layer_ids = [i for i, layer in enumerate(self.layers) if layer.is_moe]
         self.num_moe_layers = len(self.moe_layer_ids)
         self.requires_grad_(False)
@@ -143,6 +179,12 @@ class DecoderForCausalLM(CausalLM):
     @classmethod
     def make_spec(cls, config: ModelConfig) -> DecoderSpec:
         raise NotImplementedError
+
+    @classmethod
+    def kv_cache_layout(cls, model_config: ModelConfig) -> tuple[int, int, int]:
+        """(attention layers, heads, head dim) of the paged cache, from the spec's attention kind."""
+        heads, head_dim = cls.make_spec(model_config).attention.cache_layout(model_config)
+        return model_config.num_layers, heads, head_dim
 
     @property
     def num_attention_layers(self) -> int:

@@ -14,20 +14,15 @@ the Assignment holds only the FFN picks, so a token that picks zero experts cost
 weight becomes the Assignment's `identity_weight`. The checkpoint's rule always applies: requests'
 RoutingConfig policies are ignored for this family (see RoutingConfig).
 
-Attention is multi-head latent attention (DeepSeek-V3 style, with LongCat's LoRA scales). The paged
-cache holds the decompressed per-head key [k_nope, k_rope] and value, both zero-padded to
-max(qk_head_dim, v_head_dim), so the generic paged-attention kernels serve it unchanged; the rotary
-part of q and k is de-interleaved at load time (rows of the projections permuted) so that the
-neox-style `apply_rope` reproduces transformers' interleaved rotary.
+Attention is multi-head latent attention (`mla.LatentAttention`, the module DeepSeek uses, with
+LongCat's LoRA scales); see mla.py for the paged-cache layout and the rotary layout.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import dynserve_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,16 +36,12 @@ from dynserve.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     WeightSource,
-    apply_rope,
     assign_param,
     check_silu,
-    load_linear,
-    rope_parameters,
 )
+from dynserve.model.mla import LatentAttention, mla_cache_head_dim
 from dynserve.model.moe import QWEN_EXPERT_NAMES, ExpertNames, MoEBlock, _maybe_transposed
 from dynserve.routing import Assignment, CheckpointRule, route_with_zero_experts
-
-_LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
 
 
 def _hf_num_layers(hf: Mapping[str, Any]) -> int:
@@ -60,111 +51,11 @@ def _hf_num_layers(hf: Mapping[str, Any]) -> int:
     return int(hf["num_hidden_layers"]) // 2
 
 
-def _qk_head_dim(hf: Mapping[str, Any]) -> int:
-    return int(hf.get("qk_head_dim") or hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"])
-
-
-def _deinterleave(rows: int) -> torch.Tensor:
-    """Row order [0, 2, 4, ..., 1, 3, 5, ...] of a `rows`-dim rotary block: interleaved pairs
-    (x0, x1), (x2, x3), ... become halves, the layout `apply_rope` rotates."""
-    return torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)])
-
-
 def _fp32(ws: WeightSource, name: str) -> torch.Tensor:
     """A checkpoint tensor in float32 whatever the model dtype (router weights stay float32)."""
     if not ws.has(name):
         raise KeyError(f"checkpoint is missing tensor {name!r}")
     return ws.weights[name].float()
-
-
-class LatentAttention(nn.Module):
-    """Multi-head latent attention over the paged KV cache: q through a LoRA (q_a -> RMSNorm -> q_b),
-    k/v decompressed from a shared latent (kv_a -> RMSNorm -> kv_b) plus one shared rotary key head.
-    Owns the merged down-projection `qkv_a_proj` (q_a_proj and kv_a_proj_with_mqa rows), the up
-    projections, the two latent norms and o_proj; caches per-head K and V padded to `cache_dim`."""
-
-    backend: str = "torch"  # set by `set_backend`
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        hf = cfg.hf
-        H = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.q_lora_rank, self.kv_lora_rank = int(hf["q_lora_rank"]), int(hf["kv_lora_rank"])
-        self.nope, self.rope = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
-        self.qk_dim, self.v_dim = _qk_head_dim(hf), int(hf["v_head_dim"])
-        if self.qk_dim != self.nope + self.rope:
-            raise ValueError(f"qk_head_dim {self.qk_dim} != qk_nope_head_dim + qk_rope_head_dim")
-        self.cache_dim = max(self.qk_dim, self.v_dim)
-        bias = bool(hf.get("attention_bias", False))
-        self.qkv_a_proj = Linear(H, self.q_lora_rank + self.kv_lora_rank + self.rope, bias=bias)
-        self.q_a_layernorm = RMSNorm(self.q_lora_rank, _LATENT_NORM_EPS)
-        self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.qk_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, _LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = Linear(self.num_heads * self.v_dim, H, bias=bias)
-        self.q_lora_scale = (H / self.q_lora_rank) ** 0.5
-        self.kv_lora_scale = (H / self.kv_lora_rank) ** 0.5
-        self.scale = self.qk_dim**-0.5 * _yarn_softmax_mscale(hf)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        batch: ForwardBatch,
-    ) -> torch.Tensor:
-        T = x.shape[0]
-        nh, nope, pad = self.num_heads, self.nope, self.cache_dim - self.qk_dim
-        q_lat, kv_lat, k_rope = self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank, self.rope], dim=-1)
-        q = self.q_b_proj(self.q_a_layernorm(q_lat)).view(T, nh, self.qk_dim)  # [T, Hq, Dqk]
-        q = q * self.q_lora_scale
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_lat) * self.kv_lora_scale).view(T, nh, nope + self.v_dim)
-        k_nope, v = kv.split([nope, self.v_dim], dim=-1)  # [T, Hq, Dn], [T, Hq, Dv]
-        q_rope = apply_rope(q[..., nope:], cos, sin)  # [T, Hq, Dr]
-        k_rope = apply_rope(k_rope.reshape(T, 1, self.rope), cos, sin).expand(T, nh, self.rope)  # [T, Hq, Dr]
-        q = F.pad(torch.cat([q[..., :nope], q_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
-        k = F.pad(torch.cat([k_nope, k_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
-        v = F.pad(v, (0, self.cache_dim - self.v_dim))  # [T, Hq, Dc]
-        if self.backend == "triton":  # the Triton kernels take dense inputs
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)
-        o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, Dc]
-        return self.o_proj(o[..., : self.v_dim].reshape(T, nh * self.v_dim))  # [T, H]
-
-    def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str) -> None:
-        # the rotary rows are de-interleaved (see `_deinterleave`): kv_a's last `rope` rows and the last
-        # `rope` rows of every head of q_b; new tensors, so the caller's weights are left untouched
-        perm = _deinterleave(self.rope)
-        kv_rows = torch.cat([torch.arange(self.kv_lora_rank), self.kv_lora_rank + perm])  # [Rkv + Dr]
-        head_rows = torch.cat([torch.arange(self.nope), self.nope + perm])  # [Dqk]
-        qa, kva = f"{prefix}.q_a_proj", f"{prefix}.kv_a_proj_with_mqa"
-        w = torch.cat([ws.get(f"{qa}.weight"), ws.get(f"{kva}.weight")[kv_rows]])  # [Rq + Rkv + Dr, H]
-        assign_param(self.qkv_a_proj, "weight", w, device, f"{qa}.weight + {kva}.weight")
-        if self.qkv_a_proj.bias is not None:
-            bias = torch.cat([ws.get(f"{qa}.bias"), ws.get(f"{kva}.bias")[kv_rows]])
-            assign_param(self.qkv_a_proj, "bias", bias, device, f"{qa}.bias + {kva}.bias")
-        name = f"{prefix}.q_b_proj.weight"
-        qb = ws.get(name)
-        if qb.shape[0] == self.num_heads * self.qk_dim:
-            qb = qb.view(self.num_heads, self.qk_dim, -1)[:, head_rows].reshape(qb.shape)  # [Hq Dqk, Rq]
-        assign_param(self.q_b_proj, "weight", qb, device, name)
-        load_linear(self.kv_b_proj, ws, [f"{prefix}.kv_b_proj"], device)
-        load_linear(self.o_proj, ws, [f"{prefix}.o_proj"], device)
-        self.q_a_layernorm.load_hf(ws, f"{prefix}.q_a_layernorm.weight", device)
-        self.kv_a_layernorm.load_hf(ws, f"{prefix}.kv_a_layernorm.weight", device)
-
-
-def _yarn_softmax_mscale(hf: Mapping[str, Any]) -> float:
-    """transformers' extra softmax scale for YaRN with `mscale_all_dim`: mscale(factor, mscale_all_dim)^2."""
-    p = rope_parameters(dict(hf))
-    all_dim = p.get("mscale_all_dim") or 0
-    if p["rope_type"] == "default" or not all_dim:
-        return 1.0
-    factor = float(p["factor"])
-    m = 1.0 if factor <= 1 else 0.1 * all_dim * math.log(factor) + 1.0
-    return m * m
 
 
 class ZeroExpertMoE(MoEBlock):
@@ -243,7 +134,7 @@ class LongcatFlashDecoderLayer(nn.Module):
         hf = cfg.hf
         H, eps = cfg.hidden_size, float(hf.get("rms_norm_eps", 1e-5))
         ffn = int(hf.get("ffn_hidden_size") or hf["intermediate_size"])
-        self.self_attn = nn.ModuleList([LatentAttention(cfg) for _ in range(2)])
+        self.self_attn = nn.ModuleList([LatentAttention(cfg, lora_scales=True) for _ in range(2)])
         self.mlps = nn.ModuleList([GatedMLP(H, ffn) for _ in range(2)])
         self.input_layernorm = nn.ModuleList([RMSNorm(H, eps) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(H, eps) for _ in range(2)])
@@ -310,7 +201,7 @@ class LongcatFlashForCausalLM(CausalLM):
     def kv_cache_layout(cls, model_config: ModelConfig) -> tuple[int, int, int]:
         """(2 x num_layers attention sublayers, num_attention_heads, max(qk_head_dim, v_head_dim))."""
         hf = model_config.hf
-        return 2 * _hf_num_layers(hf), model_config.num_heads, max(_qk_head_dim(hf), int(hf["v_head_dim"]))
+        return 2 * _hf_num_layers(hf), model_config.num_heads, mla_cache_head_dim(hf)
 
     @property
     def num_attention_layers(self) -> int:
