@@ -14,8 +14,9 @@ the Assignment holds only the FFN picks, so a token that picks zero experts cost
 weight becomes the Assignment's `identity_weight`. The checkpoint's rule always applies: requests'
 RoutingConfig policies are ignored for this family (see RoutingConfig).
 
-Attention is multi-head latent attention (`mla.LatentAttention`, the module DeepSeek uses, with
-LongCat's LoRA scales); see mla.py for the paged-cache layout and the rotary layout.
+Attention is multi-head latent attention (`mla.MLA`, the kind DeepSeek uses, with LongCat's LoRA
+scales); see mla.py for the paged-cache layout and the rotary layout. The family is a
+`DecoderSpec` whose `layer` is `LongcatFlashDecoderLayer` (two attention sublayers per layer).
 """
 
 from __future__ import annotations
@@ -28,18 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynserve.config import ModelConfig
-from dynserve.model.base import CausalLM, ForwardBatch
-from dynserve.model.decoder import torch_dtype
-from dynserve.model.layers import (
-    GatedMLP,
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    WeightSource,
-    assign_param,
-    check_silu,
-)
-from dynserve.model.mla import LatentAttention, mla_cache_head_dim
+from dynserve.model.base import ForwardBatch
+from dynserve.model.decoder import DecoderForCausalLM, DecoderSpec
+from dynserve.model.layers import GatedMLP, RMSNorm, WeightSource, assign_param, check_silu
+from dynserve.model.mla import MLA
 from dynserve.model.moe import QWEN_EXPERT_NAMES, ExpertNames, MoEBlock, _maybe_transposed
 from dynserve.routing import Assignment, CheckpointRule, route_with_zero_experts
 
@@ -127,20 +120,22 @@ class ZeroExpertMoE(MoEBlock):
 
 class LongcatFlashDecoderLayer(nn.Module):
     """One LongCat-Flash layer: two (norm, attention, norm, dense MLP) sublayers and a shortcut MoE fed
-    by the first sublayer's post-attention norm and added after the second sublayer."""
+    by the first sublayer's post-attention norm and added after the second sublayer. The spec's
+    `layer` (two attention sublayers: KV cache list index 2i + j for sublayer j of layer i)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    is_moe = True
+
+    def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
         hf = cfg.hf
-        H, eps = cfg.hidden_size, float(hf.get("rms_norm_eps", 1e-5))
-        ffn = int(hf.get("ffn_hidden_size") or hf["intermediate_size"])
-        self.self_attn = nn.ModuleList([LatentAttention(cfg, lora_scales=True) for _ in range(2)])
-        self.mlps = nn.ModuleList([GatedMLP(H, ffn) for _ in range(2)])
+        H, eps = cfg.hidden_size, spec.rms_norm_eps
+        self.self_attn = nn.ModuleList([spec.attention.build(cfg, spec) for _ in range(2)])
+        self.mlps = nn.ModuleList([GatedMLP(H, spec.intermediate_size) for _ in range(2)])
         self.input_layernorm = nn.ModuleList([RMSNorm(H, eps) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(H, eps) for _ in range(2)])
         self.mlp = ZeroExpertMoE(
             H,
-            int(hf.get("expert_ffn_hidden_size") or hf["moe_intermediate_size"]),
+            spec.moe_intermediate_size,
             cfg.num_experts,
             int(hf.get("zero_expert_num", 256) or 0),  # defaults: transformers' LongcatFlashConfig
             cfg.top_k,
@@ -162,81 +157,33 @@ class LongcatFlashDecoderLayer(nn.Module):
         h = h + self.self_attn[1](self.input_layernorm[1](h), cos, sin, kv_caches[1], batch)
         return h + self.mlps[1](self.post_attention_layernorm[1](h)) + shortcut  # [T, H]
 
+    def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, spec: DecoderSpec) -> None:
+        for j in range(2):
+            self.input_layernorm[j].load_hf(ws, f"{prefix}.input_layernorm.{j}.weight", device)
+            self.post_attention_layernorm[j].load_hf(ws, f"{prefix}.post_attention_layernorm.{j}.weight", device)
+            self.self_attn[j].load_hf(ws, f"{prefix}.self_attn.{j}", device)
+            self.mlps[j].load_hf(ws, f"{prefix}.mlps.{j}", device)
+        self.mlp.load_hf(ws, f"{prefix}.mlp", device)
 
-class LongcatFlashForCausalLM(CausalLM):
-    """LongCat-Flash: embedding -> L x LongcatFlashDecoderLayer -> RMSNorm -> lm_head. Owns 2L attention
-    sublayers (KV cache list index 2i + j for sublayer j of layer i) and L zero-expert MoE blocks.
+
+class LongcatFlashForCausalLM(DecoderForCausalLM):
+    """LongCat-Flash: embedding -> L x LongcatFlashDecoderLayer -> RMSNorm -> lm_head, as a spec: MLA
+    with LoRA scales, two attention sublayers per layer, every layer's MoE a zero-expert MoE.
     Multi-token-prediction weights (`model.mtp.*`) are not used."""
 
-    def __init__(self, config: ModelConfig, *, device: torch.device | str = "cpu") -> None:
-        super().__init__()
+    @classmethod
+    def make_spec(cls, config: ModelConfig) -> DecoderSpec:
         hf = config.hf
         check_silu(hf)
-        heads, kv_heads = config.num_heads, hf.get("num_key_value_heads") or config.num_heads
-        if kv_heads != heads:
-            raise ValueError(
-                f"LongCat-Flash MLA needs num_key_value_heads == num_attention_heads ({kv_heads} != {heads})"
-            )
-        rope_dim = int(hf["qk_rope_head_dim"])
-        if (hf.get("head_dim") or rope_dim) != rope_dim:
-            raise ValueError(
-                f"head_dim ({hf['head_dim']}) must equal qk_rope_head_dim ({rope_dim}): "
-                "transformers' rotary embedding uses head_dim"
-            )
-        self.config = config
-        self.dtype = torch_dtype(config.dtype)
-        self.device = torch.device(device)
-        H = config.hidden_size
-        self.num_decoder_layers = _hf_num_layers(hf)
-        self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.layers = nn.ModuleList([LongcatFlashDecoderLayer(config) for _ in range(self.num_decoder_layers)])
-        self.norm = RMSNorm(H, float(hf.get("rms_norm_eps", 1e-5)))
-        self.lm_head = Linear(H, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(hf, rope_dim)
-        self.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False))
-        self.num_moe_layers = self.num_decoder_layers
-        self.requires_grad_(False)
-
-    @classmethod
-    def kv_cache_layout(cls, model_config: ModelConfig) -> tuple[int, int, int]:
-        """(2 x num_layers attention sublayers, num_attention_heads, max(qk_head_dim, v_head_dim))."""
-        hf = model_config.hf
-        return 2 * _hf_num_layers(hf), model_config.num_heads, mla_cache_head_dim(hf)
-
-    @property
-    def num_attention_layers(self) -> int:
-        return 2 * len(self.layers)
-
-    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        if len(kv_caches) != self.num_attention_layers:
-            raise ValueError(f"expected {self.num_attention_layers} KV caches, got {len(kv_caches)}")
-        x = F.embedding(batch.input_ids, self.embed_tokens.weight)  # [T, H]
-        cos, sin = self.rotary(batch.positions, x.dtype)  # [T, Dr] each
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_caches[2 * i : 2 * i + 2], batch)
-        return self.norm(x)  # [T, H]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [S, V]
-
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        ws = WeightSource(weights, self.dtype)
-        dev = self.device
-        name = "model.embed_tokens.weight"
-        assign_param(self.embed_tokens, "weight", ws.get(name), dev, name)
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}"
-            for j in range(2):
-                layer.input_layernorm[j].load_hf(ws, f"{p}.input_layernorm.{j}.weight", dev)
-                layer.post_attention_layernorm[j].load_hf(ws, f"{p}.post_attention_layernorm.{j}.weight", dev)
-                layer.self_attn[j].load_hf(ws, f"{p}.self_attn.{j}", dev)
-                layer.mlps[j].load_hf(ws, f"{p}.mlps.{j}", dev)
-            layer.mlp.load_hf(ws, f"{p}.mlp", dev)
-        self.norm.load_hf(ws, "model.norm.weight", dev)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            assign_param(self.lm_head, "weight", ws.get("lm_head.weight"), dev, "lm_head.weight")
-        left = [n for n, prm in self.named_parameters() if prm.is_meta]
-        if left:
-            raise ValueError(f"parameters not loaded from the checkpoint: {left}")
+        layers = _hf_num_layers(hf)
+        return DecoderSpec(
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            intermediate_size=int(hf.get("ffn_hidden_size") or hf["intermediate_size"]),
+            attention=MLA(lora_scales=True),
+            moe_layers=tuple(range(layers)),
+            moe_intermediate_size=int(hf.get("expert_ffn_hidden_size") or hf["moe_intermediate_size"]),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            layer=LongcatFlashDecoderLayer,
+            num_layers=layers,
+            attention_per_layer=2,
+        )
