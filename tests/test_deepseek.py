@@ -206,3 +206,17 @@ def test_mla_paged_cache_layout(checkpoint_factory):
     caches = allocate_kv_caches(cfg.model, 8, 4, "cpu", "float32")
     assert len(caches) == 3 and caches[0].shape == (2, 8, 4, 4, 16)
     assert kv_cache_bytes_per_block(cfg.model, 4, "float32") == 3 * 2 * 4 * 4 * 16 * 4
+
+
+def test_fp8_checkpoint_is_refused_with_the_format_named(checkpoint_factory, tmp_path):
+    import json
+    import shutil
+
+    src = checkpoint_factory("deepseek_v3")
+    dst = tmp_path / "fp8"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="fp8"):
+        LLM(str(dst))

@@ -56,6 +56,15 @@ def _deepseek_spec(
     """What DeepSeek-V2 and V3 share: MLA, dense-first layers, ungated shared experts."""
     hf = config.hf
     check_silu(hf)
+    quant = hf.get("quantization_config")
+    if quant:
+        # the published DeepSeek-V3 / R1 weights are block-wise FP8 with `weight_scale_inv` tensors:
+        # casting them without the scales would load garbage
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ValueError(
+            f"{config.architecture}: quantized checkpoints ({method!r}) are not supported; "
+            "convert the weights to bfloat16 first (DeepSeek's fp8_cast_bf16.py)"
+        )
     dense = int(hf.get("first_k_dense_replace") or 0)
     moe_inter = int(hf["moe_intermediate_size"])
     return DecoderSpec(
