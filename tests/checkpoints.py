@@ -107,8 +107,81 @@ ARCH_CONFIGS = {
     ),
 }
 
+# DeepSeek: multi-head latent attention (every query head its own K/V: num_key_value_heads = heads),
+# qk head 8 + 8, v head 12 (K and V widths differ), dense first layer, 4 groups of 4 experts
+_MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=24,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    head_dim=8,  # transformers' rotary reads head_dim (= qk_rope_head_dim)
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    n_routed_experts=16,
+    n_group=4,
+    topk_group=2,
+)
+ARCH_CONFIGS.update(
+    {
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            dict(
+                _MLA,
+                q_lora_rank=32,
+                num_experts_per_tok=4,
+                n_shared_experts=1,
+                norm_topk_prob=True,
+                routed_scaling_factor=2.5,
+                attention_bias=True,
+            ),
+        ),
+        # no q LoRA (q_proj), YaRN with mscale != mscale_all_dim (cos/sin and softmax both scaled),
+        # two shared experts, two dense layers, weights not renormalised
+        "deepseek_v3_nolora": (
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            dict(
+                _MLA,
+                num_hidden_layers=4,
+                first_k_dense_replace=2,
+                q_lora_rank=None,
+                num_experts_per_tok=3,
+                n_shared_experts=2,
+                norm_topk_prob=False,
+                routed_scaling_factor=1.5,
+                attention_bias=True,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 64,
+                    "mscale": 0.707,
+                    "mscale_all_dim": 1.0,
+                },
+            ),
+        ),
+        # DeepSeek-V2-Lite's shape: no q LoRA, softmax router, group-limited greedy, routed scaling
+        "deepseek_v2": (
+            "DeepseekV2Config",
+            "DeepseekV2ForCausalLM",
+            dict(
+                _MLA,
+                q_lora_rank=None,
+                num_experts_per_tok=3,
+                n_shared_experts=2,
+                topk_method="group_limited_greedy",
+                routed_scaling_factor=2.0,
+            ),
+        ),
+    }
+)
+
 # families whose tiny checkpoints get non-zero linear biases (the others keep transformers' zero init)
-RANDOM_BIAS_ARCHS = {"glm4_moe"}
+RANDOM_BIAS_ARCHS = {"glm4_moe", "deepseek_v3", "deepseek_v3_nolora"}
 
 
 def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards: int = 1, **overrides: object) -> Path:

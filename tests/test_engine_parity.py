@@ -8,7 +8,7 @@ import torch
 
 from dynserve import LLM, SamplingParams
 
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3"]
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "deepseek_v3"]
 NEW_TOKENS = 32
 
 

@@ -23,11 +23,13 @@ from dynserve.model.loader import load_model
 from dynserve.model.moe import MoEBlock
 from dynserve.routing import Assignment, CheckpointRule
 
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe"]
-MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"}
-DENSE_FIRST_LAYERS = {"glm4_moe": 1}  # first_k_dense_replace in conftest's tiny config
+DEEPSEEK_ARCHS = ["deepseek_v3", "deepseek_v3_nolora", "deepseek_v2"]
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe", *DEEPSEEK_ARCHS]
+MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", *DEEPSEEK_ARCHS}
+# first_k_dense_replace in tests/checkpoints.py's tiny configs
+DENSE_FIRST_LAYERS = {"glm4_moe": 1, "deepseek_v3": 1, "deepseek_v3_nolora": 2, "deepseek_v2": 1}
 # routers whose weight (and selection bias) stay float32 in a bfloat16 model, as transformers computes them
-FP32_ROUTER_ARCHS = {"glm4_moe"}
+FP32_ROUTER_ARCHS = {"glm4_moe", *DEEPSEEK_ARCHS}
 LENGTHS = (5, 17, 33)
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
@@ -425,3 +427,18 @@ def test_glm4_moe_engine_greedy_matches_transformers_and_top_p_spends_fewer_expe
     for o in outs[2:]:
         assert 1 <= o.expert_usage.avg_experts_per_token < top_k
         assert all(0 < t < 384 for t in o.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize(
+    "arch, override",
+    [("deepseek_v2", ("topk_method", "greedy")), ("deepseek_v3", ("rope_interleave", False))],
+    ids=["v2-greedy", "v3-rope-not-interleaved"],
+)
+def test_deepseek_variants_chunked_prefill_then_decode(arch, override, setup_for):
+    s = setup_for(arch, **dict([override]))
+    p, ref = s.prompts[2], s.ref[2]
+    kv = s.kv()
+    blocks = BlockPool(seed=3).take(len(p))
+    cuts = [0, 20] + list(range(21, len(p) + 1))
+    out = [run(s.model, kv, [(p[a:b], a, blocks)])[0] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    assert_close_logits(torch.cat(out), ref)

@@ -1,16 +1,20 @@
 """The pre-norm decoder-only transformer every supported family is an instance of.
 
-Owns `DecoderSpec` (the few facts in which the families differ: attention biases, q/k norm,
-which layers are MoE, expert naming, routing rule) and `DecoderForCausalLM`, the CausalLM that
-builds embedding -> [attention, dense MLP or MoE] x L -> norm -> lm_head from a spec and loads
-Hugging Face weights into it. Each family file (llama.py, mixtral.py, ...) only derives a spec.
+Owns `DecoderSpec` (the few facts in which the families differ: the attention kind and its
+biases / q/k norm, which layers are MoE, expert naming, routing rule, shared experts),
+`AttentionKind` (what a spec's attention part provides: the module of a layer, the paged-cache
+layout, the rotary embedding) with `GQA` (grouped-query attention; `mla.MLA` is the latent one),
+and `DecoderForCausalLM`, the CausalLM that builds embedding -> [attention, dense MLP or MoE] x L ->
+norm -> lm_head from a spec and loads Hugging Face weights into it. Each family file (llama.py,
+mixtral.py, deepseek.py, ...) only derives a spec.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +48,52 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+class AttentionKind(Protocol):
+    """The attention part of a `DecoderSpec`: builds one layer's attention module (with
+    `forward(x, cos, sin, kv_cache, batch)` and `load_hf(ws, prefix, device)`), says the per-layer
+    paged-cache layout, and builds the rotary embedding the model computes once per step."""
+
+    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module: ...
+
+    def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
+        """(KV heads, head dim) of one attention layer's paged cache."""
+        ...
+
+    def rotary(self, cfg: ModelConfig, spec: DecoderSpec) -> RotaryEmbedding: ...
+
+
+@dataclass(frozen=True)
+class GQA:
+    """Grouped-query attention (`layers.Attention`): merged q/k/v, the spec's biases, q/k norm and
+    clipping; caches num_key_value_heads x head_dim; rotary on `spec.rotary_dim` dims of each head."""
+
+    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module:
+        return Attention(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            qkv_bias=spec.qkv_bias,
+            o_bias=spec.o_bias,
+            qk_norm=spec.qk_norm,
+            norm_eps=spec.rms_norm_eps,
+            clip_qkv=spec.clip_qkv,
+        )
+
+    def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
+        return cfg.num_kv_heads, cfg.head_dim
+
+    def rotary(self, cfg: ModelConfig, spec: DecoderSpec) -> RotaryEmbedding:
+        return RotaryEmbedding(cfg.hf, cfg.head_dim, rotary_dim=spec.rotary_dim)
+
+
 @dataclass(frozen=True)
 class DecoderSpec:
     """What distinguishes one family's decoder layers from another's."""
 
     rms_norm_eps: float
     intermediate_size: int  # dense MLP width (dense layers)
+    attention: AttentionKind = field(default_factory=GQA)  # GQA() | mla.MLA(...)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -61,15 +105,23 @@ class DecoderSpec:
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = True  # sigmoid(shared_expert_gate(x)) scales the shared expert (Qwen2-MoE)
     shared_expert_prefix: str = "shared_expert"  # HF module name of the shared expert(s) in the MoE block
+    router_fp32: bool | None = None  # router weight + logits in float32 (None: sigmoid routers only)
     expert_names: ExpertNames = ExpertNames()
     rule: CheckpointRule | None = None
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     rotary_dim: int | None = None  # rotary on the first rotary_dim dims of each head (None = all)
+    # the layer module: (config, spec, layer index) -> a module like `DecoderLayer` (None = DecoderLayer)
+    layer: Callable[[ModelConfig, DecoderSpec, int], nn.Module] | None = None
+    num_layers: int | None = None  # decoder layers (None = config.num_layers)
+    attention_per_layer: int = 1  # attention sublayers (paged caches) per decoder layer
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); the MLP is dense or MoE."""
+    """One pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); the MLP is dense or MoE.
+
+    The contract of a spec's `layer` module: `is_moe`, `forward(x, cos, sin, kv_caches, batch)`
+    with its `spec.attention_per_layer` paged caches, and `load_hf(ws, prefix, device, spec)`."""
 
     def __init__(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int) -> None:
         super().__init__()
@@ -77,17 +129,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = layer_idx in spec.moe_layers
         self.input_layernorm = RMSNorm(H, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, spec.rms_norm_eps)
-        self.self_attn = Attention(
-            H,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            qkv_bias=spec.qkv_bias,
-            o_bias=spec.o_bias,
-            qk_norm=spec.qk_norm,
-            norm_eps=spec.rms_norm_eps,
-            clip_qkv=spec.clip_qkv,
-        )
+        self.self_attn = spec.attention.build(cfg, spec)
         self.mlp: nn.Module
         if self.is_moe:
             assert spec.rule is not None
@@ -98,15 +140,34 @@ class DecoderLayer(nn.Module):
                 shared_inter=spec.shared_expert_intermediate_size,
                 shared_gate=spec.shared_expert_gate,
                 shared_prefix=spec.shared_expert_prefix,
+                router_fp32=spec.router_fp32,
             )
         else:
             self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        batch: ForwardBatch,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)  # [T, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_caches[0], batch)  # [T, H]
         return h + self.mlp(self.post_attention_layernorm(h), batch)  # [T, H]
+
+    def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, spec: DecoderSpec) -> None:
+        self.input_layernorm.load_hf(ws, f"{prefix}.input_layernorm.weight", device)
+        self.post_attention_layernorm.load_hf(ws, f"{prefix}.post_attention_layernorm.weight", device)
+        self.self_attn.load_hf(ws, f"{prefix}.self_attn", device)
+        if self.is_moe:
+            # transformers-5 state dicts name every family's MoE block `mlp` (fused experts)
+            moe = f"{prefix}.{spec.moe_prefix}"
+            if not ws.has(f"{moe}.gate.weight") and ws.has(f"{prefix}.mlp.gate.weight"):
+                moe = f"{prefix}.mlp"
+            self.mlp.load_hf(ws, moe, device, spec.expert_names)
+        else:
+            self.mlp.load_hf(ws, f"{prefix}.mlp", device)
 
 
 class DecoderForCausalLM(CausalLM):
@@ -132,10 +193,11 @@ class DecoderForCausalLM(CausalLM):
             )
         H = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
-        self.layers = nn.ModuleList([DecoderLayer(config, spec, i) for i in range(config.num_layers)])
+        make_layer = spec.layer or DecoderLayer
+        self.layers = nn.ModuleList([make_layer(config, spec, i) for i in range(spec.num_layers or config.num_layers)])
         self.norm = RMSNorm(H, spec.rms_norm_eps)
         self.lm_head = Linear(H, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.hf, config.head_dim, rotary_dim=spec.rotary_dim)
+        self.rotary = spec.attention.rotary(config, spec)
         self.moe_layer_ids = [i for i, layer in enumerate(self.layers) if layer.is_moe]
         self.num_moe_layers = len(self.moe_layer_ids)
         self.requires_grad_(False)
@@ -144,15 +206,25 @@ class DecoderForCausalLM(CausalLM):
     def make_spec(cls, config: ModelConfig) -> DecoderSpec:
         raise NotImplementedError
 
+    @classmethod
+    def kv_cache_layout(cls, model_config: ModelConfig) -> tuple[int, int, int]:
+        """(attention layers, heads, head dim) of the paged cache, from the spec's attention kind."""
+        spec = cls.make_spec(model_config)
+        heads, head_dim = spec.attention.cache_layout(model_config)
+        return (spec.num_layers or model_config.num_layers) * spec.attention_per_layer, heads, head_dim
+
     @property
     def num_attention_layers(self) -> int:
-        return len(self.layers)
+        return len(self.layers) * self.spec.attention_per_layer
 
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         x = F.embedding(batch.input_ids, self.embed_tokens.weight)  # [T, H]
         cos, sin = self.rotary(batch.positions, x.dtype)  # [T, rotary_dim] each
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, batch)
+        n = self.spec.attention_per_layer
+        if len(kv_caches) != len(self.layers) * n:
+            raise ValueError(f"expected {len(self.layers) * n} KV caches, got {len(kv_caches)}")
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_caches[i * n : (i + 1) * n], batch)
         return self.norm(x)  # [T, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -164,18 +236,7 @@ class DecoderForCausalLM(CausalLM):
         name = "model.embed_tokens.weight"
         assign_param(self.embed_tokens, "weight", ws.get(name), dev, name)
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}"
-            layer.input_layernorm.load_hf(ws, f"{p}.input_layernorm.weight", dev)
-            layer.post_attention_layernorm.load_hf(ws, f"{p}.post_attention_layernorm.weight", dev)
-            layer.self_attn.load_hf(ws, f"{p}.self_attn", dev)
-            if layer.is_moe:
-                # transformers-5 state dicts name every family's MoE block `mlp` (fused experts)
-                prefix = f"{p}.{self.spec.moe_prefix}"
-                if not ws.has(f"{prefix}.gate.weight") and ws.has(f"{p}.mlp.gate.weight"):
-                    prefix = f"{p}.mlp"
-                layer.mlp.load_hf(ws, prefix, dev, self.spec.expert_names)
-            else:
-                layer.mlp.load_hf(ws, f"{p}.mlp", dev)
+            layer.load_hf(ws, f"model.layers.{i}", dev, self.spec)
         self.norm.load_hf(ws, "model.norm.weight", dev)
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -66,12 +66,13 @@ class MoEBlock(nn.Module):
         shared_inter: int = 0,
         shared_gate: bool = True,
         shared_prefix: str = "shared_expert",
+        router_fp32: bool | None = None,
     ) -> None:
         super().__init__()
         E = rule.num_experts
         self.rule = rule
         self.num_experts = E
-        self.router_fp32 = rule.scoring == "sigmoid"
+        self.router_fp32 = rule.scoring == "sigmoid" if router_fp32 is None else router_fp32
         self.gate = Linear(hidden, E, bias=False, dtype=torch.float32 if self.router_fp32 else None)  # router
         self.e_score_correction_bias: nn.Parameter | None = None
         if rule.selection_bias:

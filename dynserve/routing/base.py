@@ -76,13 +76,17 @@ class CheckpointRule:
     """A checkpoint's own routing rule, which the `top_k` policy reproduces bit for bit.
 
     scoring "softmax" (Mixtral, Qwen-MoE, OLMoE): softmax over `num_experts`, top `top_k`,
-    optional renormalisation. scoring "sigmoid" (DeepSeek-V3, GLM-4.5, transformers'
-    `deepseek_v3` / `glm4_moe` routers): scores = sigmoid(logits) in float32; experts are chosen on
-    scores + the layer's per-expert bias (`e_score_correction_bias`, passed to `route` as
-    `score_bias`) within the best `topk_group` of `n_group` equal groups (each group ranked by the
-    sum of its two best biased scores); weights are the unbiased scores, renormalised if
-    `renormalize` (`norm_topk_prob`), times `routed_scaling_factor`. `selection_bias` says the
-    layer carries such a bias tensor (a parameter of the MoE layer, not of the rule).
+    optional renormalisation. Softmax with `n_group` > 1 or a `routed_scaling_factor` (DeepSeek-V2,
+    transformers' `deepseek_v2` router, `topk_method` "group_limited_greedy" / "greedy"): experts
+    are chosen within the best `topk_group` of `n_group` equal groups, each group ranked by its best
+    probability; weights are the probabilities times `routed_scaling_factor`. scoring "sigmoid"
+    (DeepSeek-V3, GLM-4.5, transformers' `deepseek_v3` / `glm4_moe` routers): scores =
+    sigmoid(logits) in float32; experts are chosen on scores + the layer's per-expert bias
+    (`e_score_correction_bias`, passed to `route` as `score_bias`) within the best `topk_group` of
+    `n_group` equal groups (each group ranked by the sum of its two best biased scores); weights
+    are the unbiased scores, renormalised if `renormalize` (`norm_topk_prob`), times
+    `routed_scaling_factor`. `selection_bias` says the layer carries such a bias tensor (a
+    parameter of the MoE layer, not of the rule; sigmoid routers only).
     """
 
     num_experts: int
@@ -101,14 +105,19 @@ class CheckpointRule:
             raise ValueError(f"num_experts ({self.num_experts}) must split into n_group ({self.n_group}) equal groups")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
-        sigmoid_only = self.n_group != 1 or self.routed_scaling_factor != 1.0 or self.selection_bias
-        if self.scoring == "softmax" and sigmoid_only:
-            raise NotImplementedError("group limits, routed scaling and selection bias apply to sigmoid routers only")
+        if self.scoring == "softmax" and self.selection_bias:
+            raise NotImplementedError("a selection bias applies to sigmoid routers only")
 
     @property
     def grouped(self) -> bool:
         """True when the group limit removes experts (topk_group < n_group)."""
         return self.topk_group < self.n_group
+
+    @property
+    def group_limited(self) -> bool:
+        """True when the rule routes by `route_grouped` (sigmoid scores, groups or routed scaling),
+        False for a plain softmax top-k rule (`route_probs`)."""
+        return self.scoring == "sigmoid" or self.n_group != 1 or self.routed_scaling_factor != 1.0
 
     @property
     def allowed_experts(self) -> int:

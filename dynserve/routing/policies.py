@@ -7,8 +7,9 @@ Policies (chosen per request through RoutingConfig; requests with different poli
                  descending probabilities whose cumulative sum reaches p.
   - "threshold": every expert whose probability is >= threshold.
 The number of experts is then clamped to [min_experts, max_experts] per token.
-Sigmoid routers with a selection bias and group limit (DeepSeek-V3, GLM-4.5) follow the same
-policies by `route_sigmoid`'s rule (its docstring; the README's routing table).
+Group-limited routers — sigmoid with a selection bias (DeepSeek-V3, GLM-4.5) and softmax with
+groups or a routed scaling factor (DeepSeek-V2) — follow the same policies by `route_grouped`'s
+rule (its docstring; the README's routing table).
 
 Native dynamic routing for architectures that define their own rule (no RoutingConfig):
   - `relu_route`: ReLU routers (ReMoE, BlockFFN): an expert is active where the router output > 0.
@@ -64,12 +65,13 @@ def route(
     rule: CheckpointRule,
     score_bias: torch.Tensor | None = None,
 ) -> Assignment:
-    """Route every token of a batch by its own RoutingConfig: softmax rules by `route_probs`,
-    sigmoid rules (DeepSeek-V3 / GLM-4.5, with the layer's `score_bias` [E]) by `route_sigmoid`."""
-    if rule.scoring == "sigmoid":
-        return route_sigmoid(router_logits, batch, rule, score_bias)
-    if score_bias is not None:
+    """Route every token of a batch by its own RoutingConfig: plain softmax rules by `route_probs`,
+    group-limited rules (DeepSeek-V3 / GLM-4.5 sigmoid with the layer's `score_bias` [E]; DeepSeek-V2
+    softmax with groups or routed scaling) by `route_grouped`."""
+    if score_bias is not None and rule.scoring != "sigmoid":
         raise ValueError("score_bias applies to sigmoid routers only")
+    if rule.group_limited:
+        return route_grouped(router_logits, batch, rule, score_bias)
     return route_probs(router_probs(router_logits, rule), batch, rule)
 
 
@@ -206,29 +208,33 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
 
 
 # ----------------------------------------------------------------------------------------------
-# sigmoid routers with a selection bias and a group limit (DeepSeek-V3, GLM-4.5)
+# group-limited routers: sigmoid with a selection bias (DeepSeek-V3, GLM-4.5), softmax with groups
+# or routed scaling (DeepSeek-V2)
 
 _DENOM_EPS = 1e-20  # transformers' DeepSeek-V3 / GLM-4.5 renormalisation: w / (sum w + 1e-20)
 
 
-def _group_limited_choice(choice: torch.Tensor, rule: CheckpointRule) -> torch.Tensor:
-    """`choice` [T, E] with every expert outside the token's best `topk_group` groups set to -inf.
+def _allowed_mask(choice: torch.Tensor, rule: CheckpointRule) -> torch.Tensor | None:
+    """[T, E] bool: the experts of each token's best `topk_group` groups (None: no group limit).
 
-    A group's score is the sum of its two best choice scores (its one score for groups of one)."""
+    A group's score is, for sigmoid rules, the sum of its two best choice scores (its one score for
+    groups of one: DeepSeek-V3 / GLM-4.5); for softmax rules its best probability (DeepSeek-V2)."""
     if not rule.grouped:
-        return choice
+        return None
     T, E = choice.shape
     G = rule.n_group
     grouped = choice.view(T, G, E // G)  # [T, G, E/G]
-    group_scores = grouped.topk(min(2, E // G), dim=-1)[0].sum(dim=-1)  # [T, G]
+    if rule.scoring == "sigmoid":
+        group_scores = grouped.topk(min(2, E // G), dim=-1)[0].sum(dim=-1)  # [T, G]
+    else:
+        group_scores = grouped.max(dim=-1).values  # [T, G]
     group_idx = torch.topk(group_scores, k=rule.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
     group_mask = torch.zeros_like(group_scores)  # [T, G]
     group_mask.scatter_(1, group_idx, 1)
-    expert_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)  # [T, E]
-    return choice.masked_fill(~expert_mask.bool(), float("-inf"))  # [T, E]
+    return group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E).bool()  # [T, E]
 
 
-def _checkpoint_sigmoid_top_k(
+def _checkpoint_top_k(
     scores: torch.Tensor, masked_choice: torch.Tensor, k: int, renormalize: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The checkpoint's own picks: ids [T, k] (torch.topk(sorted=False) order, as transformers)
@@ -240,23 +246,27 @@ def _checkpoint_sigmoid_top_k(
     return ids, w * scale  # [T, k] each
 
 
-def route_sigmoid(
+def route_grouped(
     router_logits: torch.Tensor,
     batch: RoutingBatch,
     rule: CheckpointRule,
     score_bias: torch.Tensor | None = None,
 ) -> Assignment:
-    """Route a DeepSeek-V3 / GLM-4.5 style sigmoid router; every token by its own RoutingConfig.
+    """Route a group-limited router (DeepSeek-V3 / GLM-4.5 sigmoid, DeepSeek-V2 softmax); every
+    token by its own RoutingConfig.
 
-    Common steps (float32): s = sigmoid(router_logits) (a NaN logit gives s = 0); choice = s +
-    `score_bias` [E] (zeros if None); the group limit keeps the best `rule.topk_group` of
-    `rule.n_group` groups (group score = sum of its two best choice scores); the A =
+    Common steps (float32): s = sigmoid(router_logits) for sigmoid rules, softmax(router_logits)
+    for softmax rules (a NaN gives s = 0); choice = s + `score_bias` [E] (sigmoid rules; zeros if
+    None); the group limit keeps the best `rule.topk_group` of `rule.n_group` groups (group score:
+    sigmoid, the sum of its two best choice scores; softmax, its best probability); the A =
     `rule.allowed_experts` experts of those groups are ranked by choice, descending.
 
     Per policy (n = experts kept, always the n best-ranked allowed experts):
       - top_k: n = config.k or rule.top_k. Without k (or with k = the checkpoint's) in a batch
         where no token clamps it, ids, their order and weights equal transformers'
-        `DeepseekV3TopkRouter` / `Glm4MoeTopkRouter` bit for bit (torch.topk(sorted=False) order).
+        `DeepseekV3TopkRouter` / `Glm4MoeTopkRouter` / `DeepseekV2TopkRouter` bit for bit
+        (torch.topk(sorted=False) order; the softmax rule's dropped groups are filled with 0.0
+        before that top-k, the sigmoid rule's with -inf, as transformers does).
       - top_p / threshold: the probability of an allowed expert is q = s / sum of s over the A
         allowed experts (sums to 1 like a softmax; experts in dropped groups have q = 0).
         top_p keeps the shortest rank prefix whose cumulative q reaches p (the rank before it
@@ -269,14 +279,22 @@ def route_sigmoid(
     """
     T, E = router_logits.shape
     device = router_logits.device
-    scores = torch.sigmoid(router_logits.float()).nan_to_num_(nan=0.0)  # [T, E]
+    if rule.scoring == "sigmoid":
+        scores = torch.sigmoid(router_logits.float()).nan_to_num_(nan=0.0)  # [T, E]
+    else:
+        scores = _softmax_no_nan(router_logits)  # [T, E]
     choice = scores if score_bias is None else scores + score_bias.float()  # [T, E]
-    masked = _group_limited_choice(choice, rule)  # [T, E], -inf outside allowed groups
+    allowed_mask = _allowed_mask(choice, rule)  # [T, E] or None
+    masked = choice  # [T, E], -inf outside the allowed groups: the ranking
+    checkpoint_masked = choice  # [T, E] what the checkpoint's top-k runs on
+    if allowed_mask is not None:
+        masked = choice.masked_fill(~allowed_mask, float("-inf"))
+        checkpoint_masked = masked if rule.scoring == "sigmoid" else choice.masked_fill(~allowed_mask, 0.0)
     A = rule.allowed_experts
     scale = float(rule.routed_scaling_factor)
     rows = [_resolve(c, rule, A) for c in batch.configs]
     if batch.uniform and rows[0].policy == TOP_K:
-        ids, w = _checkpoint_sigmoid_top_k(scores, masked, rows[0].k, rows[0].renormalize, scale)
+        ids, w = _checkpoint_top_k(scores, checkpoint_masked, rows[0].k, rows[0].renormalize, scale)
         return Assignment.from_topk(ids, w, E)
 
     per_token = _PerToken(batch, device)
@@ -310,7 +328,7 @@ def route_sigmoid(
     # depend on what it is batched with
     for k, renorm in sorted({(r.k, r.renormalize) for r in rows if r.policy == TOP_K}):
         is_k = per_token([r.policy == TOP_K and (r.k, r.renormalize) == (k, renorm) for r in rows], torch.bool)
-        ids_k, w_k = _checkpoint_sigmoid_top_k(scores, masked, k, renorm, scale)  # [T, k]
+        ids_k, w_k = _checkpoint_top_k(scores, checkpoint_masked, k, renorm, scale)  # [T, k]
         is_k = is_k.expand(T)[:, None]  # [T, 1]
         out_ids = torch.cat([torch.where(is_k, ids_k, out_ids[:, :k]), out_ids[:, k:]], dim=1)  # [T, E]
         out_w = torch.cat([torch.where(is_k, w_k, out_w[:, :k]), out_w[:, k:]], dim=1)  # [T, E]
@@ -318,6 +336,9 @@ def route_sigmoid(
     offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(n, dim=0)
     return Assignment(T, E, tok, out_ids[tok, slot], out_w[tok, slot].float(), offsets)
+
+
+route_sigmoid = route_grouped  # the name under which the sigmoid rule was first exported
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +431,7 @@ __all__ = [
     "checkpoint_top_k",
     "relu_route",
     "route",
+    "route_grouped",
     "route_probs",
     "route_sigmoid",
     "route_with_zero_experts",
