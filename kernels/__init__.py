@@ -2,7 +2,8 @@
 
 Imported as `dynserve_kernels` (the folder is kernels/; a PyPI package named `kernels` exists).
 Backends: "torch" = the plain-torch references only; "cpu" = the CPU path: the native C kernels of
-`cpu_native` where they apply (float32 or bfloat16 decode-sized work) and the torch references elsewhere, or
+`cpu_native` where they apply (float32 decode-sized work; bfloat16 GEMMs and MoE at any size, decode
+attention) and the torch references elsewhere, or
 everywhere when no C compiler is available; "triton" = the GPU path, and the Triton interpreter on
 CPU when TRITON_INTERPRET=1. Public ops:
 

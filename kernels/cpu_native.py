@@ -264,6 +264,10 @@ NATIVE_LINEAR_MAX_ROWS = 96
 # prefill-sized groups are compute-bound large GEMMs where MKL's packed kernels win
 NATIVE_MOE_MAX_ROWS = 64
 
+# bfloat16 has no such limit: without AVX512-BF16/AMX, torch's bfloat16 GEMM (oneDNN) is 3-7x slower
+# than the native kernel at 96-512 rows on an AVX2 machine (README, "Kernels on the CPU"), so
+# prefill runs the native kernels too
+
 
 def _cpu_native_dtype(*ts: torch.Tensor) -> bool:
     """All CPU tensors of one dtype the kernels take (float32 or bfloat16)."""
@@ -271,11 +275,13 @@ def _cpu_native_dtype(*ts: torch.Tensor) -> bool:
 
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemm_nt` should run this linear: float32 or bfloat16 on the CPU, a decode-sized batch."""
+    """Whether `gemm_nt` should run this linear: float32 on the CPU and a decode-sized batch, or
+    bfloat16 on the CPU and any batch."""
     return (
         x.dim() == 2
-        and 0 < x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
+        and 0 < x.shape[0]
         and _cpu_native_dtype(x, weight)
+        and (x.shape[0] <= NATIVE_LINEAR_MAX_ROWS or x.dtype == torch.bfloat16)
         and weight.is_contiguous()
         and available()
     )
@@ -283,12 +289,12 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> bool:
     """Whether `fused_moe` should run this MoE layer: float32 or bfloat16 on the CPU, contiguous expert
-    weights, and no
-    expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows per expert)."""
+    weights, and, in float32, no expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows
+    per expert)."""
     return (
         counts.numel() > 0
         and _cpu_native_dtype(x, w13, w2)  # before counts.max(): no device sync for a CUDA tensor
-        and int(counts.max()) <= NATIVE_MOE_MAX_ROWS
+        and (x.dtype == torch.bfloat16 or int(counts.max()) <= NATIVE_MOE_MAX_ROWS)
         and w13.is_contiguous()
         and w2.is_contiguous()
         and available()

@@ -228,8 +228,10 @@ def test_cpu_backend_moe_dispatch(monkeypatch):
         dynserve_kernels.fused_moe(x, w13, w2, a, backend="cpu"), fused_moe_ref(x, w13, w2, a), atol=1e-5, rtol=0
     )
     assert calls == [1]
-    dynserve_kernels.fused_moe(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), a, backend="cpu")
+    dynserve_kernels.fused_moe(x.half(), w13.half(), w2.half(), a, backend="cpu")  # float16: the reference
     assert calls == [1]
+    dynserve_kernels.fused_moe(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), a, backend="cpu")  # no row limit
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize(
@@ -448,6 +450,14 @@ def test_cpu_backend_dispatches_bf16_and_leaves_float16_to_torch(monkeypatch):
         out = dynserve_kernels.paged_attention(qd, kvd, batch, 0.3, backend="cpu")
         assert out.dtype == dtype and _rel_err(out, paged_attention_ref(qd, kvd, batch, 0.3)) <= BF16_TOL["attention"]
         assert sorted(calls) == (["fused_moe", "gemm_nt", "paged_decode_attention"] if native else [])
+    # bfloat16 prefill-sized work (more rows than the float32 limits) runs natively as well
+    calls.clear()
+    n = max(cpu_native.NATIVE_MOE_MAX_ROWS, cpu_native.NATIVE_LINEAR_MAX_ROWS) + 5
+    x, w13, w2, a = (t.bfloat16() if isinstance(t, torch.Tensor) else t for t in _moe_problem([1] * n, 4, [1], 16, 8))
+    out = dynserve_kernels.fused_moe(x, w13, w2, a, backend="cpu")
+    assert _rel_err(out, fused_moe_ref(x, w13, w2, a)) <= BF16_TOL["moe"]
+    torch.testing.assert_close(dynserve_kernels.linear(x, w13[0], backend="cpu"), x @ w13[0].T, atol=3e-2, rtol=1e-2)
+    assert sorted(calls) == ["fused_moe", "gemm_nt"]
 
 
 def test_portable_bf16_build_matches_references(tmp_path, monkeypatch):
