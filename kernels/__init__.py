@@ -2,7 +2,8 @@
 
 Imported as `dynserve_kernels` (the folder is kernels/; a PyPI package named `kernels` exists).
 Backends: "torch" = the plain-torch references only; "cpu" = the CPU path: the native C kernels of
-`cpu_native` where they apply (float32 decode attention) and the torch references elsewhere, or
+`cpu_native` where they apply (float32 decode-sized work; bfloat16 GEMMs and MoE at any size, decode
+attention) and the torch references elsewhere, or
 everywhere when no C compiler is available; "triton" = the GPU path, and the Triton interpreter on
 CPU when TRITON_INTERPRET=1. Public ops:
 
@@ -79,9 +80,8 @@ def fused_moe(
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "torch"
 ) -> torch.Tensor:
-    if backend == "cpu" and cpu_native.takes_linear(x, weight):
-        y = cpu_native.gemm_nt(x, weight)  # [T, N]
-        return y if bias is None else y.add_(bias)
+    if backend == "cpu" and cpu_native.takes_linear(x, weight) and (bias is None or bias.dtype == x.dtype):
+        return cpu_native.gemm_nt(x, weight, bias=bias)  # [T, N]
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -7,7 +7,8 @@ to copy, pad or loop in Python:
 - `fused_moe` runs every expert of a decode-sized assignment in one call with a small-M GEMM that
   streams each expert's weights once (MKL's GEMM packs them first and is tuned for large M), where
   the reference issues ~8 torch ops per expert. Large batches (prefill) stay on the reference.
-`takes_linear`, `takes_moe` and `takes_decode_attention` say which calls a kernel takes.
+`takes_linear`, `takes_moe` and `takes_decode_attention` say which calls a kernel takes. Every kernel
+has a float32 and a bfloat16 version (bfloat16 weights, activations and KV cache, float32 accumulation).
 
 Building: the C file is compiled once per source/compiler/CPU with `$CC` (default `cc`) using
 `-O3 -march=native -fopenmp` into `$DYNSERVE_CACHE_DIR` (default `~/.cache/dynserve/kernels`),
@@ -116,6 +117,15 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn = lib.dyn_gemm_nt_f32
     fn.restype = None
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64]
+    fn = lib.dyn_paged_decode_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64]
+    fn = lib.dyn_moe_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
+    fn = lib.dyn_gemm_nt_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64]
     return lib
 
 
@@ -151,6 +161,23 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+# dtypes the kernels take: float32 and bfloat16 (bfloat16 weights, activations and KV cache with
+# float32 accumulation, rounded where torch's bfloat16 ops round)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_dtypes(**ts: torch.Tensor) -> torch.dtype:
+    """The one dtype of the named CPU tensors; ValueError unless it is float32 or bfloat16 for all."""
+    dtype = next(iter(ts.values())).dtype
+    for name, t in ts.items():
+        if t.dtype not in DTYPES or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 or bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+        if t.dtype != dtype:
+            got = ", ".join(str(u.dtype) for u in ts.values())
+            raise ValueError(f"{', '.join(ts)} must share one dtype, got {got}")
+    return dtype
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -159,7 +186,8 @@ def paged_decode_attention(
     scale: float,
     num_threads: int | None = None,
 ) -> torch.Tensor:
-    """One query per sequence: q [B, Hq, D] over kv_cache [2, N, bs, Hkv, D] -> [B, Hq, D] (float32, CPU).
+    """One query per sequence: q [B, Hq, D] over kv_cache [2, N, bs, Hkv, D] -> [B, Hq, D] (CPU; float32,
+    or bfloat16 for both, with float32 scores and softmax).
 
     block_tables [B, max_blocks] and seq_lens [B] (int64) as in AttentionMetadata; seq_lens[b] counts the
     new token, whose K/V must already be written. A sequence with length 0 gets zeros.
@@ -171,9 +199,7 @@ def paged_decode_attention(
     two, _, bs, hkv, dk = kv_cache.shape
     if two != 2 or dk != d or hq % hkv:
         raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
-    for name, t in (("q", q), ("kv_cache", kv_cache)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    dtype = _check_dtypes(q=q, kv_cache=kv_cache)
     if block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} for B={B}")
     if B and int(seq_lens.max()) > block_tables.shape[1] * bs:
@@ -189,7 +215,8 @@ def paged_decode_attention(
     k_half, v_half = kv_cache[0], kv_cache[1]  # [N, bs, Hkv, D] each, contiguous
     if bt.numel() and (int(bt.min()) < 0 or int(bt.max()) >= kv_cache.shape[1]):
         raise ValueError(f"block table entries must lie in [0, {kv_cache.shape[1]})")
-    status = lib.dyn_paged_decode_f32(
+    fn = lib.dyn_paged_decode_f32 if dtype == torch.float32 else lib.dyn_paged_decode_bf16
+    status = fn(
         q.data_ptr(), k_half.data_ptr(), v_half.data_ptr(), bt.data_ptr(), bt.shape[1], sl.data_ptr(),
         B, hq, hkv, d, bs, float(scale), out.data_ptr(), num_threads or torch.get_num_threads(),
     )  # fmt: skip
@@ -198,22 +225,34 @@ def paged_decode_attention(
     return out
 
 
-def gemm_nt(x: torch.Tensor, w: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T -> [M, N] (float32, CPU) with the small-M GEMM under `fused_moe`."""
+def gemm_nt(
+    x: torch.Tensor, w: torch.Tensor, num_threads: int | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T (+ bias [N]) -> [M, N] (CPU; float32, or bfloat16 for both with float32
+    accumulation and one rounding per output) with the small-M GEMM under `fused_moe`."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
-        raise ValueError("x and w must be float32 CPU tensors")
+    dtype = _check_dtypes(x=x, w=w)
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} does not fit w {tuple(w.shape)}")
     x, w = x.contiguous(), w.contiguous()
     (M, K), N = x.shape, w.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)  # [M, N]
-    if M and N:
-        lib.dyn_gemm_nt_f32(
-            x.data_ptr(), K, w.data_ptr(), K, M, N, y.data_ptr(), N, num_threads or torch.get_num_threads()
-        )
+    y = torch.empty(M, N, dtype=dtype)  # [M, N]
+    threads = num_threads or torch.get_num_threads()
+    if not (M and N):
+        return y
+    if dtype == torch.float32:
+        lib.dyn_gemm_nt_f32(x.data_ptr(), K, w.data_ptr(), K, M, N, y.data_ptr(), N, threads)
+        return y if bias is None else y.add_(bias)
+    b32 = None if bias is None else bias.to(torch.float32).contiguous()  # [N], added before the rounding
+    status = lib.dyn_gemm_nt_bf16(
+        x.data_ptr(), K, w.data_ptr(), K, M, N, y.data_ptr(), N, None if b32 is None else b32.data_ptr(), threads
+    )
+    if status != 0:
+        raise MemoryError("native GEMM could not allocate its scratch buffer")
     return y
 
 
@@ -225,29 +264,37 @@ NATIVE_LINEAR_MAX_ROWS = 96
 # prefill-sized groups are compute-bound large GEMMs where MKL's packed kernels win
 NATIVE_MOE_MAX_ROWS = 64
 
+# bfloat16 has no such limit: without AVX512-BF16/AMX, torch's bfloat16 GEMM (oneDNN) is 3-7x slower
+# than the native kernel at 96-512 rows on an AVX2 machine (README, "Kernels on the CPU"), so
+# prefill runs the native kernels too
 
-def _cpu_f32(*ts: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+def _cpu_native_dtype(*ts: torch.Tensor) -> bool:
+    """All CPU tensors of one dtype the kernels take (float32 or bfloat16)."""
+    return ts[0].dtype in DTYPES and all(t.dtype == ts[0].dtype and t.device.type == "cpu" for t in ts)
 
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemm_nt` should run this linear: float32 CPU, a decode-sized batch of rows."""
+    """Whether `gemm_nt` should run this linear: float32 on the CPU and a decode-sized batch, or
+    bfloat16 on the CPU and any batch."""
     return (
         x.dim() == 2
-        and 0 < x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
-        and _cpu_f32(x, weight)
+        and 0 < x.shape[0]
+        and _cpu_native_dtype(x, weight)
+        and (x.shape[0] <= NATIVE_LINEAR_MAX_ROWS or x.dtype == torch.bfloat16)
         and weight.is_contiguous()
         and available()
     )
 
 
 def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> bool:
-    """Whether `fused_moe` should run this MoE layer: float32 CPU, contiguous expert weights, and no
-    expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows per expert)."""
+    """Whether `fused_moe` should run this MoE layer: float32 or bfloat16 on the CPU, contiguous expert
+    weights, and, in float32, no expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows
+    per expert)."""
     return (
         counts.numel() > 0
-        and _cpu_f32(x, w13, w2)  # before counts.max(): no device sync for a CUDA tensor
-        and int(counts.max()) <= NATIVE_MOE_MAX_ROWS
+        and _cpu_native_dtype(x, w13, w2)  # before counts.max(): no device sync for a CUDA tensor
+        and (x.dtype == torch.bfloat16 or int(counts.max()) <= NATIVE_MOE_MAX_ROWS)
         and w13.is_contiguous()
         and w2.is_contiguous()
         and available()
@@ -255,8 +302,9 @@ def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torc
 
 
 def takes_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata) -> bool:
-    """Whether `paged_decode_attention` should run this attention: one query per sequence, float32 CPU."""
-    return batch.max_query_len == 1 and q.shape[0] == batch.num_seqs and _cpu_f32(q, kv_cache) and available()
+    """Whether `paged_decode_attention` should run this attention: one query per sequence, float32 or
+    bfloat16 on the CPU."""
+    return batch.max_query_len == 1 and q.shape[0] == batch.num_seqs and _cpu_native_dtype(q, kv_cache) and available()
 
 
 def fused_moe(
@@ -270,9 +318,10 @@ def fused_moe(
     num_threads: int | None = None,
     counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum over token t's pairs (e, w) of w * W2_e (silu(gate_e x_t) * up_e x_t): [T, H] float32.
+    """sum over token t's pairs (e, w) of w * W2_e (silu(gate_e x_t) * up_e x_t): [T, H] in x.dtype.
 
-    x [T, H], w13 [E, 2I, H], w2 [E, H, I] (float32, CPU); pairs token-major: pair p is
+    x [T, H], w13 [E, 2I, H], w2 [E, H, I] (CPU, all float32 or all bfloat16; bfloat16 rounds where
+    `fused_moe_ref` does and accumulates in float32); pairs token-major: pair p is
     (token_ids[p], expert_ids[p], weights[p]) and token t owns pairs token_offsets[t]..[t+1]-1.
     Tokens with no pair get zeros. `counts` is `torch.bincount(expert_ids, minlength=E)` when the
     caller already has it.
@@ -286,16 +335,14 @@ def fused_moe(
     E, two_i, h13 = w13.shape
     if h13 != H or two_i % 2 or w2.shape != (E, H, two_i // 2):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
-    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    dtype = _check_dtypes(x=x, w13=w13, w2=w2)
     if not (w13.is_contiguous() and w2.is_contiguous()):
         raise ValueError("expert weights must be contiguous")
     P = int(expert_ids.numel())
     if token_ids.numel() != P or weights.numel() != P or token_offsets.shape != (T + 1,):
         raise ValueError(f"ragged assignment of {P} pairs does not fit {T} tokens")
     if P == 0:
-        return torch.zeros(T, H, dtype=torch.float32)
+        return torch.zeros(T, H, dtype=dtype)
     if int(expert_ids.min()) < 0 or int(expert_ids.max()) >= E:
         raise ValueError(f"expert ids must lie in [0, {E})")
     if int(token_ids.min()) < 0 or int(token_ids.max()) >= T:
@@ -316,8 +363,9 @@ def fused_moe(
     torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
     tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
     y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
-    out = torch.empty(T, H, dtype=torch.float32)  # [T, H]
-    status = lib.dyn_moe_f32(
+    out = torch.empty(T, H, dtype=dtype)  # [T, H]
+    fn = lib.dyn_moe_f32 if dtype == torch.float32 else lib.dyn_moe_bf16
+    status = fn(
         x.data_ptr(), T, H, w13.data_ptr(), w2.data_ptr(), E, two_i // 2, sorted_tok.data_ptr(),
         sorted_w.data_ptr(), order.data_ptr(), expert_off.data_ptr(), tok_off.data_ptr(), y_pairs.data_ptr(),
         out.data_ptr(), num_threads or torch.get_num_threads(),

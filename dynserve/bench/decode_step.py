@@ -1,6 +1,7 @@
 """Decode-step time of kernel variants, A/B in one process on the same batch.
 
     python -m dynserve.bench.decode_step --variants torch cpu-no-hugepages cpu --threads 1
+    python -m dynserve.bench.decode_step --variants torch cpu --dtype bfloat16
 
 Builds one engine per variant on the same checkpoint (default: the ~100M Mixtral bench
 checkpoint), admits the same prompts to each, runs their prefill, then steps the engines in
@@ -10,6 +11,7 @@ the same greedy tokens.
 
 Variants: `torch` (plain-torch references), `cpu` (native CPU kernels where they apply; the
 default on CPU), `cpu-no-hugepages` (the same with weights and KV cache in ordinary 4 KB pages).
+`--dtype` (float32 or bfloat16) applies to every variant.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ VARIANTS = {
 }
 
 
-def _build(model_dir: Path, env: dict[str, str], num_kv_blocks: int, max_num_seqs: int):  # noqa: ANN202
+def _build(model_dir: Path, env: dict[str, str], num_kv_blocks: int, max_num_seqs: int, dtype: str = "float32"):  # noqa: ANN202
     from dynserve import LLM
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read while the model and KV cache are built
     try:
-        return LLM(str(model_dir), num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs).engine
+        return LLM(str(model_dir), num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, dtype=dtype).engine
     finally:
         for k, v in saved.items():
             if v is None:
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-prompt-len", type=int, default=32)
     ap.add_argument("--max-prompt-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for every variant")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and peak GFLOP/s")
     args = ap.parse_args(argv)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engines = {}
     for name in args.variants:
-        eng = _build(model_dir, VARIANTS[name], blocks, max(args.num_prompts, 1))
+        eng = _build(model_dir, VARIANTS[name], blocks, max(args.num_prompts, 1), args.dtype)
         for i, p in enumerate(prompts):
             eng.add_request(f"{name}-{i}", None, sp, prompt_token_ids=p)
         produced: set[str] = set()
@@ -92,8 +95,17 @@ def main(argv: list[str] | None = None) -> dict:
                     experts[name].append(o.expert_usage.avg_experts_per_token)
     first = statistics.median(times[args.variants[0]])
     same = all(tokens[name] == tokens[args.variants[0]] for name in engines)
-    res: dict = {"threads": torch.get_num_threads(), "batch": args.num_prompts, "same_tokens": same, "variants": {}}
-    print(f"decode step, batch {args.num_prompts}, {torch.get_num_threads()} thread(s), {args.steps} steps each")
+    res: dict = {
+        "threads": torch.get_num_threads(),
+        "batch": args.num_prompts,
+        "dtype": args.dtype,
+        "same_tokens": same,
+        "variants": {},
+    }
+    print(
+        f"decode step, {args.dtype}, batch {args.num_prompts}, {torch.get_num_threads()} thread(s), "
+        f"{args.steps} steps each"
+    )
     for name, ts in times.items():
         med = statistics.median(ts)
         res["variants"][name] = {"median_ms": 1000 * med, "best_ms": 1000 * min(ts), "x_first": med / first}

@@ -2,10 +2,12 @@
 
     python -m dynserve.bench.offline --num-prompts 64 --new-tokens 64
     python -m dynserve.bench.offline --num-prompts 1 --new-tokens 64
+    python -m dynserve.bench.offline --num-prompts 64 --new-tokens 64 --dtype bfloat16
 
 With no --model, builds (once, cached) a ~100M-parameter Mixtral-architecture checkpoint with
 random weights: hidden 512, 8 layers, 8 experts, top-2, ffn 1024. Greedy decoding with EOS
-ignored so both engines produce exactly num_prompts x new_tokens tokens.
+ignored so both engines produce exactly num_prompts x new_tokens tokens. `--dtype` sets the weights
+and activations' dtype for both engines (default float32).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-prompt-len", type=int, default=128)
     ap.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -122,12 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = Path(args.model) if args.model else bench_checkpoint()
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, vocab, args.min_prompt_len, args.max_prompt_len)
-    res: dict = {"num_prompts": args.num_prompts, "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
-    dt, n = run_dynserve(model_dir, prompts, args.new_tokens, max_num_seqs=max(args.num_prompts, 1))
+    res: dict = {
+        "num_prompts": args.num_prompts,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+    }
+    dt, n = run_dynserve(model_dir, prompts, args.new_tokens, max_num_seqs=max(args.num_prompts, 1), dtype=args.dtype)
     res["dynserve_tok_s"] = n / dt
     print(f"dynserve:     {n} tokens in {dt:.2f} s = {n / dt:.1f} output tok/s", flush=True)
     if not args.skip_transformers:
-        dt_hf, n_hf = run_transformers(model_dir, prompts, args.new_tokens, args.hf_batch_size or args.num_prompts)
+        hf_batch = args.hf_batch_size or args.num_prompts
+        dt_hf, n_hf = run_transformers(model_dir, prompts, args.new_tokens, hf_batch, dtype=getattr(torch, args.dtype))
         res["transformers_tok_s"] = n_hf / dt_hf
         res["ratio"] = res["dynserve_tok_s"] / res["transformers_tok_s"]
         print(f"transformers: {n_hf} tokens in {dt_hf:.2f} s = {n_hf / dt_hf:.1f} output tok/s", flush=True)

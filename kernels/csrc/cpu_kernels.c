@@ -42,6 +42,52 @@ static float *scratch(size_t n) {
     return buf; /* NULL when out of memory: callers report it */
 }
 
+/* A second grow-only buffer for the calling thread (the GEMM's converted input rows), so a kernel
+ * can hold it while calling code that uses `scratch`. */
+static float *scratch_in(size_t n) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (n > cap) {
+        free(buf);
+        buf = (float *)malloc(n * sizeof(float));
+        cap = buf ? n : 0;
+    }
+    return buf;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * bfloat16: the top 16 bits of a float32. Widening is exact (a shift); narrowing rounds to nearest,
+ * ties to even, and keeps NaN a (quiet) NaN, as torch's float -> bfloat16 conversion does.
+ * ---------------------------------------------------------------------------------------------- */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* float32 -> the nearest bfloat16 value, kept in a float32 (the rounding torch applies when a
+ * bfloat16 op stores its result) */
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static void bf16_row_to_f32(const uint16_t *src, float *dst, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        dst[i] = f;
+    }
+}
+
 /* Decode attention over the paged KV cache: one query token per sequence.
  *
  *   q      [B, Hq, D]            float32, contiguous
@@ -241,6 +287,99 @@ static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int6
         }
     }
 }
+
+/* bfloat16 weights: as tile_nt, with each weight vector widened from 8 bfloat16 (a 16-byte load,
+ * zero-extended to 32-bit lanes and shifted into the top half: exact) and FMA'd in float32 against
+ * input rows already widened to float32. Results get `bias` (float32, or NULL) added and are stored
+ * as float32 into y, or rounded to bfloat16 into yb when yb is not NULL. */
+static inline __attribute__((always_inline)) void tile_nt_bf16(const float *x, int64_t ldx, const uint16_t *w,
+                                                               int64_t K, float *y, uint16_t *yb, int64_t ldy,
+                                                               const float *bias, const int nb, const int mb,
+                                                               const uint16_t *pf, const uint16_t **cursor,
+                                                               const uint16_t *cend) {
+    __m256 acc[TILE_N][TILE_M];
+    for (int i = 0; i < nb; i++)
+        for (int j = 0; j < mb; j++) acc[i][j] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~(int64_t)7;
+    for (int64_t k = 0; k < K8; k += 8) {
+        if ((k & 31) == 0) { /* one 64-byte line per weight row every 4 k-steps */
+            for (int i = 0; i < nb; i++) _mm_prefetch((const char *)(pf + i * K + k), _MM_HINT_T0);
+            if (*cursor < cend) {
+                _mm_prefetch((const char *)*cursor, _MM_HINT_T1);
+                *cursor += 32;
+            }
+        }
+        __m256 wv[TILE_N];
+        for (int i = 0; i < nb; i++) {
+            __m128i h = _mm_loadu_si128((const __m128i *)(w + i * K + k));
+            wv[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            __asm__("" : "+x"(wv[i]));
+        }
+        for (int j = 0; j < mb; j++) {
+            __m256 xv = _mm256_loadu_ps(x + j * ldx + k);
+            __asm__("" : "+x"(xv));
+            for (int i = 0; i < nb; i++) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < nb; i++)
+        for (int j = 0; j < mb; j++) {
+            float s = hsum256(acc[i][j]);
+            for (int64_t k = K8; k < K; k++) s += bf16_to_f32(w[i * K + k]) * x[j * ldx + k];
+            if (bias) s += bias[i];
+            if (yb)
+                yb[j * ldy + i] = f32_to_bf16(s);
+            else
+                y[j * ldy + i] = s;
+        }
+}
+
+#define TILE_CASE_BF16(NB, MB)                                                                                   \
+    case (NB) * 8 + (MB):                                                                                        \
+        tile_nt_bf16(x + m0 * ldx, ldx, w + n0 * K, K, y ? y + m0 * ldy + n0 : NULL,                             \
+                     yb ? yb + m0 * ldy + n0 : NULL, ldy, bias ? bias + n0 : NULL, NB, MB, pf, &cursor, cend); \
+        break;
+#if TILE_M == 5
+#define TILE_ROW_BF16(NB) TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3) TILE_CASE_BF16(NB, 4) TILE_CASE_BF16(NB, 5)
+#elif TILE_M == 4
+#define TILE_ROW_BF16(NB) TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3) TILE_CASE_BF16(NB, 4)
+#else
+#define TILE_ROW_BF16(NB) TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3)
+#endif
+
+/* y [M, N] (+ bias) = x [M, K] float32 @ w [N, K]^T bfloat16, float32 accumulation; the same loop
+ * order and prefetching as gemm_nt, with chunks of 256 KB of bfloat16 weight rows. Exactly one of
+ * y (float32 out) and yb (bfloat16 out) is not NULL. */
+static void gemm_nt_bf16(const float *x, int64_t ldx, const uint16_t *w, int64_t K, int64_t M, int64_t N, float *y,
+                         uint16_t *yb, int64_t ldy, const float *bias) {
+    int64_t chunk = (256 * 1024 / (int64_t)sizeof(uint16_t)) / (K > 0 ? K : 1);
+    chunk = chunk < TILE_N ? TILE_N : chunk - chunk % TILE_N;
+    for (int64_t nc = 0; nc < N; nc += chunk) {
+        const int64_t nc_end = nc + chunk < N ? nc + chunk : N;
+        const uint16_t *cursor = w + nc_end * K;
+        const uint16_t *cend = w + (nc_end + chunk < N ? nc_end + chunk : N) * K;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+            const int mb = M - m0 < TILE_M ? (int)(M - m0) : TILE_M;
+            for (int64_t n0 = nc; n0 < nc_end; n0 += TILE_N) {
+                const int nb = nc_end - n0 < TILE_N ? (int)(nc_end - n0) : TILE_N;
+                const uint16_t *pf =
+                    w + (nc == 0 && m0 == 0 && n0 + (PF_TILES + 1) * TILE_N <= N ? n0 + PF_TILES * TILE_N : n0) * K;
+                switch (nb * 8 + mb) {
+                    TILE_ROW_BF16(1)
+#if TILE_N >= 2
+                    TILE_ROW_BF16(2)
+#endif
+#if TILE_N >= 3
+                    TILE_ROW_BF16(3)
+#endif
+#if TILE_N >= 4
+                    TILE_ROW_BF16(4)
+#endif
+                    default: break;
+                }
+            }
+        }
+    }
+}
 #else
 static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int64_t M, int64_t N, float *y,
                     int64_t ldy) {
@@ -251,6 +390,23 @@ static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int6
 #pragma omp simd reduction(+ : s)
             for (int64_t k = 0; k < K; k++) s += xm[k] * wn[k];
             y[m * ldy + n] = s;
+        }
+}
+
+static void gemm_nt_bf16(const float *x, int64_t ldx, const uint16_t *w, int64_t K, int64_t M, int64_t N, float *y,
+                         uint16_t *yb, int64_t ldy, const float *bias) {
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * ldx;
+            const uint16_t *wn = w + n * K;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < K; k++) s += xm[k] * bf16_to_f32(wn[k]);
+            if (bias) s += bias[n];
+            if (yb)
+                yb[m * ldy + n] = f32_to_bf16(s);
+            else
+                y[m * ldy + n] = s;
         }
 }
 #endif
@@ -328,6 +484,179 @@ int dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const fl
                 const float *src = y_pairs + p * H;
 #pragma omp simd
                 for (int64_t c = 0; c < H; c++) o[c] += src[c];
+            }
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * bfloat16 kernels: bfloat16 weights, activations and KV cache, float32 accumulation. Each rounds
+ * where torch's bfloat16 ops round (every GEMM and elementwise result is stored as bfloat16), so
+ * the engine's bfloat16 path decodes the same tokens with or without them. Inputs are widened to
+ * float32 once per call (activations) or per cache row (K/V); weights are widened in registers.
+ * ---------------------------------------------------------------------------------------------- */
+
+/* y [M, N] bfloat16 = x [M, K] bfloat16 @ w [N, K]^T bfloat16 (+ bias [N] float32, or NULL), float32
+ * accumulation, each output rounded once. Threads split the weight rows as dyn_gemm_nt_f32. */
+int dyn_gemm_nt_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, int64_t M, int64_t N,
+                     uint16_t *y, int64_t ldy, const float *bias, int64_t num_threads) {
+    float *xf = scratch_in((size_t)(M * K > 0 ? M * K : 1)); /* [M, K] float32 */
+    if (!xf) return -1;
+    for (int64_t m = 0; m < M; m++) bf16_row_to_f32(x + m * ldx, xf + m * K, K);
+    if (num_threads <= 1 || N < 64 * num_threads) {
+        gemm_nt_bf16(xf, K, w, K, M, N, NULL, y, ldy, bias);
+        return 0;
+    }
+    int64_t per = (N + num_threads - 1) / num_threads;
+    per += (TILE_N - per % TILE_N) % TILE_N;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_threads; t++) {
+        const int64_t n0 = t * per, n = N - n0 < per ? N - n0 : per;
+        if (n > 0) gemm_nt_bf16(xf, K, w + n0 * K, K, M, n, NULL, y + n0, ldy, bias ? bias + n0 : NULL);
+    }
+    return 0;
+}
+
+/* Fused MoE, bfloat16: dyn_moe_f32's layout and schedule with x [T, H], w13 [E, 2I, H], w2 [E, H, I]
+ * and out [T, H] in bfloat16 (y_pairs [P, H] stays float32). Rounds as fused_moe_ref does in
+ * bfloat16: gate/up and down outputs, SiLU(gate) and SiLU(gate) * up to bfloat16; the pair weight
+ * and the per-token sum in float32; the sum to bfloat16 once. */
+int dyn_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *w13, const uint16_t *w2, int64_t E,
+                 int64_t I, const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
+                 const int64_t *expert_off, const int64_t *token_off, float *y_pairs, uint16_t *out,
+                 int64_t num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t p0 = expert_off[e], n = expert_off[e + 1] - p0;
+            if (n <= 0) continue;
+            float *xe = scratch((size_t)(n * (H + 2 * I + I + H)));
+            if (!xe) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            float *gu = xe + n * H, *h = gu + n * 2 * I, *ye = h + n * I; /* [n, H], [n, 2I], [n, I], [n, H] */
+            for (int64_t r = 0; r < n; r++) bf16_row_to_f32(x + sorted_tok[p0 + r] * H, xe + r * H, H);
+            gemm_nt_bf16(xe, H, w13 + e * 2 * I * H, H, n, 2 * I, gu, NULL, 2 * I, NULL);
+            for (int64_t r = 0; r < n; r++) {
+                const float *g = gu + r * 2 * I, *u = g + I;
+                float *hr = h + r * I;
+#pragma omp simd
+                for (int64_t i = 0; i < I; i++) {
+                    const float gi = round_bf16(g[i]);
+                    hr[i] = round_bf16(round_bf16(gi / (1.0f + fast_expf(-gi))) * round_bf16(u[i]));
+                }
+            }
+            gemm_nt_bf16(h, I, w2 + e * H * I, I, n, H, ye, NULL, H, NULL);
+            for (int64_t r = 0; r < n; r++) {
+                const float wt = sorted_w[p0 + r];
+                const float *src = ye + r * H;
+                float *dst = y_pairs + sorted_dst[p0 + r] * H;
+#pragma omp simd
+                for (int64_t c = 0; c < H; c++) dst[c] = round_bf16(src[c]) * wt;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *acc = scratch((size_t)H); /* [H]: the expert loop above is done with it */
+            if (!acc) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)H);
+            for (int64_t p = token_off[t]; p < token_off[t + 1]; p++) {
+                const float *src = y_pairs + p * H;
+#pragma omp simd
+                for (int64_t c = 0; c < H; c++) acc[c] += src[c];
+            }
+            uint16_t *o = out + t * H;
+            for (int64_t c = 0; c < H; c++) o[c] = f32_to_bf16(acc[c]);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* Decode attention, bfloat16 q [B, Hq, D], cache halves [num_blocks, bs, Hkv, D] and out [B, Hq, D];
+ * the rest as dyn_paged_decode_f32. Scores and softmax in float32; as torch's CPU flash attention
+ * does for bfloat16, the unnormalised probabilities exp(s - max) are rounded to bfloat16 before they
+ * weight V, and the float32 sum of V rows is divided by the float32 sum of exp and rounded once. */
+int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, const int64_t *block_tables,
+                          int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                          int64_t bs, float scale, uint16_t *out, int64_t num_threads) {
+    int failed = 0;
+    const int64_t G = Hq / Hkv;
+    int64_t lmax = 0;
+    for (int64_t b = 0; b < B; b++) lmax = seq_lens[b] > lmax ? seq_lens[b] : lmax;
+    const int64_t L1 = lmax > 0 ? lmax : 1;
+    const int64_t row = Hkv * D; /* elements per cache position */
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        /* [Hq, L] scores, [Hq, D] accumulators, [Hq, D] q in float32, one K/V row [Hkv, D], [Hq] sums */
+        float *s = scratch((size_t)(Hq * L1 + 2 * Hq * D + row + Hq));
+        float *acc = s ? s + Hq * L1 : NULL, *qf = s ? acc + Hq * D : NULL, *kv = s ? qf + Hq * D : NULL;
+        float *sums = s ? kv + row : NULL;
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++) {
+            if (!s) continue;
+            const int64_t L = seq_lens[b];
+            uint16_t *ob = out + b * Hq * D;
+            const int64_t *bt = block_tables + b * max_blocks;
+            if (L <= 0) {
+                memset(ob, 0, sizeof(uint16_t) * (size_t)(Hq * D));
+                continue;
+            }
+            bf16_row_to_f32(q + b * Hq * D, qf, Hq * D);
+            for (int64_t t = 0; t < L; t++) {
+                bf16_row_to_f32(kc + (bt[t / bs] * bs + t % bs) * row, kv, row);
+                for (int64_t h = 0; h < Hkv; h++) {
+                    const float *kh = kv + h * D;
+                    for (int64_t g = 0; g < G; g++) {
+                        const float *qh = qf + (h * G + g) * D;
+                        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
+                        s[(h * G + g) * L + t] = dot * scale;
+                    }
+                }
+            }
+            for (int64_t i = 0; i < Hq; i++) {
+                float *si = s + i * L;
+                float m = si[0];
+                for (int64_t t = 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < L; t++) {
+                    const float e = fast_expf(si[t] - m);
+                    sum += e;
+                    si[t] = round_bf16(e);
+                }
+                sums[i] = sum;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
+            for (int64_t t = 0; t < L; t++) {
+                bf16_row_to_f32(vc + (bt[t / bs] * bs + t % bs) * row, kv, row);
+                for (int64_t h = 0; h < Hkv; h++) {
+                    const float *vh = kv + h * D;
+                    for (int64_t g = 0; g < G; g++) {
+                        const float p = s[(h * G + g) * L + t];
+                        float *a = acc + (h * G + g) * D;
+#pragma omp simd
+                        for (int64_t d = 0; d < D; d++) a[d] += p * vh[d];
+                    }
+                }
+            }
+            for (int64_t i = 0; i < Hq; i++) {
+                const float inv = 1.0f / sums[i];
+                for (int64_t d = 0; d < D; d++) ob[i * D + d] = f32_to_bf16(acc[i * D + d] * inv);
             }
         }
     }
