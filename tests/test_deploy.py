@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from dynserve.server.app import ServerSettings, build_app
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+OVERLAYS = DEPLOY / "kubernetes-overlays"
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -372,9 +375,6 @@ def _render(directory: Path) -> dict[str, dict]:
     return objects
 
 
-OVERLAYS = ("download", "baked")
-
-
 def test_the_default_volume_works_with_every_provisioner():
     """ReadWriteOnce (local-path, EBS, ... offer no ReadOnlyMany), and the replicas stay on its node."""
     k = _k8s()
@@ -388,7 +388,7 @@ def test_the_default_volume_works_with_every_provisioner():
 
 
 def test_the_download_overlay_fills_an_emptydir_before_the_server_starts():
-    objects = _render(K8S / "download")
+    objects = _render(OVERLAYS / "download")
     assert "PersistentVolumeClaim" not in objects
     spec = objects["Deployment"]["spec"]["template"]["spec"]
     assert "affinity" not in spec
@@ -405,8 +405,18 @@ def test_the_download_overlay_fills_an_emptydir_before_the_server_starts():
     assert "snapshot_download" in script and 'local_dir="/models"' in script
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+@pytest.mark.parametrize("directory", ["kubernetes", "kubernetes-overlays/download", "kubernetes-overlays/baked"])
+def test_kustomize_renders_what_the_tests_check(directory):
+    """kubectl kustomize accepts each directory (no cycle, patches that match) and renders what _render does."""
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / directory)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    assert rendered == _render(DEPLOY / directory)
+
+
 def test_the_baked_overlay_has_no_model_volume():
-    objects = _render(K8S / "baked")
+    objects = _render(OVERLAYS / "baked")
     assert "PersistentVolumeClaim" not in objects
     spec = objects["Deployment"]["spec"]["template"]["spec"]
     assert "affinity" not in spec and "model" not in {v["name"] for v in spec["volumes"]}
@@ -429,7 +439,7 @@ def test_manifests_match_the_kubernetes_schemas():
     has no bundled schema."""
     kv = pytest.importorskip("kubernetes_validate")
     objects = [d for f in sorted(K8S.glob("*.yaml")) for d in _docs(f)]
-    objects += [d for overlay in OVERLAYS for d in _render(K8S / overlay).values()]
+    objects += [d for overlay in ("download", "baked") for d in _render(OVERLAYS / overlay).values()]
     checked = 0
     for d in objects:
         if "kind" not in d or d["apiVersion"].startswith(("monitoring.coreos.com", "kustomize")):
