@@ -96,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id in the API (default: the model directory's name; dynserve-demo for the embedded model)",
+    )
     serve.add_argument("--api-key", default=None, help="require this bearer token (or env DYNSERVE_API_KEY)")
     serve.add_argument("--max-queued-requests", type=int, default=None, help="503 beyond this many waiting requests")
     serve.add_argument(

@@ -20,9 +20,21 @@ ROUTING_POLICIES: tuple[str, ...] = ("top_k", "top_p", "threshold")
 _UNSET: Any = object()  # a RoutingConfig field the caller did not give
 
 
+DEMO_MODEL_NAME = "dynserve-demo"  # the served id of the embedded demo model
+
+
 def default_model_dir() -> str:
     """Path of the model shipped inside the package (dynserve/assets/default_model)."""
     return str(Path(__file__).resolve().parent / "assets" / "default_model")
+
+
+def default_served_model_name(model_dir: str | os.PathLike) -> str:
+    """The model id served when none is given: the checkpoint directory's name (`/data/Qwen3-30B-A3B/`
+    -> `Qwen3-30B-A3B`), `dynserve-demo` for the embedded model; never a machine-specific path."""
+    path = Path(model_dir).resolve()
+    if path == Path(default_model_dir()):
+        return DEMO_MODEL_NAME
+    return path.name or str(model_dir)
 
 
 @dataclass(frozen=True)
@@ -302,6 +314,12 @@ class EngineConfig:
             dist_init_addr=dist_init_addr,
             expert_parallel_heartbeat_timeout=float(expert_parallel_heartbeat_timeout),
         )
+
+    @property
+    def model_name(self) -> str:
+        """The served model id: `served_model_name`, else the directory's name (`dynserve-demo` for the
+        embedded model)."""
+        return self.served_model_name or default_served_model_name(self.model.model_dir)
 
     def with_routing(self, routing: RoutingConfig) -> EngineConfig:
         return replace(self, routing=routing)

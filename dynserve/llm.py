@@ -72,12 +72,15 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: Conversation | Seq[Conversation],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        """Apply the model's chat template, then generate; returns one output per conversation. As in
+        vLLM, `messages` is one conversation (a list of message dicts, `{"role": ..., "content": ...}`,
+        content a string or a list of `{"type": "text", "text": ...}` parts) or a list of conversations;
+        `sampling_params` is one for all or one per conversation. Anything else is a TypeError."""
+        convs = _conversations(messages)
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer")
@@ -143,3 +146,42 @@ def _one_prompt(p: Any) -> tuple[str | None, list[int] | None]:
         if isinstance(p.get("prompt"), str):
             return p["prompt"], None
     raise TypeError(f"each prompt must be {_FORMS}; got {p!r:.80}")
+
+
+Conversation = Seq[Mapping[str, Any]]
+_CHAT_FORMS = (
+    'one conversation (a list of message dicts such as {"role": "user", "content": str}) or a list of conversations'
+)
+
+
+def _conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    """The conversations in `messages` (one, or a list of them), each a list of plain message dicts."""
+    if isinstance(messages, str | Mapping) or not isinstance(messages, Seq):
+        raise TypeError(f"messages must be {_CHAT_FORMS}; got {type(messages).__name__}")
+    if messages and all(isinstance(m, Seq) and not isinstance(m, str) for m in messages):
+        return [_conversation(c, f"messages[{i}]") for i, c in enumerate(messages)]
+    return [_conversation(messages, "messages")]
+
+
+def _conversation(conv: Seq[Any], where: str) -> list[dict[str, Any]]:
+    if not conv:
+        raise ValueError(f"{where} is an empty conversation")
+    out = []
+    for i, m in enumerate(conv):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise TypeError(f"{where}[{i}] is not a message dict with a 'role': messages must be {_CHAT_FORMS}")
+        out.append({**m, "content": _content_text(m.get("content"), f"{where}[{i}].content")})
+    return out
+
+
+def _content_text(content: Any, where: str) -> str:
+    """The message's text as the server renders it: a string, text parts joined with newlines, "" for None."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Seq) and all(
+        isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "\n".join(p["text"] for p in content)
+    raise TypeError(f'{where} must be a string or a list of {{"type": "text", "text": str}} parts; got {content!r:.80}')

@@ -123,3 +123,38 @@ def test_serve_answers_then_exits_0_on_sigterm(mixtral_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         log.close()
+
+
+def _synopsis_blocks() -> dict[str, str]:
+    """README's CLI synopsis: command -> its lines (the first and the indented continuations)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## CLI") :]
+    code = section[section.index("```") + 3 : section.index("```", section.index("```") + 3)]
+    blocks: dict[str, str] = {}
+    current = ""
+    for line in code.splitlines():
+        if line.startswith("dynserve "):
+            current = line.split()[1]
+            blocks[current] = ""
+        if current:
+            blocks[current] += line + "\n"
+    return blocks
+
+
+def test_every_cli_flag_is_in_the_readme_synopsis():
+    from dynserve.cli import build_parser
+
+    blocks = _synopsis_blocks()
+    (commands,) = [a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
+    options = {
+        name: {o for a in p._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        for name, p in commands.choices.items()
+    }
+    engine_flags = options["generate"] & options["eval-routing"] & options["serve"]  # `[ENGINE FLAGS]`
+    for name, opts in options.items():
+        block = blocks[name]
+        own = opts if name == "serve" or "[ENGINE FLAGS]" not in block else opts - engine_flags
+        assert [o for o in own if o not in block] == [], name
+    assert all(o in blocks["serve"] for o in engine_flags)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from dynserve.server.app import ServerSettings, build_app
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+OVERLAYS = DEPLOY / "kubernetes-overlays"
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -321,17 +324,127 @@ def test_dockerfiles(name):
         assert "--device" in cmd and args.device == "cuda"
 
 
+def _merge(base: object, patch: object) -> object:
+    """A strategic-merge patch as kustomize applies ours: maps merge, `null` deletes a key, lists of
+    objects merge by `name` (or `mountPath`), `$patch: delete` drops an item, other lists replace."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            elif key in out:
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = value
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) for i in base + patch):
+        out = [dict(i) for i in base]
+        for item in patch:
+            key = "name" if "name" in item else "mountPath"
+            match = [i for i, b in enumerate(out) if b.get(key) == item[key]]
+            if item.get("$patch") == "delete":
+                out = [b for i, b in enumerate(out) if i not in match]
+            elif match:
+                out[match[0]] = _merge(out[match[0]], item)
+            else:
+                out.append(item)
+        return out
+    return patch
+
+
+def _render(directory: Path) -> dict[str, dict]:
+    """kind -> object after kustomize's resources, images and patches (the subset these files use)."""
+    kust = _docs(directory / "kustomization.yaml")[0]
+    objects: dict[str, dict] = {}
+    for res in kust["resources"]:
+        if (directory / res).is_dir():
+            objects.update(_render(directory / res))
+        else:
+            objects.update({d["kind"]: d for d in _docs(directory / res)})
+    for image in kust.get("images", []):
+        for c in objects["Deployment"]["spec"]["template"]["spec"].get("containers", []):
+            if c["image"].split(":")[0] == image["name"]:
+                c["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    for entry in kust.get("patches", []):
+        patch = yaml.safe_load(entry["patch"]) if "patch" in entry else _docs(directory / entry["path"])[0]
+        assert objects[patch["kind"]]["metadata"]["name"] == patch["metadata"]["name"]
+        if patch.get("$patch") == "delete":
+            del objects[patch["kind"]]
+        else:
+            objects[patch["kind"]] = _merge(objects[patch["kind"]], patch)
+    return objects
+
+
+def test_the_default_volume_works_with_every_provisioner():
+    """ReadWriteOnce (local-path, EBS, ... offer no ReadOnlyMany), and the replicas stay on its node."""
+    k = _k8s()
+    assert k["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pod = k["Deployment"]["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "model"]
+    assert vol["persistentVolumeClaim"]["claimName"] == k["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_the_download_overlay_fills_an_emptydir_before_the_server_starts():
+    objects = _render(OVERLAYS / "download")
+    assert "PersistentVolumeClaim" not in objects
+    spec = objects["Deployment"]["spec"]["template"]["spec"]
+    assert "affinity" not in spec
+    (vol,) = [v for v in spec["volumes"] if v["name"] == "model"]
+    assert set(vol) == {"name", "emptyDir"}
+    (init,) = spec["initContainers"]
+    (c,) = spec["containers"]
+    assert init["image"] == c["image"]
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["model"] == _serve_args(c["args"]).model_dir
+    env = {e["name"]: e for e in init["env"]}
+    assert "/" in env["MODEL_REPO"]["value"] and env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    script = init["command"][-1]
+    compile(script, "fetch-model", "exec")
+    assert "snapshot_download" in script and 'local_dir="/models"' in script
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+@pytest.mark.parametrize("directory", ["kubernetes", "kubernetes-overlays/download", "kubernetes-overlays/baked"])
+def test_kustomize_renders_what_the_tests_check(directory):
+    """kubectl kustomize accepts each directory (no cycle, patches that match) and renders what _render does."""
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / directory)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    assert rendered == _render(DEPLOY / directory)
+
+
+def test_the_baked_overlay_has_no_model_volume():
+    objects = _render(OVERLAYS / "baked")
+    assert "PersistentVolumeClaim" not in objects
+    spec = objects["Deployment"]["spec"]["template"]["spec"]
+    assert "affinity" not in spec and "model" not in {v["name"] for v in spec["volumes"]}
+    (c,) = spec["containers"]
+    assert "/models" not in {m["mountPath"] for m in c["volumeMounts"]} and c["image"] == "dynserve:cpu-model"
+
+
+def test_the_docs_state_the_minimum_version_and_wait_before_copying():
+    readme = (DEPLOY / "README.md").read_text()
+    assert "Kubernetes >= 1.30" in readme and "Kubernetes >= 1.30" in (K8S / "deployment.yaml").read_text()
+    assert readme.index("kubectl wait --for=condition=Ready pod/model-copy") < readme.index("kubectl cp ")
+    for command in ("helm install kube-prometheus-stack", "helm install prometheus-adapter", "--set prometheus.url="):
+        assert command in readme
+
+
 def test_manifests_match_the_kubernetes_schemas():
-    """Strict validation against the Kubernetes OpenAPI schemas (1.30, the oldest with the preStop
-    `sleep` action enabled by default, and the newest bundled) when `kubernetes-validate` is
-    installed; the ServiceMonitor is a CRD and has no bundled schema."""
+    """Strict validation against the Kubernetes OpenAPI schemas bundled with `kubernetes-validate` (in
+    the dev extra; offline): 1.30, the oldest with the preStop `sleep` action enabled by default, and
+    the newest bundled; the base manifests and each overlay's result. The ServiceMonitor is a CRD and
+    has no bundled schema."""
     kv = pytest.importorskip("kubernetes_validate")
+    objects = [d for f in sorted(K8S.glob("*.yaml")) for d in _docs(f)]
+    objects += [d for overlay in ("download", "baked") for d in _render(OVERLAYS / overlay).values()]
     checked = 0
-    for f in sorted(K8S.glob("*.yaml")):
-        for d in _docs(f):
-            if "kind" not in d or d["apiVersion"].startswith(("monitoring.coreos.com", "kustomize")):
-                continue
-            for version in ("1.30.0", kv.latest_version()):
-                kv.validate(d, version, strict=True)
-            checked += 1
-    assert checked >= 4
+    for d in objects:
+        if "kind" not in d or d["apiVersion"].startswith(("monitoring.coreos.com", "kustomize")):
+            continue
+        for version in ("1.30.0", kv.latest_version()):
+            kv.validate(d, version, strict=True)
+        checked += 1
+    assert checked >= 8

@@ -58,3 +58,41 @@ def test_other_forms_are_a_type_error_naming_the_forms(llm, bad):
     with pytest.raises(TypeError, match="prompt_token_ids"):
         llm.generate(bad, GREEDY)
     assert not llm.engine.has_unfinished_requests()
+
+
+CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "import os"}]
+OTHER = [{"role": "user", "content": "hello"}]
+
+
+def _plain_chat_tokens(llm, conv) -> list[int]:
+    """The tokens generated from the conversation rendered by hand: the plain form's answer."""
+    tok = llm.tokenizer
+    ids = tok.encode(tok.apply_chat_template(conv, True), add_special_tokens=False)
+    return _tokens(llm.generate({"prompt_token_ids": ids}, GREEDY))[0]
+
+
+def test_chat_takes_one_conversation_or_a_list_of_them(llm):
+    want, other = _plain_chat_tokens(llm, CONV), _plain_chat_tokens(llm, OTHER)
+    assert _tokens(llm.chat(CONV, GREEDY)) == [want]
+    assert _tokens(llm.chat([CONV], GREEDY)) == [want]
+    assert _tokens(llm.chat([CONV, OTHER], GREEDY)) == [want, other]
+    assert _tokens(llm.chat((CONV, OTHER), [GREEDY, GREEDY])) == [want, other]
+    parts = [CONV[0], {"role": "user", "content": [{"type": "text", "text": "import os"}]}]
+    assert _tokens(llm.chat(parts, GREEDY)) == [want]  # content as text parts, as the server takes it
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["hello", {"role": "user", "content": "hi"}, ["hello"], [CONV, "hello"], [{"content": "hi"}], 42, [[CONV]]],
+)
+def test_other_chat_forms_are_a_type_error_naming_the_forms(llm, bad):
+    with pytest.raises(TypeError, match="list of conversations"):
+        llm.chat(bad, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_content_other_than_text_is_a_type_error(llm):
+    with pytest.raises(TypeError, match="text"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], GREEDY)
+    with pytest.raises(ValueError, match="empty conversation"):
+        llm.chat([CONV, []], GREEDY)

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import dynserve
+from dynserve.config import DEMO_MODEL_NAME, default_served_model_name
 from dynserve.engine import (
     AsyncEngine,
 )
@@ -227,9 +228,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
 
 
 def _model_card(srv: ServerState) -> ModelCard:
-    return ModelCard(
-        id=srv.model_name, created=srv.created, root=srv.engine.config.model.model_dir, max_model_len=srv.max_model_len
-    )
+    model_dir = srv.engine.config.model.model_dir
+    root = DEMO_MODEL_NAME if default_served_model_name(model_dir) == DEMO_MODEL_NAME else model_dir
+    return ModelCard(id=srv.model_name, created=srv.created, root=root, max_model_len=srv.max_model_len)
 
 
 def _work_size(request: Request) -> int:

@@ -22,7 +22,8 @@ class ServerSettings:
 
     api_key None falls back to the DYNSERVE_API_KEY environment variable; empty means no auth. The key
     guards every route but the probes (/health, /metrics, /version) and, with public_docs, the API docs.
-    served_model_name None falls back to EngineConfig.served_model_name, then the model path.
+    served_model_name None falls back to EngineConfig.served_model_name, then the model directory's name
+    (`dynserve-demo` for the embedded model).
     max_request_bytes caps a request body (413 beyond it); max_prompts_per_request caps the prompts of
     one completions request (400). engine_death_exit_timeout: after the engine died, a process whose
     graceful stop takes longer than this is ended with os._exit(1) (`run_server` / `serve_engine`).

@@ -55,7 +55,7 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         cfg = engine.config
-        self.model_name = settings.served_model_name or cfg.served_model_name or cfg.model.model_dir
+        self.model_name = settings.served_model_name or cfg.model_name
         self.max_model_len = cfg.model.max_model_len
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine.get_stats, self.model_name, settings.enable_expert_token_metrics)
