@@ -22,6 +22,7 @@ CPU when TRITON_INTERPRET=1. Public ops:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from typing import TYPE_CHECKING
@@ -47,6 +48,11 @@ def select_backend(device: torch.device | str, use_triton: bool | None = None) -
         return forced
     on_cuda = torch.device(device).type == "cuda"
     if use_triton or (use_triton is None and on_cuda):
+        if importlib.util.find_spec("triton") is None:
+            raise RuntimeError(
+                "the Triton kernels need the triton package (pip install 'dynserve[cuda]'); "
+                "without it, run on the CPU or pass use_triton=False"
+            )
         if on_cuda and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             # correct but ~1000x slower: the kernels run on the CPU interpreter against GPU tensors
             warnings.warn(

@@ -235,7 +235,8 @@ def test_cpu_backend_moe_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "m,k,n", [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3), (7, 40, 1001)]
+    "m,k,n",
+    [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3), (7, 40, 1001), (9, 1024, 203)],
 )
 def test_native_gemm_matches_torch(m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + n)
@@ -404,7 +405,8 @@ def test_native_moe_bf16_same_result_for_any_thread_count_and_skips_idle_experts
 
 
 @pytest.mark.parametrize(
-    "m,k,n", [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3), (7, 40, 1001)]
+    "m,k,n",
+    [(1, 8, 1), (5, 17, 7), (16, 512, 96), (13, 64, 300), (4, 1024, 5), (0, 8, 3), (7, 40, 1001), (9, 1024, 203)],
 )
 def test_native_gemm_bf16_matches_torch(m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + n)
@@ -514,3 +516,13 @@ def test_bf16_engine_greedy_matches_torch_path(arch, checkpoint_factory, monkeyp
         assert len(top) >= 2 and top[0].logprob - top[1].logprob <= BF16_NEAR_TIE, (i, top)
         assert got.token_ids[i] in {t.token_id for t in top[:2]}
     assert sum(g.token_ids == w.token_ids for g, w in zip(full, ref, strict=True)) >= len(ref) - 1
+
+
+def test_triton_backend_without_triton_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"dynserve\[cuda\]"):
+        dynserve_kernels.select_backend("cpu", use_triton=True)
+    assert dynserve_kernels.select_backend("cpu") == "cpu"  # the CPU path never needs it

@@ -115,7 +115,9 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
     except ImportError:
         return csv_path, None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, marker in (("top_k", "s"), ("top_p", "o"), ("threshold", "^")):
+    # label offsets per policy: settings of different policies often land on the same x (e.g. 1.0)
+    styles = (("top_k", "s", (4, 4)), ("top_p", "o", (4, -10)), ("threshold", "^", (-14, 6)))
+    for policy, marker, offset in styles:
         pts = [r for r in rows if r.policy == policy]
         if pts:
             ax.plot(
@@ -130,7 +132,7 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
                     str(r.param if r.param is not None else "ckpt"),
                     (r.avg_experts_per_token, r.perplexity),
                     fontsize=7,
-                    xytext=(3, 3),
+                    xytext=offset,
                     textcoords="offset points",
                 )
     ax.set_xlabel("average FFN experts per token per MoE layer")
@@ -167,5 +169,5 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
     csv_path, png = write_outputs(rows, args.out_dir)
     print(f"{len(ids)} held-out tokens from {text_file}")
     print(format_table(rows))
-    print(f"wrote {csv_path}" + (f" and {png}" if png else " (install matplotlib for the plot)"))
+    print(f"wrote {csv_path}" + (f" and {png}" if png else " (no plot: pip install 'dynserve[eval]' for matplotlib)"))
     return 0
