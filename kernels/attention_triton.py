@@ -262,8 +262,8 @@ def decode_config(d: int, dtype: torch.dtype, interpret: bool | None = None) -> 
     `interpret`: the small interpreter tiles; default: whether the kernels were built for it."""
     if _interpreting() if interpret is None else interpret:
         return dict(BLOCK_N=16, num_warps=4)
-    if dtype == torch.float32 and d > 64:  # FMA dots with the tiles in registers: spread them wider
-        return dict(BLOCK_N=32, num_warps=8)
+    if dtype == torch.float32:  # FMA dots with the tiles in registers: smaller tiles, spread wider
+        return dict(BLOCK_N=32, num_warps=8 if d > 64 else 4)
     return dict(BLOCK_N=64 if d <= 128 else 32, num_warps=4)
 
 

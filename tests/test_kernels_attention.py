@@ -102,13 +102,14 @@ def test_decode_attends_to_whole_context_only():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_decode_empty_context_gives_zeros(dtype):
+def test_triton_decode_empty_context_gives_zeros(dtype, device):
     # a padding row with seq_len 0 (e.g. CUDA-graph padding) has nothing to attend to: zeros, not NaN
     batch, kv_cache, key, value, q = _setup([(5, 1), (3, 1)], 4, 4, 2, 8, dtype)
-    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping, backend="triton")
+    _, kv_cache = _triton(q, key, value, kv_cache, batch, 0.3, device)
     ref = naive_attention(q, kv_cache, batch, 0.3)
-    batch.seq_lens[1] = 0  # the kernel reads the device tensor
-    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, backend="triton")
+    batch.seq_lens[1] = 0
+    dev_batch = _batch_on(batch, device)
+    out = dynserve_kernels.paged_attention(q.to(device), kv_cache.to(device), dev_batch, 0.3, backend="triton").cpu()
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     _check(out[:1], ref[:1], dtype)
 
