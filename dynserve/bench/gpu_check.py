@@ -2,7 +2,7 @@
 engine parity, kernel and end-to-end speed. Needs only torch, triton, transformers, safetensors and
 tokenizers (pytest and pytest-xdist if present, for the kernel tests); no network, no FastAPI.
 
-    python3 -m dynserve.bench.gpu_check --out DIR              # one CUDA GPU; ~7 minutes on an H100
+    python3 -m dynserve.bench.gpu_check --out DIR              # one CUDA GPU; 214 s on an H200
     python3 -m dynserve.bench.gpu_check --out DIR --dry-run    # CPU, Triton interpreter, tiny shapes
 
 From the repository root no install is needed: the script maps kernels/ to `dynserve_kernels`.
