@@ -105,10 +105,10 @@ def cases(specs: tuple[str, ...] = ("aligned",)) -> list[Case]:
                 launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
                 row = f"{table}[{i}] {_cfg_row(cfg)}"
                 ptrs_gu = (("x_ptr", dt), ("w13_ptr", dt), ("inter_ptr", dt), ("sorted_ids_ptr", "i32"))
-                ptrs_gu += (("block_expert_ptr", "i32"), ("token_ids_ptr", "i64"))
+                ptrs_gu += (("block_expert_ptr", "i32"), ("num_used_ptr", "i32"), ("token_ids_ptr", "i64"))
                 out.append(Case("moe_triton", "_gate_up_kernel", row, dt, spec, ptrs_gu, consts, **launch))
                 ptrs_dn = (("inter_ptr", dt), ("w2_ptr", dt), ("pair_out_ptr", "fp32"), ("sorted_ids_ptr", "i32"))
-                ptrs_dn += (("block_expert_ptr", "i32"), ("weights_ptr", "fp32"))
+                ptrs_dn += (("block_expert_ptr", "i32"), ("num_used_ptr", "i32"), ("weights_ptr", "fp32"))
                 out.append(Case("moe_triton", "_down_kernel", row, dt, spec, ptrs_dn, consts, **launch))
         # the remaining kernels only see model shapes: aligned spec only
         ptrs_c = (("pair_out_ptr", "fp32"), ("offsets_ptr", "i64"), ("out_ptr", dt))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from dynserve_kernels.align import moe_align
+from dynserve_kernels.align import moe_align_bounded
 from triton.runtime.jit import JITFunction
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def _gate_up_kernel(
     inter_ptr,
     sorted_ids_ptr,
     block_expert_ptr,
+    num_used_ptr,
     token_ids_ptr,
     num_pairs,
     num_blocks,
@@ -75,6 +76,8 @@ def _gate_up_kernel(
 ):
     pid = tl.program_id(0)
     pid_m, pid_n = _block_coords(pid, num_blocks, tl.cdiv(N_INTER, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(num_used_ptr):  # the grid is a host-side bound; blocks past the real ones idle
+        return
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # padded positions
     pair = tl.load(sorted_ids_ptr + offs_m)  # [BM]; == num_pairs on padding rows
@@ -117,6 +120,7 @@ def _down_kernel(
     pair_out_ptr,
     sorted_ids_ptr,
     block_expert_ptr,
+    num_used_ptr,
     weights_ptr,
     num_pairs,
     num_blocks,
@@ -135,6 +139,8 @@ def _down_kernel(
 ):
     pid = tl.program_id(0)
     pid_m, pid_n = _block_coords(pid, num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m >= tl.load(num_used_ptr):
+        return
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
@@ -191,7 +197,7 @@ _CONFIG_TABLE: dict[str, list[tuple[int, dict[str, int]]]] = {
     ],
     "32bit": [
         (64, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)),
-        (1024, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=3)),
+        (1024, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=3)),
         (1 << 62, dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)),
     ],
 }
@@ -254,22 +260,21 @@ def fused_moe_triton(
     token_ids = a.token_ids.to(device=device, dtype=torch.int64).contiguous()  # [P]
     weights = a.weights.to(device=device, dtype=torch.float32).contiguous()  # [P]
     offsets = a.token_offsets.to(device=device, dtype=torch.int64).contiguous()  # [T+1]
-    sorted_ids, block_expert, p_pad = moe_align(a, bm, E)
-    sorted_ids = sorted_ids.to(device)  # [P_pad]
-    block_expert = block_expert.to(device)  # [num_blocks]
-    num_blocks = p_pad // bm
+    # no host sync: buffers and grid use a bound on the block count, the kernels skip the excess
+    sorted_ids, block_expert, num_used, num_blocks = moe_align_bounded(a.expert_ids.to(device), bm, E)
+    p_pad = num_blocks * bm
 
     inter = torch.empty(p_pad, inter_size, dtype=x.dtype, device=device)  # [P_pad, I]
     grid1 = (num_blocks * triton.cdiv(inter_size, bn),)
     LAST_COMPILED["gate_up"] = _gate_up_kernel[grid1](
-        x, w13, inter, sorted_ids, block_expert, token_ids, P, num_blocks, H, inter_size,
+        x, w13, inter, sorted_ids, block_expert, num_used, token_ids, P, num_blocks, H, inter_size,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, PRECISION=precision, UPCAST=upcast, **launch,
     )  # fmt: skip
     pair_out = torch.empty(P, H, dtype=torch.float32, device=device)  # [P, H] weighted expert outputs
     grid2 = (num_blocks * triton.cdiv(H, bn),)
     LAST_COMPILED["down"] = _down_kernel[grid2](
-        inter, w2, pair_out, sorted_ids, block_expert, weights, P, num_blocks, H, inter_size,
+        inter, w2, pair_out, sorted_ids, block_expert, num_used, weights, P, num_blocks, H, inter_size,
         inter.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, PRECISION=precision, UPCAST=upcast, **launch,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import dataclasses
 import dynserve_kernels
 import pytest
 import torch
-from dynserve_kernels.align import moe_align, moe_align_ids, moe_align_reference
+from dynserve_kernels.align import moe_align, moe_align_bounded, moe_align_ids, moe_align_reference
 from dynserve_kernels.moe_ref import dense_moe_reference, fused_moe_ref
 from kernel_utils import make_assignment
 
@@ -199,3 +199,22 @@ def test_bench_script_runs_small(capsys):
     out = capsys.readouterr().out
     fused = "fused (triton)" if torch.cuda.is_available() else "fused (torch ref)"
     assert fused in out and "per-expert loop" in out and "dense batched" in out
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_bounded_align_is_the_exact_layout_then_idle_blocks(block_m, device):
+    # the sync-free alignment the Triton path uses: the same layout as moe_align_ids in its first
+    # num_used blocks, sentinel rows after, and never fewer blocks than the data needs
+    gen = torch.Generator().manual_seed(block_m)
+    E = 6
+    for trial in range(12):
+        P = int(torch.randint(1, 40, (1,), generator=gen))
+        used = torch.randperm(E, generator=gen)[: 1 + trial % E]
+        ids = used[torch.randint(0, len(used), (P,), generator=gen)]  # [P]
+        exact_ids, exact_blocks, p_pad = moe_align_ids(ids, block_m, E)
+        s_ids, blocks, num_used, nb = moe_align_bounded(ids.to(device), block_m, E)
+        n = int(num_used.item())
+        assert n * block_m == p_pad and nb >= n and len(blocks) == nb and len(s_ids) == nb * block_m
+        assert s_ids[: n * block_m].cpu().tolist() == exact_ids.tolist()
+        assert blocks[:n].cpu().tolist() == exact_blocks.tolist()
+        assert bool((s_ids[n * block_m :] == P).all())  # idle blocks hold padding only
