@@ -13,6 +13,8 @@ CPU when TRITON_INTERPRET=1. Public ops:
     tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
 - linear(x [T,K], weight [N,K], bias [N] | None) -> [T,N]  ("cpu": the native small-M GEMM for
   decode-sized T, which streams a cold weight faster than MKL; F.linear otherwise)
+- rms_norm(x [..., H], weight [H], eps) -> [..., H]; add_rms_norm(x, residual, weight, eps) ->
+  (rms_norm(x + residual), x + residual)  ("cpu": native for float32/bfloat16, see cpu_native.rms_norm)
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
     writes new K/V into the paged cache in place.
 - paged_attention(q [T,Hq,D], kv_cache, batch, scale) -> [T,Hq,D]
@@ -89,6 +91,32 @@ def linear(
     if backend == "cpu" and cpu_native.takes_linear(x, weight) and (bias is None or bias.dtype == x.dtype):
         return cpu_native.gemm_nt(x, weight, bias=bias)  # [T, N]
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
+    if backend == "cpu" and cpu_native.takes_rms_norm(x, weight):
+        return cpu_native.rms_norm(x, weight, eps)[0]
+    from dynserve_kernels.norm_ref import rms_norm_ref
+
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (
+        backend == "cpu"
+        and cpu_native.takes_rms_norm(x, weight)
+        and residual.dtype is x.dtype
+        and residual.shape == x.shape
+        and residual.is_contiguous()
+    ):
+        out, h = cpu_native.rms_norm(x, weight, eps, residual)
+        assert h is not None
+        return out, h
+    from dynserve_kernels.norm_ref import add_rms_norm_ref
+
+    return add_rms_norm_ref(x, residual, weight, eps)
 
 
 def write_kv(

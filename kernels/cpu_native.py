@@ -126,6 +126,9 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn = lib.dyn_gemm_nt_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64]
+    for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
+        fn.restype = None
+        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
     return lib
 
 
@@ -373,3 +376,52 @@ def fused_moe(
     if status != 0:
         raise MemoryError("native MoE could not allocate its scratch buffer")
     return out
+
+
+def takes_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` should run this norm: float32 or bfloat16 CPU tensors of one dtype,
+    contiguous, weight [H] over x's last dim."""
+    dtype = x.dtype
+    return (
+        (dtype is torch.float32 or dtype is torch.bfloat16)
+        and weight.dtype is dtype
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dim() >= 1
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and available()
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`norm_ref.rms_norm_ref` natively: x [..., H], weight [H] -> (out [..., H], None); with
+    `residual` (x's shape) the norm is of h = x + residual and h comes back too: (out, h).
+    float32 or bfloat16 (rounded where the reference rounds); `takes_rms_norm` must hold."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not takes_rms_norm(x, weight):
+        raise ValueError(
+            f"rms_norm takes contiguous float32/bfloat16 CPU x [..., H] and weight [H] of one dtype, "
+            f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    H = x.shape[-1]
+    T = x.numel() // H if H else 0
+    out = torch.empty_like(x)  # [..., H]
+    h = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype is not x.dtype or not residual.is_contiguous():
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not fit x {tuple(x.shape)}")
+        h = torch.empty_like(x)  # [..., H]
+    if T:
+        fn = lib.dyn_rmsnorm_f32 if x.dtype is torch.float32 else lib.dyn_rmsnorm_bf16
+        fn(
+            x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            None if h is None else h.data_ptr(), T, H, float(eps),
+        )  # fmt: skip
+    return out, h

@@ -526,3 +526,48 @@ def test_triton_backend_without_triton_says_what_to_install(monkeypatch):
     with pytest.raises(RuntimeError, match=r"dynserve\[cuda\]"):
         dynserve_kernels.select_backend("cpu", use_triton=True)
     assert dynserve_kernels.select_backend("cpu") == "cpu"  # the CPU path never needs it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 33), (5, 256), (70, 129), (2, 3, 17)])
+def test_native_rms_norm_matches_reference(dtype, shape):
+    from dynserve_kernels.norm_ref import add_rms_norm_ref, rms_norm_ref
+
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (3 * torch.randn(shape, generator=g)).to(dtype)
+    res = torch.randn(shape, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    eps = 1e-5
+    out, h = cpu_native.rms_norm(x, w, eps)
+    assert h is None and out.dtype == dtype and out.shape == x.shape
+    ref = rms_norm_ref(x, w, eps)
+    out_a, h_a = cpu_native.rms_norm(x, w, eps, res)
+    ref_a, ref_h = add_rms_norm_ref(x, res, w, eps)
+    assert torch.equal(h_a, ref_h)  # the add rounds exactly as torch's
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out_a, ref_a, rtol=1e-6, atol=1e-6)
+    else:  # same roundings; only the float32 sum order differs, flipping at most a rare last bit
+        for o, r in ((out, ref), (out_a, ref_a)):
+            diff = (o.float() - r.float()).abs()
+            assert (diff > 0).float().mean() < 0.02
+            torch.testing.assert_close(o, r, rtol=8e-3, atol=1e-5)
+
+
+def test_rms_norm_dispatch_falls_back_for_what_the_kernel_does_not_take():
+    from dynserve_kernels.norm_ref import rms_norm_ref
+
+    x = torch.randn(4, 16)
+    w = torch.rand(16)
+    assert cpu_native.takes_rms_norm(x, w)
+    assert not cpu_native.takes_rms_norm(x.t().contiguous().t(), w)  # non-contiguous
+    assert not cpu_native.takes_rms_norm(x.half(), w.half())
+    assert not cpu_native.takes_rms_norm(x, w.double())
+    for t, wt in ((x[:, ::2], w[:8]), (x.half(), w.half())):
+        torch.testing.assert_close(dynserve_kernels.rms_norm(t, wt, 1e-6, "cpu"), rms_norm_ref(t, wt, 1e-6))
+    out, h = dynserve_kernels.add_rms_norm(x, x[:, :16].t().contiguous().t(), w, 1e-6, "cpu")  # residual view
+    torch.testing.assert_close(h, 2 * x)
+    with pytest.raises(ValueError):
+        cpu_native.rms_norm(x.half(), w.half(), 1e-6)
+    with pytest.raises(ValueError):
+        cpu_native.rms_norm(x, w, 1e-6, torch.randn(4, 15))

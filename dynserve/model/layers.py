@@ -89,7 +89,10 @@ def set_backend(model: nn.Module, backend: str) -> None:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dim, computed in float32, scaled by a learned weight."""
+    """Root-mean-square norm over the last dim, computed in float32, scaled by a learned weight
+    (`dynserve_kernels.rms_norm`: the native kernel on the CPU path, `norm_ref.rms_norm_ref` else)."""
+
+    backend: str = "torch"  # set by `set_backend`
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -97,10 +100,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return dynserve_kernels.rms_norm(x, self.weight, self.eps, self.backend)  # [..., H]
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the add fused into the norm on the CPU path."""
+        return dynserve_kernels.add_rms_norm(x, residual, self.weight, self.eps, self.backend)
 
     def load_hf(self, ws: WeightSource, name: str, device: torch.device | str) -> None:
         assign_param(self, "weight", ws.get(name), device, name)

@@ -662,3 +662,57 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
     }
     return failed ? -1 : 0;
 }
+
+/* RMSNorm over rows, with an optional residual add before it (torch reference: norm_ref.rms_norm_ref).
+ *
+ *   x, res [T, H] (res may be NULL), w [H]  -> out [T, H]; h_out [T, H] = x + res when res != NULL
+ *   h = x (+ res);  out = w * (h * rsqrt(mean(h^2) + eps))
+ *
+ * The sum of squares is accumulated in double (at least as accurate as torch's float32 cascade
+ * sum), the mean and rsqrt in float32. Rows run in parallel only when there are many (prefill). */
+void dyn_rmsnorm_f32(const float *x, const float *res, const float *w, float *out, float *h_out, int64_t T,
+                     int64_t H, float eps) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * H;
+        if (res) {
+            float *hr = h_out + t * H;
+            const float *rr = res + t * H;
+#pragma omp simd
+            for (int64_t i = 0; i < H; i++) hr[i] = xr[i] + rr[i];
+            xr = hr;
+        }
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; i++) ss += (double)xr[i] * xr[i];
+        const float r = 1.0f / sqrtf((float)ss / (float)H + eps);
+        float *o = out + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) o[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* bfloat16: h = round(x + res) as torch's bfloat16 add stores it; the norm in float32, rounded to
+ * bfloat16, then times w and rounded again (the reference's `weight * xf.to(bfloat16)`). */
+void dyn_rmsnorm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out, uint16_t *h_out,
+                      int64_t T, int64_t H, float eps) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xr = x + t * H;
+        if (res) {
+            uint16_t *hr = h_out + t * H;
+            const uint16_t *rr = res + t * H;
+            for (int64_t i = 0; i < H; i++) hr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(rr[i]));
+            xr = hr;
+        }
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; i++) {
+            const double v = bf16_to_f32(xr[i]);
+            ss += v * v;
+        }
+        const float r = 1.0f / sqrtf((float)ss / (float)H + eps);
+        uint16_t *o = out + t * H;
+        for (int64_t i = 0; i < H; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * r));
+    }
+}
