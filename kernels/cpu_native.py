@@ -126,6 +126,12 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn = lib.dyn_gemm_nt_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64]
+    fn = lib.dyn_in_range
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _i64, _i64]
+    fn = lib.dyn_offsets_ok
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _i64]
     for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
         fn.restype = None
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
@@ -172,6 +178,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 def _check_dtypes(**ts: torch.Tensor) -> torch.dtype:
     """The one dtype of the named CPU tensors; ValueError unless it is float32 or bfloat16 for all."""
     dtype = next(iter(ts.values())).dtype
+    if dtype in DTYPES and _cpu_native_dtype(*ts.values()):  # the common case, without the messages
+        return dtype
     for name, t in ts.items():
         if t.dtype not in DTYPES or t.device.type != "cpu":
             raise ValueError(f"{name} must be a float32 or bfloat16 CPU tensor, got {t.dtype} on {t.device}")
@@ -205,18 +213,18 @@ def paged_decode_attention(
     dtype = _check_dtypes(q=q, kv_cache=kv_cache)
     if block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} for B={B}")
-    if B and int(seq_lens.max()) > block_tables.shape[1] * bs:
-        raise ValueError("a sequence is longer than its block table covers")
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
     q = q.contiguous()
     bt = block_tables.to(torch.int64).contiguous()  # [B, max_blocks]
     sl = seq_lens.to(torch.int64).contiguous()  # [B]
+    if not lib.dyn_in_range(sl.data_ptr(), B, -(2**63), bt.shape[1] * bs + 1):
+        raise ValueError("a sequence is longer than its block table covers")
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
         return out
     k_half, v_half = kv_cache[0], kv_cache[1]  # [N, bs, Hkv, D] each, contiguous
-    if bt.numel() and (int(bt.min()) < 0 or int(bt.max()) >= kv_cache.shape[1]):
+    if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, kv_cache.shape[1]):
         raise ValueError(f"block table entries must lie in [0, {kv_cache.shape[1]})")
     fn = lib.dyn_paged_decode_f32 if dtype == torch.float32 else lib.dyn_paged_decode_bf16
     status = fn(
@@ -274,7 +282,13 @@ NATIVE_MOE_MAX_ROWS = 64
 
 def _cpu_native_dtype(*ts: torch.Tensor) -> bool:
     """All CPU tensors of one dtype the kernels take (float32 or bfloat16)."""
-    return ts[0].dtype in DTYPES and all(t.dtype == ts[0].dtype and t.device.type == "cpu" for t in ts)
+    dtype = ts[0].dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        return False
+    for t in ts:
+        if t.dtype is not dtype or t.device.type != "cpu":
+            return False
+    return True
 
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -346,25 +360,23 @@ def fused_moe(
         raise ValueError(f"ragged assignment of {P} pairs does not fit {T} tokens")
     if P == 0:
         return torch.zeros(T, H, dtype=dtype)
-    if int(expert_ids.min()) < 0 or int(expert_ids.max()) >= E:
+    expert_ids = expert_ids.to(torch.int64).contiguous()  # [P]
+    token_ids = token_ids.to(torch.int64).contiguous()  # [P]
+    tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
+    if not lib.dyn_in_range(expert_ids.data_ptr(), P, 0, E):
         raise ValueError(f"expert ids must lie in [0, {E})")
-    if int(token_ids.min()) < 0 or int(token_ids.max()) >= T:
+    if not lib.dyn_in_range(token_ids.data_ptr(), P, 0, T):
         raise ValueError(f"token ids must lie in [0, {T})")
-    if (
-        int(token_offsets[0]) != 0
-        or int(token_offsets[-1]) != P
-        or bool((token_offsets[1:] < token_offsets[:-1]).any())
-    ):
+    if not lib.dyn_offsets_ok(tok_off.data_ptr(), T, P):
         raise ValueError(f"token_offsets must rise from 0 to the number of pairs ({P})")
     if counts is None:
         counts = torch.bincount(expert_ids, minlength=E)  # [E]
     x = x.contiguous()
     order = torch.argsort(expert_ids, stable=True)  # [P] pair ids grouped by expert
-    sorted_tok = token_ids.to(torch.int64)[order].contiguous()  # [P]
-    sorted_w = weights.to(torch.float32)[order].contiguous()  # [P]
+    sorted_tok = token_ids[order]  # [P]
+    sorted_w = weights.to(torch.float32)[order]  # [P]
     expert_off = torch.zeros(E + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
-    tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
     y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
     out = torch.empty(T, H, dtype=dtype)  # [T, H]
     fn = lib.dyn_moe_f32 if dtype == torch.float32 else lib.dyn_moe_bf16

@@ -716,3 +716,18 @@ void dyn_rmsnorm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w,
         for (int64_t i = 0; i < H; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * r));
     }
 }
+
+/* Input checks of the wrappers, here rather than as torch reductions (each a dispatch and a
+ * host sync per call): 1 when every a[0..n) lies in [lo, hi), else 0. */
+int dyn_in_range(const int64_t *a, int64_t n, int64_t lo, int64_t hi) {
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++) ok &= (a[i] >= lo) & (a[i] < hi);
+    return ok;
+}
+
+/* 1 when off[0..n] rises (non-strictly) from 0 to total, else 0. */
+int dyn_offsets_ok(const int64_t *off, int64_t n, int64_t total) {
+    int ok = off[0] == 0 && off[n] == total;
+    for (int64_t i = 0; i < n; i++) ok &= off[i] <= off[i + 1];
+    return ok;
+}
