@@ -76,10 +76,11 @@ def fused_moe(
         return fused_moe_triton(x, w13, w2, assignment)
     if backend == "cpu" and assignment.num_pairs > 0 and x.device.type == "cpu":  # never CUDA tensors
         a = assignment
-        counts = torch.bincount(a.expert_ids, minlength=w13.shape[0])  # [E] rows per expert
+        counts = None  # [E] rows per expert, needed only when a float32 expert might exceed the native limit
+        if x.dtype == torch.float32 and x.shape[0] > cpu_native.NATIVE_MOE_MAX_ROWS:
+            counts = torch.bincount(a.expert_ids, minlength=w13.shape[0])
         if cpu_native.takes_moe(x, w13, w2, counts):
-            out = cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets, counts=counts)
-            return out.to(x.dtype)
+            return cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets)
     from dynserve_kernels.moe_ref import fused_moe_ref
 
     return fused_moe_ref(x, w13, w2, assignment)

@@ -132,6 +132,9 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn = lib.dyn_offsets_ok
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _i64]
+    fn = lib.dyn_moe_group
+    fn.restype = None
+    fn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
     for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
         fn.restype = None
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
@@ -304,14 +307,18 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> bool:
+def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor | None = None) -> bool:
     """Whether `fused_moe` should run this MoE layer: float32 or bfloat16 on the CPU, contiguous expert
     weights, and, in float32, no expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows
-    per expert)."""
+    per expert; None when x has at most NATIVE_MOE_MAX_ROWS tokens, which bounds every expert's rows)."""
     return (
-        counts.numel() > 0
+        w13.dim() == 3
+        and w13.shape[0] > 0
         and _cpu_native_dtype(x, w13, w2)  # before counts.max(): no device sync for a CUDA tensor
-        and (x.dtype == torch.bfloat16 or int(counts.max()) <= NATIVE_MOE_MAX_ROWS)
+        and (
+            x.dtype == torch.bfloat16
+            or (x.shape[0] <= NATIVE_MOE_MAX_ROWS if counts is None else int(counts.max()) <= NATIVE_MOE_MAX_ROWS)
+        )
         and w13.is_contiguous()
         and w2.is_contiguous()
         and available()
@@ -340,8 +347,8 @@ def fused_moe(
     x [T, H], w13 [E, 2I, H], w2 [E, H, I] (CPU, all float32 or all bfloat16; bfloat16 rounds where
     `fused_moe_ref` does and accumulates in float32); pairs token-major: pair p is
     (token_ids[p], expert_ids[p], weights[p]) and token t owns pairs token_offsets[t]..[t+1]-1.
-    Tokens with no pair get zeros. `counts` is `torch.bincount(expert_ids, minlength=E)` when the
-    caller already has it.
+    Tokens with no pair get zeros. `counts` (`torch.bincount(expert_ids, minlength=E)`) is accepted
+    for callers that pass it and not needed: the pairs are grouped by expert in C.
     """
     lib = _load()
     if lib is None:
@@ -369,14 +376,15 @@ def fused_moe(
         raise ValueError(f"token ids must lie in [0, {T})")
     if not lib.dyn_offsets_ok(tok_off.data_ptr(), T, P):
         raise ValueError(f"token_offsets must rise from 0 to the number of pairs ({P})")
-    if counts is None:
-        counts = torch.bincount(expert_ids, minlength=E)  # [E]
     x = x.contiguous()
-    order = torch.argsort(expert_ids, stable=True)  # [P] pair ids grouped by expert
-    sorted_tok = token_ids[order]  # [P]
-    sorted_w = weights.to(torch.float32)[order]  # [P]
-    expert_off = torch.zeros(E + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
+    w32 = weights.to(torch.float32).contiguous()  # [P]
+    idx = torch.empty(E + 1 + 2 * P, dtype=torch.int64)
+    expert_off, order, sorted_tok = idx[: E + 1], idx[E + 1 : E + 1 + P], idx[E + 1 + P :]  # [E + 1], [P], [P]
+    sorted_w = torch.empty(P, dtype=torch.float32)  # [P]
+    lib.dyn_moe_group(
+        expert_ids.data_ptr(), token_ids.data_ptr(), w32.data_ptr(), P, E, expert_off.data_ptr(), order.data_ptr(),
+        sorted_tok.data_ptr(), sorted_w.data_ptr(),
+    )  # fmt: skip
     y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
     out = torch.empty(T, H, dtype=dtype)  # [T, H]
     fn = lib.dyn_moe_f32 if dtype == torch.float32 else lib.dyn_moe_bf16

@@ -571,3 +571,30 @@ def test_rms_norm_dispatch_falls_back_for_what_the_kernel_does_not_take():
         cpu_native.rms_norm(x.half(), w.half(), 1e-6)
     with pytest.raises(ValueError):
         cpu_native.rms_norm(x, w, 1e-6, torch.randn(4, 15))
+
+
+def test_native_moe_grouping_matches_stable_argsort():
+    lib = cpu_native._load()
+    g = torch.Generator().manual_seed(3)
+    for P, E in ((1, 1), (7, 3), (100, 13)):
+        eids = torch.randint(0, E, (P,), generator=g)
+        tok = torch.randint(0, 50, (P,), generator=g)
+        w = torch.rand(P, generator=g)
+        off, order, stok = (torch.empty(n, dtype=torch.int64) for n in (E + 1, P, P))
+        sw = torch.empty(P)
+        lib.dyn_moe_group(
+            eids.data_ptr(), tok.data_ptr(), w.data_ptr(), P, E, off.data_ptr(), order.data_ptr(), stok.data_ptr(),
+            sw.data_ptr(),
+        )  # fmt: skip
+        ref_order = torch.argsort(eids, stable=True)
+        assert torch.equal(order, ref_order) and torch.equal(stok, tok[ref_order]) and torch.equal(sw, w[ref_order])
+        assert torch.equal(off[1:], torch.cumsum(torch.bincount(eids, minlength=E), 0)) and off[0] == 0
+
+
+def test_takes_moe_bounds_float32_rows_by_tokens_without_counts():
+    w13, w2 = torch.zeros(4, 6, 8), torch.zeros(4, 8, 3)
+    n = cpu_native.NATIVE_MOE_MAX_ROWS
+    assert cpu_native.takes_moe(torch.zeros(n, 8), w13, w2)
+    assert not cpu_native.takes_moe(torch.zeros(n + 1, 8), w13, w2, torch.tensor([n + 1, 0, 0, 0]))
+    assert cpu_native.takes_moe(torch.zeros(n + 1, 8), w13, w2, torch.tensor([n, 1, 0, 0]))
+    assert cpu_native.takes_moe(torch.zeros(n + 1, 8).bfloat16(), w13.bfloat16(), w2.bfloat16())

@@ -731,3 +731,22 @@ int dyn_offsets_ok(const int64_t *off, int64_t n, int64_t total) {
     for (int64_t i = 0; i < n; i++) ok &= off[i] <= off[i + 1];
     return ok;
 }
+
+/* The pairs of a MoE assignment grouped by expert, stably (a counting sort; what fused_moe's
+ * torch.bincount + argsort(stable) + gathers compute): expert_off [E + 1] (expert e owns sorted
+ * pairs expert_off[e]..[e+1]-1), order [P] (pair id of each sorted pair), sorted_tok [P] and
+ * sorted_w [P] (its token and weight). Expert ids must lie in [0, E). */
+void dyn_moe_group(const int64_t *expert_ids, const int64_t *token_ids, const float *weights, int64_t P, int64_t E,
+                   int64_t *expert_off, int64_t *order, int64_t *sorted_tok, float *sorted_w) {
+    memset(expert_off, 0, sizeof(int64_t) * (size_t)(E + 1));
+    for (int64_t p = 0; p < P; p++) expert_off[expert_ids[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) expert_off[e + 1] += expert_off[e];
+    for (int64_t p = 0; p < P; p++) { /* expert_off[e] walks to expert_off[e + 1] ... */
+        const int64_t dst = expert_off[expert_ids[p]]++;
+        order[dst] = p;
+        sorted_tok[dst] = token_ids[p];
+        sorted_w[dst] = weights[p];
+    }
+    for (int64_t e = E; e > 0; e--) expert_off[e] = expert_off[e - 1]; /* ... so shift it back */
+    expert_off[0] = 0;
+}
