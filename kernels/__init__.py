@@ -15,6 +15,7 @@ CPU when TRITON_INTERPRET=1. Public ops:
   decode-sized T, which streams a cold weight faster than MKL; F.linear otherwise)
 - rms_norm(x [..., H], weight [H], eps) -> [..., H]; add_rms_norm(x, residual, weight, eps) ->
   (rms_norm(x + residual), x + residual)  ("cpu": native for float32/bfloat16, see cpu_native.rms_norm)
+- apply_rope(x [T,H,D], cos [T,R], sin [T,R]) -> [T,H,D] neox rotary (rope_ref.apply_rope_ref; "cpu": native)
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
     writes new K/V into the paged cache in place.
 - paged_attention(q [T,Hq,D], kv_cache, batch, scale) -> [T,Hq,D]
@@ -120,6 +121,14 @@ def add_rms_norm(
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    if backend == "cpu" and cpu_native.takes_rope(x, cos, sin):
+        return cpu_native.rope(x, cos, sin)  # [T, H, D]
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    return apply_rope_ref(x, cos, sin)
+
+
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, backend: str = "torch"
 ) -> None:
@@ -127,6 +136,8 @@ def write_kv(
         from dynserve_kernels.attention_triton import write_kv_triton
 
         return write_kv_triton(key, value, kv_cache, slot_mapping)
+    if backend == "cpu" and cpu_native.takes_write_kv(key, value, kv_cache, slot_mapping):
+        return cpu_native.write_kv(key, value, kv_cache, slot_mapping)
     from dynserve_kernels.attention_ref import write_kv_ref
 
     return write_kv_ref(key, value, kv_cache, slot_mapping)

@@ -135,6 +135,12 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn = lib.dyn_moe_group
     fn.restype = None
     fn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
+    for fn in (lib.dyn_rope_f32, lib.dyn_rope_bf16):
+        fn.restype = None
+        fn.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    fn = lib.dyn_write_kv
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
     for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
         fn.restype = None
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
@@ -445,3 +451,79 @@ def rms_norm(
             None if h is None else h.data_ptr(), T, H, float(eps),
         )  # fmt: skip
     return out, h
+
+
+def _rows_of_heads(x: torch.Tensor) -> bool:
+    """x [T, H, D] with each token's H * D elements contiguous (any stride between tokens)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def takes_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope` should rotate x: float32 or bfloat16 CPU x [T, H, D] with contiguous heads, and
+    contiguous cos/sin [T, R] of x's dtype, R even and <= D."""
+    return (
+        _rows_of_heads(x)
+        and cos.dim() == 2
+        and cos.shape == sin.shape
+        and cos.shape[0] == x.shape[0]
+        and cos.shape[1] % 2 == 0
+        and cos.shape[1] <= x.shape[2]
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and _cpu_native_dtype(x, cos, sin)
+        and available()
+    )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rope_ref.apply_rope_ref` natively: x [T, H, D] (token rows may be strided, e.g. a view of a
+    merged qkv projection) and cos/sin [T, R] -> a new contiguous [T, H, D]; `takes_rope` must hold."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not takes_rope(x, cos, sin):
+        raise ValueError(f"rope takes x [T, H, D] and cos/sin [T, R]; got {tuple(x.shape)}, {tuple(cos.shape)}")
+    T, H, D = x.shape
+    out = torch.empty(T, H, D, dtype=x.dtype)  # [T, H, D]
+    if out.numel():
+        fn = lib.dyn_rope_f32 if x.dtype is torch.float32 else lib.dyn_rope_bf16
+        fn(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), T, H, D, cos.shape[1])
+    return out
+
+
+def takes_write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Whether `write_kv` should write these rows: key/value [T, Hkv, D] with contiguous heads, a
+    contiguous kv_cache [2, N, bs, Hkv, D] of their dtype (float32 or bfloat16), int64 CPU slots [T]."""
+    return (
+        _rows_of_heads(key)
+        and _rows_of_heads(value)
+        and key.shape == value.shape
+        and kv_cache.dim() == 5
+        and key.shape[1:] == kv_cache.shape[3:]
+        and slot_mapping.dtype is torch.int64
+        and slot_mapping.device.type == "cpu"
+        and slot_mapping.shape == (key.shape[0],)
+        and slot_mapping.is_contiguous()
+        and kv_cache.is_contiguous()
+        and _cpu_native_dtype(key, value, kv_cache)
+        and available()
+    )
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """`attention_ref.write_kv_ref` natively: key/value [T, Hkv, D] into kv_cache [2, N, bs, Hkv, D] at
+    slots slot_mapping [T] (slots < 0 skipped); `takes_write_kv` must hold. ValueError (and nothing
+    written) when a slot lies past the cache."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not takes_write_kv(key, value, kv_cache, slot_mapping):
+        raise ValueError(f"write_kv takes key/value [T, Hkv, D] of the cache's layout; got {tuple(key.shape)}")
+    T, hkv, d = key.shape
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    status = lib.dyn_write_kv(
+        key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), slot_mapping.data_ptr(), T, hkv * d, num_slots, key.element_size(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"slots must lie below the cache's {num_slots} slots")

@@ -598,3 +598,58 @@ def test_takes_moe_bounds_float32_rows_by_tokens_without_counts():
     assert not cpu_native.takes_moe(torch.zeros(n + 1, 8), w13, w2, torch.tensor([n + 1, 0, 0, 0]))
     assert cpu_native.takes_moe(torch.zeros(n + 1, 8), w13, w2, torch.tensor([n, 1, 0, 0]))
     assert cpu_native.takes_moe(torch.zeros(n + 1, 8).bfloat16(), w13.bfloat16(), w2.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, H, D, R", [(1, 3, 8, 8), (5, 7, 18, 18), (3, 2, 16, 6), (9, 5, 64, 64)])
+def test_native_rope_matches_reference(dtype, T, H, D, R):
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    g = torch.Generator().manual_seed(T * 100 + D)
+    base = torch.randn(T, H * D + 5, generator=g).to(dtype)  # token rows strided, as a view of qkv
+    x = base[:, 2 : 2 + H * D].view(T, H, D)
+    ang = torch.rand(T, R // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to(dtype)
+    assert cpu_native.takes_rope(x, cos, sin)
+    out = cpu_native.rope(x, cos, sin)
+    assert out.is_contiguous()
+    assert torch.equal(out, apply_rope_ref(x, cos, sin))  # the same roundings, bit for bit
+    assert torch.equal(dynserve_kernels.apply_rope(x, cos, sin, "cpu"), out)
+
+
+def test_rope_dispatch_falls_back_for_what_the_kernel_does_not_take():
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    x = torch.randn(4, 3, 8).transpose(0, 1)  # heads not contiguous within a token
+    ang = torch.rand(3, 4)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
+    assert not cpu_native.takes_rope(x, cos, sin)
+    assert not cpu_native.takes_rope(x.contiguous(), cos.half(), sin.half())
+    assert torch.equal(dynserve_kernels.apply_rope(x, cos, sin, "cpu"), apply_rope_ref(x, cos, sin))
+    with pytest.raises(ValueError):
+        cpu_native.rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_kv_matches_reference(dtype):
+    from dynserve_kernels.attention_ref import write_kv_ref
+
+    g = torch.Generator().manual_seed(0)
+    T, hkv, d = 5, 3, 6
+    qkv = torch.randn(T, 4 * hkv * d + 1, generator=g).to(dtype)
+    k = qkv[:, 1 : 1 + 2 * hkv * d].view(T, 2 * hkv, d)[:, hkv:]  # strided views, as Attention passes
+    v = qkv[:, 1 + 2 * hkv * d : 1 + 3 * hkv * d].view(T, hkv, d)
+    slots = torch.tensor([3, -1, 0, 13, 7])
+    cache = torch.randn(2, 4, 4, hkv, d, generator=g).to(dtype)
+    ref = cache.clone()
+    write_kv_ref(k, v, ref, slots)
+    assert cpu_native.takes_write_kv(k, v, cache, slots)
+    dynserve_kernels.write_kv(k, v, cache, slots, "cpu")
+    assert torch.equal(cache, ref)
+    before = cache.clone()
+    with pytest.raises(ValueError):
+        cpu_native.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 16]))
+    assert torch.equal(cache, before)  # nothing written
+    assert not cpu_native.takes_write_kv(k, v, cache, slots.int())
+    assert not cpu_native.takes_write_kv(k.half(), v.half(), cache.half(), slots)

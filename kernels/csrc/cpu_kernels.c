@@ -750,3 +750,67 @@ void dyn_moe_group(const int64_t *expert_ids, const int64_t *token_ids, const fl
     for (int64_t e = E; e > 0; e--) expert_off[e] = expert_off[e - 1]; /* ... so shift it back */
     expert_off[0] = 0;
 }
+
+/* Neox rotary (rotate halves) of x [T, H, D] (row stride ldt elements between tokens, heads
+ * contiguous: head h of token t at x + t * ldt + h * D) by cos/sin [T, R] as RotaryEmbedding lays
+ * them out (cos = [c, c], sin = [-s, s]) -> out [T, H, D] contiguous; dims R..D-1 pass through.
+ * out_i = x_i * cos_i + x_{i +- R/2} * sin_i with both products rounded before the add, as the torch
+ * reference (`rope_ref.apply_rope_ref`) computes it: no FMA contraction here. */
+__attribute__((optimize("fp-contract=off"))) void dyn_rope_f32(const float *x, int64_t ldt, const float *cos,
+                                                                const float *sin, float *out, int64_t T, int64_t H,
+                                                                int64_t D, int64_t R) {
+    const int64_t half = R / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * R, *s = sin + t * R;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xh = x + t * ldt + h * D;
+            float *o = out + (t * H + h) * D;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = xh[i] * c[i], b = xh[i + half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = half; i < R; i++) {
+                const float a = xh[i] * c[i], b = xh[i - half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = R; i < D; i++) o[i] = xh[i];
+        }
+    }
+}
+
+/* bfloat16: each product and the sum rounded to bfloat16, as torch's bfloat16 mul/add store them. */
+void dyn_rope_bf16(const uint16_t *x, int64_t ldt, const uint16_t *cos, const uint16_t *sin, uint16_t *out,
+                   int64_t T, int64_t H, int64_t D, int64_t R) {
+    const int64_t half = R / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *c = cos + t * R, *s = sin + t * R;
+        for (int64_t h = 0; h < H; h++) {
+            const uint16_t *xh = x + t * ldt + h * D;
+            uint16_t *o = out + (t * H + h) * D;
+            for (int64_t i = 0; i < R; i++) {
+                const int64_t j = i < half ? i + half : i - half;
+                const float a = round_bf16(bf16_to_f32(xh[i]) * bf16_to_f32(c[i]));
+                const float b = round_bf16(bf16_to_f32(xh[j]) * bf16_to_f32(s[i]));
+                o[i] = f32_to_bf16(a + b);
+            }
+            for (int64_t i = R; i < D; i++) o[i] = xh[i];
+        }
+    }
+}
+
+/* New K/V rows into the paged cache (write_kv_ref): key/value [T, Hkv, D] with row strides ldk/ldv
+ * (elements of `esize` bytes between tokens, each token's Hkv * D elements contiguous) to slots
+ * slot_mapping [T] of kc/vc [num_slots, Hkv, D]; slots < 0 are skipped. 0, or -1 when a slot is
+ * >= num_slots (nothing written then). */
+int dyn_write_kv(const char *key, int64_t ldk, const char *value, int64_t ldv, char *kc, char *vc,
+                 const int64_t *slots, int64_t T, int64_t row, int64_t num_slots, int64_t esize) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] >= num_slots) return -1;
+    const size_t bytes = (size_t)(row * esize);
+    for (int64_t t = 0; t < T; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(kc + slots[t] * (int64_t)bytes, key + t * ldk * esize, bytes);
+        memcpy(vc + slots[t] * (int64_t)bytes, value + t * ldv * esize, bytes);
+    }
+    return 0;
+}
