@@ -97,7 +97,7 @@ def linear(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
     if backend == "cpu" and cpu_native.takes_rms_norm(x, weight):
-        return cpu_native.rms_norm(x, weight, eps)[0]
+        return cpu_native.rms_norm(x, weight, eps, checked=True)[0]
     from dynserve_kernels.norm_ref import rms_norm_ref
 
     return rms_norm_ref(x, weight, eps)
@@ -113,7 +113,7 @@ def add_rms_norm(
         and residual.shape == x.shape
         and residual.is_contiguous()
     ):
-        out, h = cpu_native.rms_norm(x, weight, eps, residual)
+        out, h = cpu_native.rms_norm(x, weight, eps, residual, checked=True)
         assert h is not None
         return out, h
     from dynserve_kernels.norm_ref import add_rms_norm_ref
@@ -123,7 +123,7 @@ def add_rms_norm(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     if backend == "cpu" and cpu_native.takes_rope(x, cos, sin):
-        return cpu_native.rope(x, cos, sin)  # [T, H, D]
+        return cpu_native.rope(x, cos, sin, checked=True)  # [T, H, D]
     from dynserve_kernels.rope_ref import apply_rope_ref
 
     return apply_rope_ref(x, cos, sin)
@@ -137,7 +137,7 @@ def write_kv(
 
         return write_kv_triton(key, value, kv_cache, slot_mapping)
     if backend == "cpu" and cpu_native.takes_write_kv(key, value, kv_cache, slot_mapping):
-        return cpu_native.write_kv(key, value, kv_cache, slot_mapping)
+        return cpu_native.write_kv(key, value, kv_cache, slot_mapping, checked=True)
     from dynserve_kernels.attention_ref import write_kv_ref
 
     return write_kv_ref(key, value, kv_cache, slot_mapping)

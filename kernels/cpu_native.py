@@ -423,15 +423,16 @@ def takes_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, checked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`norm_ref.rms_norm_ref` natively: x [..., H], weight [H] -> (out [..., H], None); with
     `residual` (x's shape) the norm is of h = x + residual and h comes back too: (out, h).
-    float32 or bfloat16 (rounded where the reference rounds); `takes_rms_norm` must hold."""
+    float32 or bfloat16 (rounded where the reference rounds); `takes_rms_norm` must hold (`checked`:
+    the caller has just checked it, as the dispatcher does)."""
     lib = _lib if _tried else _load()
     if lib is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
-    if not takes_rms_norm(x, weight):
+    if not (checked or takes_rms_norm(x, weight)):
         raise ValueError(
             f"rms_norm takes contiguous float32/bfloat16 CPU x [..., H] and weight [H] of one dtype, "
             f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
@@ -475,13 +476,14 @@ def takes_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     )
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, checked: bool = False) -> torch.Tensor:
     """`rope_ref.apply_rope_ref` natively: x [T, H, D] (token rows may be strided, e.g. a view of a
-    merged qkv projection) and cos/sin [T, R] -> a new contiguous [T, H, D]; `takes_rope` must hold."""
+    merged qkv projection) and cos/sin [T, R] -> a new contiguous [T, H, D]; `takes_rope` must hold
+    (`checked`: the caller has just checked it)."""
     lib = _lib if _tried else _load()
     if lib is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
-    if not takes_rope(x, cos, sin):
+    if not (checked or takes_rope(x, cos, sin)):
         raise ValueError(f"rope takes x [T, H, D] and cos/sin [T, R]; got {tuple(x.shape)}, {tuple(cos.shape)}")
     T, H, D = x.shape
     out = torch.empty(T, H, D, dtype=x.dtype)  # [T, H, D]
@@ -510,14 +512,16 @@ def takes_write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     )
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, checked: bool = False
+) -> None:
     """`attention_ref.write_kv_ref` natively: key/value [T, Hkv, D] into kv_cache [2, N, bs, Hkv, D] at
-    slots slot_mapping [T] (slots < 0 skipped); `takes_write_kv` must hold. ValueError (and nothing
-    written) when a slot lies past the cache."""
+    slots slot_mapping [T] (slots < 0 skipped); `takes_write_kv` must hold (`checked`: the caller has
+    just checked it). ValueError (and nothing written) when a slot lies past the cache."""
     lib = _lib if _tried else _load()
     if lib is None:
         raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
-    if not takes_write_kv(key, value, kv_cache, slot_mapping):
+    if not (checked or takes_write_kv(key, value, kv_cache, slot_mapping)):
         raise ValueError(f"write_kv takes key/value [T, Hkv, D] of the cache's layout; got {tuple(key.shape)}")
     T, hkv, d = key.shape
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
