@@ -328,7 +328,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         if self.qk_norm is None and self.clip_qkv is None:
             # q and k rotated in one op; q and k stay views of that result
-            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, hq + hkv, d), cos, sin, self.backend)
+            qk_in = qkv[:, : self.q_size + self.kv_size].view(T, hq + hkv, d)  # [T, Hq+Hkv, D], a view
+            qk = apply_rope(qk_in, cos, sin, self.backend)  # [T, Hq+Hkv, D]
             q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
             v = qkv[:, self.q_size + self.kv_size :].view(T, hkv, d)  # [T, Hkv, D]
         else:
