@@ -13,6 +13,9 @@ CPU when TRITON_INTERPRET=1. Public ops:
     tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
 - linear(x [T,K], weight [N,K], bias [N] | None) -> [T,N]  ("cpu": the native small-M GEMM for
   decode-sized T, which streams a cold weight faster than MKL; F.linear otherwise)
+- rms_norm(x [..., H], weight [H], eps) -> [..., H]; add_rms_norm(x, residual, weight, eps) ->
+  (rms_norm(x + residual), x + residual)  ("cpu": native for float32/bfloat16, see cpu_native.rms_norm)
+- apply_rope(x [T,H,D], cos [T,R], sin [T,R]) -> [T,H,D] neox rotary (rope_ref.apply_rope_ref; "cpu": native)
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
     writes new K/V into the paged cache in place.
 - paged_attention(q [T,Hq,D], kv_cache, batch, scale) -> [T,Hq,D]
@@ -74,10 +77,11 @@ def fused_moe(
         return fused_moe_triton(x, w13, w2, assignment)
     if backend == "cpu" and assignment.num_pairs > 0 and x.device.type == "cpu":  # never CUDA tensors
         a = assignment
-        counts = torch.bincount(a.expert_ids, minlength=w13.shape[0])  # [E] rows per expert
+        counts = None  # [E] rows per expert, needed only when a float32 expert might exceed the native limit
+        if x.dtype == torch.float32 and x.shape[0] > cpu_native.NATIVE_MOE_MAX_ROWS:
+            counts = torch.bincount(a.expert_ids, minlength=w13.shape[0])
         if cpu_native.takes_moe(x, w13, w2, counts):
-            out = cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets, counts=counts)
-            return out.to(x.dtype)
+            return cpu_native.fused_moe(x, w13, w2, a.token_ids, a.expert_ids, a.weights, a.token_offsets)
     from dynserve_kernels.moe_ref import fused_moe_ref
 
     return fused_moe_ref(x, w13, w2, assignment)
@@ -91,6 +95,40 @@ def linear(
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
+    if backend == "cpu" and cpu_native.takes_rms_norm(x, weight):
+        return cpu_native.rms_norm(x, weight, eps, checked=True)[0]
+    from dynserve_kernels.norm_ref import rms_norm_ref
+
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (
+        backend == "cpu"
+        and cpu_native.takes_rms_norm(x, weight)
+        and residual.dtype is x.dtype
+        and residual.shape == x.shape
+        and residual.is_contiguous()
+    ):
+        out, h = cpu_native.rms_norm(x, weight, eps, residual, checked=True)
+        assert h is not None
+        return out, h
+    from dynserve_kernels.norm_ref import add_rms_norm_ref
+
+    return add_rms_norm_ref(x, residual, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    if backend == "cpu" and cpu_native.takes_rope(x, cos, sin):
+        return cpu_native.rope(x, cos, sin, checked=True)  # [T, H, D]
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    return apply_rope_ref(x, cos, sin)
+
+
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, backend: str = "torch"
 ) -> None:
@@ -98,6 +136,8 @@ def write_kv(
         from dynserve_kernels.attention_triton import write_kv_triton
 
         return write_kv_triton(key, value, kv_cache, slot_mapping)
+    if backend == "cpu" and cpu_native.takes_write_kv(key, value, kv_cache, slot_mapping):
+        return cpu_native.write_kv(key, value, kv_cache, slot_mapping, checked=True)
     from dynserve_kernels.attention_ref import write_kv_ref
 
     return write_kv_ref(key, value, kv_cache, slot_mapping)

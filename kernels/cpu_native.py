@@ -126,6 +126,24 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn = lib.dyn_gemm_nt_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64]
+    fn = lib.dyn_in_range
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _i64, _i64]
+    fn = lib.dyn_offsets_ok
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _i64]
+    fn = lib.dyn_moe_group
+    fn.restype = None
+    fn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
+    for fn in (lib.dyn_rope_f32, lib.dyn_rope_bf16):
+        fn.restype = None
+        fn.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    fn = lib.dyn_write_kv
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
+        fn.restype = None
+        fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
     return lib
 
 
@@ -169,6 +187,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 def _check_dtypes(**ts: torch.Tensor) -> torch.dtype:
     """The one dtype of the named CPU tensors; ValueError unless it is float32 or bfloat16 for all."""
     dtype = next(iter(ts.values())).dtype
+    if dtype in DTYPES and _cpu_native_dtype(*ts.values()):  # the common case, without the messages
+        return dtype
     for name, t in ts.items():
         if t.dtype not in DTYPES or t.device.type != "cpu":
             raise ValueError(f"{name} must be a float32 or bfloat16 CPU tensor, got {t.dtype} on {t.device}")
@@ -202,18 +222,18 @@ def paged_decode_attention(
     dtype = _check_dtypes(q=q, kv_cache=kv_cache)
     if block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} for B={B}")
-    if B and int(seq_lens.max()) > block_tables.shape[1] * bs:
-        raise ValueError("a sequence is longer than its block table covers")
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
     q = q.contiguous()
     bt = block_tables.to(torch.int64).contiguous()  # [B, max_blocks]
     sl = seq_lens.to(torch.int64).contiguous()  # [B]
+    if not lib.dyn_in_range(sl.data_ptr(), B, -(2**63), bt.shape[1] * bs + 1):
+        raise ValueError("a sequence is longer than its block table covers")
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
         return out
     k_half, v_half = kv_cache[0], kv_cache[1]  # [N, bs, Hkv, D] each, contiguous
-    if bt.numel() and (int(bt.min()) < 0 or int(bt.max()) >= kv_cache.shape[1]):
+    if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, kv_cache.shape[1]):
         raise ValueError(f"block table entries must lie in [0, {kv_cache.shape[1]})")
     fn = lib.dyn_paged_decode_f32 if dtype == torch.float32 else lib.dyn_paged_decode_bf16
     status = fn(
@@ -271,7 +291,13 @@ NATIVE_MOE_MAX_ROWS = 64
 
 def _cpu_native_dtype(*ts: torch.Tensor) -> bool:
     """All CPU tensors of one dtype the kernels take (float32 or bfloat16)."""
-    return ts[0].dtype in DTYPES and all(t.dtype == ts[0].dtype and t.device.type == "cpu" for t in ts)
+    dtype = ts[0].dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        return False
+    for t in ts:
+        if t.dtype is not dtype or t.device.type != "cpu":
+            return False
+    return True
 
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -287,14 +313,18 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> bool:
+def takes_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor | None = None) -> bool:
     """Whether `fused_moe` should run this MoE layer: float32 or bfloat16 on the CPU, contiguous expert
     weights, and, in float32, no expert with more than NATIVE_MOE_MAX_ROWS rows (`counts` [E]: rows
-    per expert)."""
+    per expert; None when x has at most NATIVE_MOE_MAX_ROWS tokens, which bounds every expert's rows)."""
     return (
-        counts.numel() > 0
+        w13.dim() == 3
+        and w13.shape[0] > 0
         and _cpu_native_dtype(x, w13, w2)  # before counts.max(): no device sync for a CUDA tensor
-        and (x.dtype == torch.bfloat16 or int(counts.max()) <= NATIVE_MOE_MAX_ROWS)
+        and (
+            x.dtype == torch.bfloat16
+            or (x.shape[0] <= NATIVE_MOE_MAX_ROWS if counts is None else int(counts.max()) <= NATIVE_MOE_MAX_ROWS)
+        )
         and w13.is_contiguous()
         and w2.is_contiguous()
         and available()
@@ -323,8 +353,8 @@ def fused_moe(
     x [T, H], w13 [E, 2I, H], w2 [E, H, I] (CPU, all float32 or all bfloat16; bfloat16 rounds where
     `fused_moe_ref` does and accumulates in float32); pairs token-major: pair p is
     (token_ids[p], expert_ids[p], weights[p]) and token t owns pairs token_offsets[t]..[t+1]-1.
-    Tokens with no pair get zeros. `counts` is `torch.bincount(expert_ids, minlength=E)` when the
-    caller already has it.
+    Tokens with no pair get zeros. `counts` (`torch.bincount(expert_ids, minlength=E)`) is accepted
+    for callers that pass it and not needed: the pairs are grouped by expert in C.
     """
     lib = _load()
     if lib is None:
@@ -343,25 +373,24 @@ def fused_moe(
         raise ValueError(f"ragged assignment of {P} pairs does not fit {T} tokens")
     if P == 0:
         return torch.zeros(T, H, dtype=dtype)
-    if int(expert_ids.min()) < 0 or int(expert_ids.max()) >= E:
-        raise ValueError(f"expert ids must lie in [0, {E})")
-    if int(token_ids.min()) < 0 or int(token_ids.max()) >= T:
-        raise ValueError(f"token ids must lie in [0, {T})")
-    if (
-        int(token_offsets[0]) != 0
-        or int(token_offsets[-1]) != P
-        or bool((token_offsets[1:] < token_offsets[:-1]).any())
-    ):
-        raise ValueError(f"token_offsets must rise from 0 to the number of pairs ({P})")
-    if counts is None:
-        counts = torch.bincount(expert_ids, minlength=E)  # [E]
-    x = x.contiguous()
-    order = torch.argsort(expert_ids, stable=True)  # [P] pair ids grouped by expert
-    sorted_tok = token_ids.to(torch.int64)[order].contiguous()  # [P]
-    sorted_w = weights.to(torch.float32)[order].contiguous()  # [P]
-    expert_off = torch.zeros(E + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=expert_off[1:])  # [E + 1]
+    expert_ids = expert_ids.to(torch.int64).contiguous()  # [P]
+    token_ids = token_ids.to(torch.int64).contiguous()  # [P]
     tok_off = token_offsets.to(torch.int64).contiguous()  # [T + 1]
+    if not lib.dyn_in_range(expert_ids.data_ptr(), P, 0, E):
+        raise ValueError(f"expert ids must lie in [0, {E})")
+    if not lib.dyn_in_range(token_ids.data_ptr(), P, 0, T):
+        raise ValueError(f"token ids must lie in [0, {T})")
+    if not lib.dyn_offsets_ok(tok_off.data_ptr(), T, P):
+        raise ValueError(f"token_offsets must rise from 0 to the number of pairs ({P})")
+    x = x.contiguous()
+    w32 = weights.to(torch.float32).contiguous()  # [P]
+    idx = torch.empty(E + 1 + 2 * P, dtype=torch.int64)
+    expert_off, order, sorted_tok = idx[: E + 1], idx[E + 1 : E + 1 + P], idx[E + 1 + P :]  # [E + 1], [P], [P]
+    sorted_w = torch.empty(P, dtype=torch.float32)  # [P]
+    lib.dyn_moe_group(
+        expert_ids.data_ptr(), token_ids.data_ptr(), w32.data_ptr(), P, E, expert_off.data_ptr(), order.data_ptr(),
+        sorted_tok.data_ptr(), sorted_w.data_ptr(),
+    )  # fmt: skip
     y_pairs = torch.empty(P, H, dtype=torch.float32)  # [P, H] weighted outputs, token-major
     out = torch.empty(T, H, dtype=dtype)  # [T, H]
     fn = lib.dyn_moe_f32 if dtype == torch.float32 else lib.dyn_moe_bf16
@@ -373,3 +402,132 @@ def fused_moe(
     if status != 0:
         raise MemoryError("native MoE could not allocate its scratch buffer")
     return out
+
+
+def takes_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` should run this norm: float32 or bfloat16 CPU tensors of one dtype,
+    contiguous, weight [H] over x's last dim."""
+    dtype = x.dtype
+    return (
+        (dtype is torch.float32 or dtype is torch.bfloat16)
+        and weight.dtype is dtype
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dim() >= 1
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and available()
+    )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, checked: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`norm_ref.rms_norm_ref` natively: x [..., H], weight [H] -> (out [..., H], None); with
+    `residual` (x's shape) the norm is of h = x + residual and h comes back too: (out, h).
+    float32 or bfloat16 (rounded where the reference rounds); `takes_rms_norm` must hold (`checked`:
+    the caller has just checked it, as the dispatcher does)."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not (checked or takes_rms_norm(x, weight)):
+        raise ValueError(
+            f"rms_norm takes contiguous float32/bfloat16 CPU x [..., H] and weight [H] of one dtype, "
+            f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
+    H = x.shape[-1]
+    T = x.numel() // H if H else 0
+    out = torch.empty_like(x)  # [..., H]
+    h = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype is not x.dtype or not residual.is_contiguous():
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not fit x {tuple(x.shape)}")
+        h = torch.empty_like(x)  # [..., H]
+    if T:
+        fn = lib.dyn_rmsnorm_f32 if x.dtype is torch.float32 else lib.dyn_rmsnorm_bf16
+        fn(
+            x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            None if h is None else h.data_ptr(), T, H, float(eps),
+        )  # fmt: skip
+    return out, h
+
+
+def _rows_of_heads(x: torch.Tensor) -> bool:
+    """x [T, H, D] with each token's H * D elements contiguous (any stride between tokens)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def takes_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope` should rotate x: float32 or bfloat16 CPU x [T, H, D] with contiguous heads, and
+    contiguous cos/sin [T, R] of x's dtype, R even and <= D."""
+    return (
+        _rows_of_heads(x)
+        and cos.dim() == 2
+        and cos.shape == sin.shape
+        and cos.shape[0] == x.shape[0]
+        and cos.shape[1] % 2 == 0
+        and cos.shape[1] <= x.shape[2]
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and _cpu_native_dtype(x, cos, sin)
+        and available()
+    )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, checked: bool = False) -> torch.Tensor:
+    """`rope_ref.apply_rope_ref` natively: x [T, H, D] (token rows may be strided, e.g. a view of a
+    merged qkv projection) and cos/sin [T, R] -> a new contiguous [T, H, D]; `takes_rope` must hold
+    (`checked`: the caller has just checked it)."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not (checked or takes_rope(x, cos, sin)):
+        raise ValueError(f"rope takes x [T, H, D] and cos/sin [T, R]; got {tuple(x.shape)}, {tuple(cos.shape)}")
+    T, H, D = x.shape
+    out = torch.empty(T, H, D, dtype=x.dtype)  # [T, H, D]
+    if out.numel():
+        fn = lib.dyn_rope_f32 if x.dtype is torch.float32 else lib.dyn_rope_bf16
+        fn(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), T, H, D, cos.shape[1])
+    return out
+
+
+def takes_write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Whether `write_kv` should write these rows: key/value [T, Hkv, D] with contiguous heads, a
+    contiguous kv_cache [2, N, bs, Hkv, D] of their dtype (float32 or bfloat16), int64 CPU slots [T]."""
+    return (
+        _rows_of_heads(key)
+        and _rows_of_heads(value)
+        and key.shape == value.shape
+        and kv_cache.dim() == 5
+        and key.shape[1:] == kv_cache.shape[3:]
+        and slot_mapping.dtype is torch.int64
+        and slot_mapping.device.type == "cpu"
+        and slot_mapping.shape == (key.shape[0],)
+        and slot_mapping.is_contiguous()
+        and kv_cache.is_contiguous()
+        and _cpu_native_dtype(key, value, kv_cache)
+        and available()
+    )
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, checked: bool = False
+) -> None:
+    """`attention_ref.write_kv_ref` natively: key/value [T, Hkv, D] into kv_cache [2, N, bs, Hkv, D] at
+    slots slot_mapping [T] (slots < 0 skipped); `takes_write_kv` must hold (`checked`: the caller has
+    just checked it). ValueError (and nothing written) when a slot lies past the cache."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not (checked or takes_write_kv(key, value, kv_cache, slot_mapping)):
+        raise ValueError(f"write_kv takes key/value [T, Hkv, D] of the cache's layout; got {tuple(key.shape)}")
+    T, hkv, d = key.shape
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    status = lib.dyn_write_kv(
+        key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), slot_mapping.data_ptr(), T, hkv * d, num_slots, key.element_size(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"slots must lie below the cache's {num_slots} slots")

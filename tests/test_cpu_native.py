@@ -526,3 +526,130 @@ def test_triton_backend_without_triton_says_what_to_install(monkeypatch):
     with pytest.raises(RuntimeError, match=r"dynserve\[cuda\]"):
         dynserve_kernels.select_backend("cpu", use_triton=True)
     assert dynserve_kernels.select_backend("cpu") == "cpu"  # the CPU path never needs it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 33), (5, 256), (70, 129), (2, 3, 17)])
+def test_native_rms_norm_matches_reference(dtype, shape):
+    from dynserve_kernels.norm_ref import add_rms_norm_ref, rms_norm_ref
+
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (3 * torch.randn(shape, generator=g)).to(dtype)
+    res = torch.randn(shape, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    eps = 1e-5
+    out, h = cpu_native.rms_norm(x, w, eps)
+    assert h is None and out.dtype == dtype and out.shape == x.shape
+    ref = rms_norm_ref(x, w, eps)
+    out_a, h_a = cpu_native.rms_norm(x, w, eps, res)
+    ref_a, ref_h = add_rms_norm_ref(x, res, w, eps)
+    assert torch.equal(h_a, ref_h)  # the add rounds exactly as torch's
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out_a, ref_a, rtol=1e-6, atol=1e-6)
+    else:  # same roundings; only the float32 sum order differs, flipping at most a rare last bit
+        for o, r in ((out, ref), (out_a, ref_a)):
+            diff = (o.float() - r.float()).abs()
+            assert (diff > 0).float().mean() < 0.02
+            torch.testing.assert_close(o, r, rtol=8e-3, atol=1e-5)
+
+
+def test_rms_norm_dispatch_falls_back_for_what_the_kernel_does_not_take():
+    from dynserve_kernels.norm_ref import rms_norm_ref
+
+    x = torch.randn(4, 16)
+    w = torch.rand(16)
+    assert cpu_native.takes_rms_norm(x, w)
+    assert not cpu_native.takes_rms_norm(x.t().contiguous().t(), w)  # non-contiguous
+    assert not cpu_native.takes_rms_norm(x.half(), w.half())
+    assert not cpu_native.takes_rms_norm(x, w.double())
+    for t, wt in ((x[:, ::2], w[:8]), (x.half(), w.half())):
+        torch.testing.assert_close(dynserve_kernels.rms_norm(t, wt, 1e-6, "cpu"), rms_norm_ref(t, wt, 1e-6))
+    out, h = dynserve_kernels.add_rms_norm(x, x[:, :16].t().contiguous().t(), w, 1e-6, "cpu")  # residual view
+    torch.testing.assert_close(h, 2 * x)
+    with pytest.raises(ValueError):
+        cpu_native.rms_norm(x.half(), w.half(), 1e-6)
+    with pytest.raises(ValueError):
+        cpu_native.rms_norm(x, w, 1e-6, torch.randn(4, 15))
+
+
+def test_native_moe_grouping_matches_stable_argsort():
+    lib = cpu_native._load()
+    g = torch.Generator().manual_seed(3)
+    for P, E in ((1, 1), (7, 3), (100, 13)):
+        eids = torch.randint(0, E, (P,), generator=g)
+        tok = torch.randint(0, 50, (P,), generator=g)
+        w = torch.rand(P, generator=g)
+        off, order, stok = (torch.empty(n, dtype=torch.int64) for n in (E + 1, P, P))
+        sw = torch.empty(P)
+        lib.dyn_moe_group(
+            eids.data_ptr(), tok.data_ptr(), w.data_ptr(), P, E, off.data_ptr(), order.data_ptr(), stok.data_ptr(),
+            sw.data_ptr(),
+        )  # fmt: skip
+        ref_order = torch.argsort(eids, stable=True)
+        assert torch.equal(order, ref_order) and torch.equal(stok, tok[ref_order]) and torch.equal(sw, w[ref_order])
+        assert torch.equal(off[1:], torch.cumsum(torch.bincount(eids, minlength=E), 0)) and off[0] == 0
+
+
+def test_takes_moe_bounds_float32_rows_by_tokens_without_counts():
+    w13, w2 = torch.zeros(4, 6, 8), torch.zeros(4, 8, 3)
+    n = cpu_native.NATIVE_MOE_MAX_ROWS
+    assert cpu_native.takes_moe(torch.zeros(n, 8), w13, w2)
+    assert not cpu_native.takes_moe(torch.zeros(n + 1, 8), w13, w2, torch.tensor([n + 1, 0, 0, 0]))
+    assert cpu_native.takes_moe(torch.zeros(n + 1, 8), w13, w2, torch.tensor([n, 1, 0, 0]))
+    assert cpu_native.takes_moe(torch.zeros(n + 1, 8).bfloat16(), w13.bfloat16(), w2.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, H, D, R", [(1, 3, 8, 8), (5, 7, 18, 18), (3, 2, 16, 6), (9, 5, 64, 64)])
+def test_native_rope_matches_reference(dtype, T, H, D, R):
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    g = torch.Generator().manual_seed(T * 100 + D)
+    base = torch.randn(T, H * D + 5, generator=g).to(dtype)  # token rows strided, as a view of qkv
+    x = base[:, 2 : 2 + H * D].view(T, H, D)
+    ang = torch.rand(T, R // 2, generator=g) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to(dtype)
+    assert cpu_native.takes_rope(x, cos, sin)
+    out = cpu_native.rope(x, cos, sin)
+    assert out.is_contiguous()
+    assert torch.equal(out, apply_rope_ref(x, cos, sin))  # the same roundings, bit for bit
+    assert torch.equal(dynserve_kernels.apply_rope(x, cos, sin, "cpu"), out)
+
+
+def test_rope_dispatch_falls_back_for_what_the_kernel_does_not_take():
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    x = torch.randn(4, 3, 8).transpose(0, 1)  # heads not contiguous within a token
+    ang = torch.rand(3, 4)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([-ang.sin(), ang.sin()], -1)
+    assert not cpu_native.takes_rope(x, cos, sin)
+    assert not cpu_native.takes_rope(x.contiguous(), cos.half(), sin.half())
+    assert torch.equal(dynserve_kernels.apply_rope(x, cos, sin, "cpu"), apply_rope_ref(x, cos, sin))
+    with pytest.raises(ValueError):
+        cpu_native.rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_kv_matches_reference(dtype):
+    from dynserve_kernels.attention_ref import write_kv_ref
+
+    g = torch.Generator().manual_seed(0)
+    T, hkv, d = 5, 3, 6
+    qkv = torch.randn(T, 4 * hkv * d + 1, generator=g).to(dtype)
+    k = qkv[:, 1 : 1 + 2 * hkv * d].view(T, 2 * hkv, d)[:, hkv:]  # strided views, as Attention passes
+    v = qkv[:, 1 + 2 * hkv * d : 1 + 3 * hkv * d].view(T, hkv, d)
+    slots = torch.tensor([3, -1, 0, 13, 7])
+    cache = torch.randn(2, 4, 4, hkv, d, generator=g).to(dtype)
+    ref = cache.clone()
+    write_kv_ref(k, v, ref, slots)
+    assert cpu_native.takes_write_kv(k, v, cache, slots)
+    dynserve_kernels.write_kv(k, v, cache, slots, "cpu")
+    assert torch.equal(cache, ref)
+    before = cache.clone()
+    with pytest.raises(ValueError):
+        cpu_native.write_kv(k, v, cache, torch.tensor([0, 1, 2, 3, 16]))
+    assert torch.equal(cache, before)  # nothing written
+    assert not cpu_native.takes_write_kv(k, v, cache, slots.int())
+    assert not cpu_native.takes_write_kv(k.half(), v.half(), cache.half(), slots)

@@ -153,8 +153,9 @@ class DecoderLayer(nn.Module):
         kv_caches: list[torch.Tensor],
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_caches[0], batch)  # [T, H]
-        return h + self.mlp(self.post_attention_layernorm(h), batch)  # [T, H]
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv_caches[0], batch)  # [T, H]
+        y, h = self.post_attention_layernorm.forward_add(x, a)  # norm(h), h = x + a: [T, H] each
+        return h + self.mlp(y, batch)  # [T, H]
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, spec: DecoderSpec) -> None:
         self.input_layernorm.load_hf(ws, f"{prefix}.input_layernorm.weight", device)

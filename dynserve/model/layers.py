@@ -89,7 +89,10 @@ def set_backend(model: nn.Module, backend: str) -> None:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dim, computed in float32, scaled by a learned weight."""
+    """Root-mean-square norm over the last dim, computed in float32, scaled by a learned weight
+    (`dynserve_kernels.rms_norm`: the native kernel on the CPU path, `norm_ref.rms_norm_ref` else)."""
+
+    backend: str = "torch"  # set by `set_backend`
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -97,10 +100,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return dynserve_kernels.rms_norm(x, self.weight, self.eps, self.backend)  # [..., H]
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the add fused into the norm on the CPU path."""
+        return dynserve_kernels.add_rms_norm(x, residual, self.weight, self.eps, self.backend)
 
     def load_hf(self, ws: WeightSource, name: str, device: torch.device | str) -> None:
         assign_param(self, "weight", ws.get(name), device, name)
@@ -260,17 +264,14 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """x [T, H, D] rotated by `RotaryEmbedding`'s cos/sin [T, R]; returns a new contiguous tensor.
 
     First half: x1 * c - x2 * s; second half: x2 * c + x1 * s (transformers' rotate_half form).
     With R < D (partial rotary, GLM-4.5) only the first R dims of each head rotate, their halves
-    split at R/2 (not interleaved), and the last D - R dims pass through, as transformers does."""
-    R = cos.shape[-1]
-    if R < x.shape[-1]:
-        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)  # [T, H, D]
-    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)  # [T, H, D] halves swapped
-    return x * cos[:, None, :] + rolled * sin[:, None, :]
+    split at R/2 (not interleaved), and the last D - R dims pass through, as transformers does.
+    `dynserve_kernels.apply_rope`: native on the CPU path, `rope_ref.apply_rope_ref` otherwise."""
+    return dynserve_kernels.apply_rope(x, cos, sin, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +328,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         if self.qk_norm is None and self.clip_qkv is None:
             # q and k rotated in one op; q and k stay views of that result
-            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(T, hq + hkv, d), cos, sin)  # [T, Hq+Hkv, D]
+            qk_in = qkv[:, : self.q_size + self.kv_size].view(T, hq + hkv, d)  # [T, Hq+Hkv, D], a view
+            qk = apply_rope(qk_in, cos, sin, self.backend)  # [T, Hq+Hkv, D]
             q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
             v = qkv[:, self.q_size + self.kv_size :].view(T, hkv, d)  # [T, Hkv, D]
         else:
@@ -340,7 +342,7 @@ class Attention(nn.Module):
             q, k, v = q.view(T, hq, d), k.reshape(T, hkv, d), v.reshape(T, hkv, d)
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.backend), apply_rope(k, cos, sin, self.backend)
         if self.backend == "triton":  # the Triton kernels take dense inputs
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)

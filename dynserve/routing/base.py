@@ -60,7 +60,7 @@ class Assignment:
         """From fixed top-k `topk_ids` [T, k] and `topk_weights` [T, k] (every token k pairs)."""
         T, k = topk_ids.shape
         device = topk_ids.device
-        tok = torch.arange(T, device=device).repeat_interleave(k)  # [T*k]
+        tok = torch.arange(T * k, device=device).div_(max(k, 1), rounding_mode="floor")  # [T*k]: 0,..,0, 1,.., T-1
         offsets = torch.arange(T + 1, device=device, dtype=torch.int64) * k  # [T+1]
         return cls(T, num_experts, tok, topk_ids.reshape(-1).long(), topk_weights.reshape(-1).float(), offsets)
 

@@ -662,3 +662,155 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
     }
     return failed ? -1 : 0;
 }
+
+/* RMSNorm over rows, with an optional residual add before it (torch reference: norm_ref.rms_norm_ref).
+ *
+ *   x, res [T, H] (res may be NULL), w [H]  -> out [T, H]; h_out [T, H] = x + res when res != NULL
+ *   h = x (+ res);  out = w * (h * rsqrt(mean(h^2) + eps))
+ *
+ * The sum of squares is accumulated in double (at least as accurate as torch's float32 cascade
+ * sum), the mean and rsqrt in float32. Rows run in parallel only when there are many (prefill). */
+void dyn_rmsnorm_f32(const float *x, const float *res, const float *w, float *out, float *h_out, int64_t T,
+                     int64_t H, float eps) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * H;
+        if (res) {
+            float *hr = h_out + t * H;
+            const float *rr = res + t * H;
+#pragma omp simd
+            for (int64_t i = 0; i < H; i++) hr[i] = xr[i] + rr[i];
+            xr = hr;
+        }
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; i++) ss += (double)xr[i] * xr[i];
+        const float r = 1.0f / sqrtf((float)ss / (float)H + eps);
+        float *o = out + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) o[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* bfloat16: h = round(x + res) as torch's bfloat16 add stores it; the norm in float32, rounded to
+ * bfloat16, then times w and rounded again (the reference's `weight * xf.to(bfloat16)`). */
+void dyn_rmsnorm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out, uint16_t *h_out,
+                      int64_t T, int64_t H, float eps) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xr = x + t * H;
+        if (res) {
+            uint16_t *hr = h_out + t * H;
+            const uint16_t *rr = res + t * H;
+            for (int64_t i = 0; i < H; i++) hr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(rr[i]));
+            xr = hr;
+        }
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; i++) {
+            const double v = bf16_to_f32(xr[i]);
+            ss += v * v;
+        }
+        const float r = 1.0f / sqrtf((float)ss / (float)H + eps);
+        uint16_t *o = out + t * H;
+        for (int64_t i = 0; i < H; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * r));
+    }
+}
+
+/* Input checks of the wrappers, here rather than as torch reductions (each a dispatch and a
+ * host sync per call): 1 when every a[0..n) lies in [lo, hi), else 0. */
+int dyn_in_range(const int64_t *a, int64_t n, int64_t lo, int64_t hi) {
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++) ok &= (a[i] >= lo) & (a[i] < hi);
+    return ok;
+}
+
+/* 1 when off[0..n] rises (non-strictly) from 0 to total, else 0. */
+int dyn_offsets_ok(const int64_t *off, int64_t n, int64_t total) {
+    int ok = off[0] == 0 && off[n] == total;
+    for (int64_t i = 0; i < n; i++) ok &= off[i] <= off[i + 1];
+    return ok;
+}
+
+/* The pairs of a MoE assignment grouped by expert, stably (a counting sort; what fused_moe's
+ * torch.bincount + argsort(stable) + gathers compute): expert_off [E + 1] (expert e owns sorted
+ * pairs expert_off[e]..[e+1]-1), order [P] (pair id of each sorted pair), sorted_tok [P] and
+ * sorted_w [P] (its token and weight). Expert ids must lie in [0, E). */
+void dyn_moe_group(const int64_t *expert_ids, const int64_t *token_ids, const float *weights, int64_t P, int64_t E,
+                   int64_t *expert_off, int64_t *order, int64_t *sorted_tok, float *sorted_w) {
+    memset(expert_off, 0, sizeof(int64_t) * (size_t)(E + 1));
+    for (int64_t p = 0; p < P; p++) expert_off[expert_ids[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) expert_off[e + 1] += expert_off[e];
+    for (int64_t p = 0; p < P; p++) { /* expert_off[e] walks to expert_off[e + 1] ... */
+        const int64_t dst = expert_off[expert_ids[p]]++;
+        order[dst] = p;
+        sorted_tok[dst] = token_ids[p];
+        sorted_w[dst] = weights[p];
+    }
+    for (int64_t e = E; e > 0; e--) expert_off[e] = expert_off[e - 1]; /* ... so shift it back */
+    expert_off[0] = 0;
+}
+
+/* Neox rotary (rotate halves) of x [T, H, D] (row stride ldt elements between tokens, heads
+ * contiguous: head h of token t at x + t * ldt + h * D) by cos/sin [T, R] as RotaryEmbedding lays
+ * them out (cos = [c, c], sin = [-s, s]) -> out [T, H, D] contiguous; dims R..D-1 pass through.
+ * out_i = x_i * cos_i + x_{i +- R/2} * sin_i with both products rounded before the add, as the torch
+ * reference (`rope_ref.apply_rope_ref`) computes it: no FMA contraction here. */
+__attribute__((optimize("fp-contract=off"))) void dyn_rope_f32(const float *x, int64_t ldt, const float *cos,
+                                                                const float *sin, float *out, int64_t T, int64_t H,
+                                                                int64_t D, int64_t R) {
+    const int64_t half = R / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * R, *s = sin + t * R;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xh = x + t * ldt + h * D;
+            float *o = out + (t * H + h) * D;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = xh[i] * c[i], b = xh[i + half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = half; i < R; i++) {
+                const float a = xh[i] * c[i], b = xh[i - half] * s[i];
+                o[i] = a + b;
+            }
+            for (int64_t i = R; i < D; i++) o[i] = xh[i];
+        }
+    }
+}
+
+/* bfloat16: each product and the sum rounded to bfloat16, as torch's bfloat16 mul/add store them. */
+void dyn_rope_bf16(const uint16_t *x, int64_t ldt, const uint16_t *cos, const uint16_t *sin, uint16_t *out,
+                   int64_t T, int64_t H, int64_t D, int64_t R) {
+    const int64_t half = R / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *c = cos + t * R, *s = sin + t * R;
+        for (int64_t h = 0; h < H; h++) {
+            const uint16_t *xh = x + t * ldt + h * D;
+            uint16_t *o = out + (t * H + h) * D;
+            for (int64_t i = 0; i < R; i++) {
+                const int64_t j = i < half ? i + half : i - half;
+                const float a = round_bf16(bf16_to_f32(xh[i]) * bf16_to_f32(c[i]));
+                const float b = round_bf16(bf16_to_f32(xh[j]) * bf16_to_f32(s[i]));
+                o[i] = f32_to_bf16(a + b);
+            }
+            for (int64_t i = R; i < D; i++) o[i] = xh[i];
+        }
+    }
+}
+
+/* New K/V rows into the paged cache (write_kv_ref): key/value [T, Hkv, D] with row strides ldk/ldv
+ * (elements of `esize` bytes between tokens, each token's Hkv * D elements contiguous) to slots
+ * slot_mapping [T] of kc/vc [num_slots, Hkv, D]; slots < 0 are skipped. 0, or -1 when a slot is
+ * >= num_slots (nothing written then). */
+int dyn_write_kv(const char *key, int64_t ldk, const char *value, int64_t ldv, char *kc, char *vc,
+                 const int64_t *slots, int64_t T, int64_t row, int64_t num_slots, int64_t esize) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] >= num_slots) return -1;
+    const size_t bytes = (size_t)(row * esize);
+    for (int64_t t = 0; t < T; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(kc + slots[t] * (int64_t)bytes, key + t * ldk * esize, bytes);
+        memcpy(vc + slots[t] * (int64_t)bytes, value + t * ldv * esize, bytes);
+    }
+    return 0;
+}
