@@ -440,9 +440,10 @@ class AsyncEngine:
                 continue
             steps_before = engine.num_steps
             outputs = engine.step()
-            self._deliver(outputs)
             # the stats snapshot (for /metrics and backpressure) is not needed every step: refresh it at
-            # most every 50 ms, and always when the engine goes idle or a request finishes
+            # most every 50 ms, and always when the engine goes idle or a request finishes. It is
+            # refreshed before the outputs go out, so a client that has its final output and then
+            # scrapes /metrics sees its request counted.
             now = time.monotonic()
             if (
                 now - self._last_stats_refresh >= _STATS_REFRESH_S
@@ -451,6 +452,7 @@ class AsyncEngine:
             ):
                 self._refresh_stats()
                 self._last_stats_refresh = now
+            self._deliver(outputs)
             if not outputs and engine.num_steps == steps_before and engine.has_unfinished_requests():
                 # nothing could be scheduled: wait briefly for news instead of spinning
                 with self._cond:
