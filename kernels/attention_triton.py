@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+from dynserve_kernels.metadata import kv_halves_dense
 from triton.runtime.jit import JITFunction
 
 if TYPE_CHECKING:
@@ -58,8 +59,8 @@ def write_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     _, _, _, hkv, d = kv_cache.shape
     if key.shape[1:] != (hkv, d) or value.shape != key.shape:
         raise ValueError(f"key/value {tuple(key.shape)} do not match cache heads ({hkv}, {d})")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+    if not kv_halves_dense(kv_cache):
+        raise ValueError("kv_cache's K and V halves must each be contiguous")
     if T == 0:
         return
     # rows may be strided (a slice of a fused qkv projection) but each row must be dense
@@ -70,7 +71,7 @@ def write_kv_triton(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     slots = slot_mapping.to(device=kv_cache.device).contiguous()  # [T]
     row = hkv * d
     LAST_COMPILED["write_kv"] = _write_kv_kernel[(T,)](
-        key, value, kv_cache, slots, key.stride(0), value.stride(0), kv_cache[0].numel(), row,
+        key, value, kv_cache, slots, key.stride(0), value.stride(0), kv_cache.stride(0), row,
         BLOCK=triton.next_power_of_2(row), num_warps=4 if row >= 1024 else 2,
     )  # fmt: skip
 
@@ -286,8 +287,8 @@ def paged_attention_triton(
     _, _, bs, hkv, dc = kv_cache.shape
     if dc != d or hq % hkv:
         raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(kv_cache.shape)}")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+    if not kv_halves_dense(kv_cache):
+        raise ValueError("kv_cache's K and V halves must each be contiguous")
     if q.dtype != kv_cache.dtype:
         raise TypeError(f"q dtype {q.dtype} != cache dtype {kv_cache.dtype}")
     out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -306,7 +307,7 @@ def paged_attention_triton(
     common = dict(
         qk_scale=scale * _LOG2E,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
-        stride_bt=tables.stride(0), half_stride=kv_cache[0].numel(), stride_blk=kv_cache.stride(1),
+        stride_bt=tables.stride(0), half_stride=kv_cache.stride(0), stride_blk=kv_cache.stride(1),
         stride_pos=kv_cache.stride(2), block_size=bs, G=g, D=d,
     )  # fmt: skip
     if batch.max_query_len == 1 and T == B:

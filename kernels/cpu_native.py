@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from dynserve_kernels.metadata import kv_halves_dense
 
 if TYPE_CHECKING:
     from dynserve_kernels.metadata import AttentionMetadata
@@ -222,8 +223,8 @@ def paged_decode_attention(
     dtype = _check_dtypes(q=q, kv_cache=kv_cache)
     if block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} for B={B}")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+    if not kv_halves_dense(kv_cache):
+        raise ValueError("kv_cache's K and V halves must each be contiguous")
     q = q.contiguous()
     bt = block_tables.to(torch.int64).contiguous()  # [B, max_blocks]
     sl = seq_lens.to(torch.int64).contiguous()  # [B]
@@ -495,7 +496,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, checked: bool = 
 
 def takes_write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """Whether `write_kv` should write these rows: key/value [T, Hkv, D] with contiguous heads, a
-    contiguous kv_cache [2, N, bs, Hkv, D] of their dtype (float32 or bfloat16), int64 CPU slots [T]."""
+    kv_cache [2, N, bs, Hkv, D] with dense halves (`kv_halves_dense`) of their dtype (float32 or
+    bfloat16), int64 CPU slots [T]."""
     return (
         _rows_of_heads(key)
         and _rows_of_heads(value)
@@ -506,7 +508,7 @@ def takes_write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         and slot_mapping.device.type == "cpu"
         and slot_mapping.shape == (key.shape[0],)
         and slot_mapping.is_contiguous()
-        and kv_cache.is_contiguous()
+        and kv_halves_dense(kv_cache)
         and _cpu_native_dtype(key, value, kv_cache)
         and available()
     )

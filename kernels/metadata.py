@@ -34,3 +34,10 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.numel())
+
+
+def kv_halves_dense(kv_cache: torch.Tensor) -> bool:
+    """Whether a paged cache [2, N, bs, Hkv, D] fits the kernels: each half (K, V) dense. The halves
+    may share storage (stride(0) == 0, `kv_cache = latent.expand(2, ...)`): then K and V are one
+    tensor, the layout of multi-head latent attention's compressed cache."""
+    return kv_cache.dim() == 5 and kv_cache[0].is_contiguous() and kv_cache[1].is_contiguous()

@@ -199,13 +199,23 @@ def test_server_greedy_matches_offline_and_top_p_usage(v3_client, checkpoint_fac
     assert 1 <= usage["avg_experts_per_token"] < V3_TOP_K and usage["expert_activations"] > 0
 
 
-def test_mla_paged_cache_layout(checkpoint_factory):
-    # every query head caches its decompressed K [k_nope 8, k_rope 8] and V [12], padded to 16
-    cfg = EngineConfig.create(str(checkpoint_factory("deepseek_v3")))
-    assert kv_cache_layout(cfg.model) == (3, 4, 16)
+def test_mla_cache_holds_the_latent_once_per_token(checkpoint_factory):
+    # one row per token per layer: latent c (kv_lora_rank 24) + k_rope (8), K and V halves one memory;
+    # decompressed, every query head (4) would cache K [k_nope 8 + k_rope 8] and V [12] padded to 16
+    from dynserve.engine.model_runner import ModelRunner
+
+    cfg = EngineConfig.create(str(checkpoint_factory("deepseek_v3")), kv_cache_memory_bytes=1 << 20, max_num_seqs=512)
+    assert tuple(kv_cache_layout(cfg.model)) == (3, 1, 32, True)
     caches = allocate_kv_caches(cfg.model, 8, 4, "cpu", "float32")
-    assert len(caches) == 3 and caches[0].shape == (2, 8, 4, 4, 16)
-    assert kv_cache_bytes_per_block(cfg.model, 4, "float32") == 3 * 2 * 4 * 4 * 16 * 4
+    assert len(caches) == 3 and caches[0].shape == (2, 8, 4, 1, 32) and caches[0].stride(0) == 0
+    caches[0][0, 1, 2, 0].fill_(3.0)
+    assert caches[0][1, 1, 2, 0].eq(3.0).all()  # V is K
+    latent_bytes, decompressed_bytes = 32 * 4, 2 * 4 * 16 * 4  # per token per layer, float32
+    assert kv_cache_bytes_per_block(cfg.model, 4, "float32") == 3 * 4 * latent_bytes
+    # a fixed --kv-cache-memory holds decompressed/latent = 4x the blocks it would hold decompressed
+    runner = ModelRunner(cfg)
+    decompressed_blocks = (1 << 20) // (3 * cfg.cache.block_size * decompressed_bytes)
+    assert runner.num_kv_blocks == (1 << 20) // (3 * cfg.cache.block_size * latent_bytes) >= 4 * decompressed_blocks
 
 
 def test_fp8_checkpoint_is_refused_with_the_format_named(checkpoint_factory, tmp_path):

@@ -170,3 +170,22 @@ def test_reference_inside_and_outside_inference_mode():
     with torch.inference_mode():
         c = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,seqs,bs", LAYOUTS[:4], ids=[c[0] for c in LAYOUTS[:4]])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_shared_kv_halves(name, seqs, bs, dtype, backend, device):
+    """A cache whose K and V halves are one tensor (stride 0: MLA's latent cache, K = V = the latent
+    row): every backend writes it once and attends with V = K, as the naive loop over a copy does."""
+    dev = device if backend == "triton" else "cpu"
+    hq, d = 6, 24
+    batch, kv_cache, key, _, q = _setup(seqs, bs, hq, 1, d, dtype)
+    latent = kv_cache[1:2].clone().to(dev)  # [1, N, bs, 1, D]: the storage
+    shared = latent.expand(2, *latent.shape[1:])  # [2, N, bs, 1, D], stride(0) == 0
+    dev_batch = _batch_on(batch, dev)
+    dynserve_kernels.write_kv(key.to(dev), key.to(dev), shared, dev_batch.slot_mapping, backend=backend)
+    out = dynserve_kernels.paged_attention(q.to(dev), shared, dev_batch, d**-0.5, backend=backend).cpu()
+    assert torch.equal(latent[0].cpu().view(-1, d)[batch.slot_mapping], key.view(-1, d))
+    ref = naive_attention(q, shared.cpu().contiguous(), batch, d**-0.5)
+    _check(out, ref, dtype)

@@ -151,7 +151,7 @@ def test_mixed_batch_matches_transformers(longcat):
 
 
 def test_v_head_dim_larger_than_qk_and_attention_bias(tmp_path):
-    # v_head_dim 20 > qk_head_dim 12: q and k are zero-padded to 20 in the cache instead of v;
+    # v_head_dim 20 > qk_head_dim 12 (the absorbed value is read from the latent, then W_UV gives 20);
     # attention_bias adds biases to q_a / kv_a (whose rotary rows are permuted at load) and o_proj
     path = make_longcat(
         tmp_path / "lc",
@@ -164,7 +164,7 @@ def test_v_head_dim_larger_than_qk_and_attention_bias(tmp_path):
         tie_word_embeddings=True,
     )
     s = LongcatSetup(path)
-    assert s.kv()[0].shape[-2:] == (4, 20)
+    assert s.kv()[0].shape[-2:] == (1, 24 + 4)  # one cached row per token: latent + k_rope
     p, ref = s.prompts[2], s.ref[2]
     kv = s.kv()
     blocks = BlockPool().take(len(p))
@@ -190,10 +190,10 @@ def test_triton_kernels_match_transformers(longcat):
 def test_kv_cache_counts_two_attention_sublayers_per_layer(longcat):
     mc = longcat.cfg.model
     caches = allocate_kv_caches(mc, num_blocks=3, block_size=4, device="cpu", dtype="float32")
-    # 2 layers x 2 MLA sublayers; 4 heads of max(qk 8 + 8, v 12) = 16 dims
+    # 2 layers x 2 MLA sublayers; one latent row of kv_lora_rank 24 + k_rope 8 = 32 dims, K and V one memory
     assert len(caches) == 4 == longcat.model.num_attention_layers
-    assert all(c.shape == (2, 3, 4, 4, 16) for c in caches)
-    assert kv_cache_bytes_per_block(mc, 4, "float32") * 3 == sum(c.numel() * 4 for c in caches)
+    assert all(c.shape == (2, 3, 4, 1, 32) and c.stride(0) == 0 for c in caches)
+    assert kv_cache_bytes_per_block(mc, 4, "float32") * 3 == sum(c[0].numel() * 4 for c in caches)
 
 
 def test_bfloat16_keeps_router_in_float32_and_tracks_float32(longcat, tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,11 @@ class AttentionKind(Protocol):
         """(KV heads, head dim) of one attention layer's paged cache."""
         ...
 
+    @property
+    def shared_kv(self) -> bool:
+        """Whether K and V are one cached tensor (the cache then holds one half)."""
+        ...
+
     def rotary(self, cfg: ModelConfig, spec: DecoderSpec) -> RotaryEmbedding: ...
 
 
@@ -79,6 +84,8 @@ class GQA:
             norm_eps=spec.rms_norm_eps,
             clip_qkv=spec.clip_qkv,
         )
+
+    shared_kv: ClassVar[bool] = False
 
     def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
         return cfg.num_kv_heads, cfg.head_dim
@@ -208,11 +215,12 @@ class DecoderForCausalLM(CausalLM):
         raise NotImplementedError
 
     @classmethod
-    def kv_cache_layout(cls, model_config: ModelConfig) -> tuple[int, int, int]:
-        """(attention layers, heads, head dim) of the paged cache, from the spec's attention kind."""
+    def kv_cache_layout(cls, model_config: ModelConfig) -> tuple[int, int, int, bool]:
+        """(attention layers, heads, head dim, shared K/V) of the paged cache, from the spec's attention kind."""
         spec = cls.make_spec(model_config)
         heads, head_dim = spec.attention.cache_layout(model_config)
-        return (spec.num_layers or model_config.num_layers) * spec.attention_per_layer, heads, head_dim
+        layers = (spec.num_layers or model_config.num_layers) * spec.attention_per_layer
+        return layers, heads, head_dim, spec.attention.shared_kv
 
     @property
     def num_attention_layers(self) -> int:

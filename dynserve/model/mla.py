@@ -2,9 +2,15 @@
 
 Owns `LatentAttention` (the module) and `MLA` (the attention kind a `DecoderSpec` names). q comes
 from a LoRA (q_a -> RMSNorm -> q_b) or, with `q_lora_rank: null`, one projection; k/v are
-decompressed from a shared latent (kv_a -> RMSNorm -> kv_b) plus one shared rotary key head. The
-paged cache holds the decompressed per-head key [k_nope, k_rope] and value, both zero-padded to
-max(qk_head_dim, v_head_dim), so the generic paged-attention kernels serve it unchanged.
+decompressed from a shared latent (kv_a -> RMSNorm -> kv_b) plus one shared rotary key head.
+
+Compressed cache: the paged cache holds one row per token, [latent c (kv_lora_rank), roped k_rope
+(qk_rope_head_dim)], as one KV head whose K and V halves are the same memory (`shared_kv`), instead
+of per-head K and V (DeepSeek-V3: 576 values per token per layer instead of 2 x 128 x 192). Attention
+absorbs the up-projections (DeepSeek's "absorb" inference, vLLM's MLA): with kv_b = [W_UK; W_UV] per
+head, q_nope . (W_UK c) = (W_UK^T q_nope) . c, so each head's query becomes [W_UK^T q_nope, q_rope]
+and attends over the cached rows as multi-query attention with V = K; the first kv_lora_rank dims of
+its output, times W_UV^T, are the head's value. The generic paged-attention kernels serve it.
 
 Rotary layout: DeepSeek's checkpoints lay the rotary dims out in interleaved pairs (x0, x1),
 (x2, x3), ...; the rows of the projections that produce them are de-interleaved at load time, so
@@ -18,11 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dynserve_kernels
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynserve.config import ModelConfig
@@ -49,8 +54,8 @@ def qk_head_dim(hf: Mapping[str, Any]) -> int:
 
 
 def mla_cache_head_dim(hf: Mapping[str, Any]) -> int:
-    """Per-head width of the paged cache: max(qk_head_dim, v_head_dim) (K and V zero-padded to it)."""
-    return max(qk_head_dim(hf), int(hf["v_head_dim"]))
+    """Width of the compressed cache's one row per token: kv_lora_rank + qk_rope_head_dim."""
+    return int(hf["kv_lora_rank"]) + int(hf["qk_rope_head_dim"])
 
 
 def check_mla_heads(cfg: ModelConfig) -> None:
@@ -83,8 +88,8 @@ def yarn_softmax_mscale(hf: Mapping[str, Any]) -> float:
 class LatentAttention(nn.Module):
     """Multi-head latent attention over the paged KV cache. Owns the merged down-projection
     `qkv_a_proj` (q_a_proj — or, without q LoRA, q_proj — and kv_a_proj_with_mqa rows), the q
-    up-projection and norm (q LoRA only), kv_a_layernorm, kv_b_proj and o_proj; caches per-head K
-    and V padded to `cache_dim`.
+    up-projection and norm (q LoRA only), kv_a_layernorm, kv_b_proj and o_proj; caches the latent
+    row [c, k_rope] (`cache_dim` = kv_lora_rank + qk_rope_head_dim) once per token.
 
     `lora_scales` multiplies q by sqrt(hidden / q_lora_rank) and the normed kv latent by
     sqrt(hidden / kv_lora_rank) (LongCat-Flash); `interleaved_rope` says the checkpoint's rotary
@@ -104,7 +109,7 @@ class LatentAttention(nn.Module):
         self.qk_dim, self.v_dim = qk_head_dim(hf), int(hf["v_head_dim"])
         if self.qk_dim != self.nope + self.rope:
             raise ValueError(f"qk_head_dim {self.qk_dim} != qk_nope_head_dim + qk_rope_head_dim")
-        self.cache_dim = max(self.qk_dim, self.v_dim)
+        self.cache_dim = self.kv_lora_rank + self.rope
         self.interleaved_rope = interleaved_rope
         bias = bool(hf.get("attention_bias", False))
         q_out = self.q_lora_rank if self.q_lora_rank is not None else self.num_heads * self.qk_dim
@@ -135,8 +140,8 @@ class LatentAttention(nn.Module):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         T = x.shape[0]
-        nh, nope, pad = self.num_heads, self.nope, self.cache_dim - self.qk_dim
-        q_lat, kv_lat, k_rope = self.qkv_a_proj(x).split([self.q_out, self.kv_lora_rank, self.rope], dim=-1)
+        nh, nope, rank = self.num_heads, self.nope, self.kv_lora_rank
+        q_lat, kv_lat, k_rope = self.qkv_a_proj(x).split([self.q_out, rank, self.rope], dim=-1)
         if self.q_b_proj is not None:
             assert self.q_a_layernorm is not None
             q_lat = self.q_b_proj(self.q_a_layernorm(q_lat))  # [T, Hq Dqk]
@@ -146,18 +151,16 @@ class LatentAttention(nn.Module):
         kv_lat = self.kv_a_layernorm(kv_lat)  # [T, Rkv]
         if self.kv_lora_scale != 1.0:
             kv_lat = kv_lat * self.kv_lora_scale
-        kv = self.kv_b_proj(kv_lat).view(T, nh, nope + self.v_dim)  # [T, Hq, Dn + Dv]
-        k_nope, v = kv.split([nope, self.v_dim], dim=-1)  # [T, Hq, Dn], [T, Hq, Dv]
+        k_rope = apply_rope(k_rope.reshape(T, 1, self.rope), cos, sin)  # [T, 1, Dr]
+        row = torch.cat([kv_lat.unsqueeze(1), k_rope], dim=-1)  # [T, 1, Rkv + Dr]: the cached latent
+        dynserve_kernels.write_kv(row, row, kv_cache, batch.slot_mapping, self.backend)
+        w_kv = self.kv_b_proj.weight.view(nh, nope + self.v_dim, rank)  # [Hq, Dn + Dv, Rkv]
+        q_nope = torch.bmm(q[..., :nope].transpose(0, 1), w_kv[:, :nope])  # [Hq, T, Rkv]: W_UK^T q_nope
         q_rope = apply_rope(q[..., nope:], cos, sin)  # [T, Hq, Dr]
-        k_rope = apply_rope(k_rope.reshape(T, 1, self.rope), cos, sin).expand(T, nh, self.rope)  # [T, Hq, Dr]
-        q = F.pad(torch.cat([q[..., :nope], q_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
-        k = F.pad(torch.cat([k_nope, k_rope], dim=-1), (0, pad))  # [T, Hq, Dc]
-        v = F.pad(v, (0, self.cache_dim - self.v_dim))  # [T, Hq, Dc]
-        if self.backend == "triton":  # the Triton kernels take dense inputs
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)
-        o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, Dc]
-        return self.o_proj(o[..., : self.v_dim].reshape(T, nh * self.v_dim))  # [T, H]
+        q = torch.cat([q_nope.transpose(0, 1), q_rope], dim=-1)  # [T, Hq, Rkv + Dr]
+        o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, Rkv + Dr]
+        o = torch.bmm(o[..., :rank].transpose(0, 1), w_kv[:, nope:].transpose(1, 2))  # [Hq, T, Dv]: W_UV c
+        return self.o_proj(o.transpose(0, 1).reshape(T, nh * self.v_dim))  # [T, H]
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str) -> None:
         """`<prefix>.q_a_proj` + `.q_a_layernorm` + `.q_b_proj` (or `.q_proj`), `.kv_a_proj_with_mqa`,
@@ -206,9 +209,11 @@ class MLA:
     def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module:
         return LatentAttention(cfg, lora_scales=self.lora_scales, interleaved_rope=self.interleaved_rope)
 
+    shared_kv: ClassVar[bool] = True
+
     def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
-        """(heads, per-head width) of one layer's paged cache: every query head, K and V padded."""
-        return cfg.num_heads, mla_cache_head_dim(cfg.hf)
+        """(heads, width) of one layer's paged cache: one latent row [c, k_rope] per token."""
+        return 1, mla_cache_head_dim(cfg.hf)
 
     def rotary(self, cfg: ModelConfig, spec: DecoderSpec) -> RotaryEmbedding:
         """Rotary over the qk_rope_head_dim dims (transformers' rotary reads head_dim, which DeepSeek's
