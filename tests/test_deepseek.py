@@ -230,3 +230,15 @@ def test_fp8_checkpoint_is_refused_with_the_format_named(checkpoint_factory, tmp
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="fp8"):
         LLM(str(dst))
+
+
+def test_kv_layout_bench_reports_the_latent_at_published_shapes(tmp_path, capsys):
+    from dynserve.bench import kv_layout
+
+    dirs = kv_layout.published_config_dirs(tmp_path)
+    row = kv_layout.kv_row("DeepSeek-V3", dirs["DeepSeek-V3"], "bfloat16", 64 * 1024**3, 4096)
+    # kv_lora_rank 512 + qk_rope 64 bf16 values, instead of 128 heads x (K, V) x max(192, 128)
+    assert row["bytes_per_token_layer"] == (512 + 64) * 2 and row["decompressed_bytes"] == 2 * 128 * 192 * 2
+    assert row["attention_layers"] == 61 and row["seqs"] >= 85 * row["seqs_decompressed"] > 0
+    kv_layout.main(["--kv-cache-memory-gib", "1"])
+    assert "| DeepSeek-V3 | 61 | 1 x 576 (K = V) | 1,152 | 98,304 | 85.3x |" in capsys.readouterr().out
