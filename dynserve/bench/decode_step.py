@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dynserve.bench.offline import bench_checkpoint, make_prompts
+from dynserve.bench.offline import FAMILIES, bench_checkpoint, make_prompts
 
 VARIANTS = {
     "torch": {"DYNSERVE_KERNEL_BACKEND": "torch", "DYNSERVE_HUGEPAGES": "1"},
@@ -51,7 +51,8 @@ def _build(model_dir: Path, env: dict[str, str], num_kv_blocks: int, max_num_seq
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M Mixtral bench checkpoint)")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M bench checkpoint of --family)")
+    ap.add_argument("--family", default="mixtral", choices=sorted(FAMILIES), help="the bench checkpoint's architecture")
     ap.add_argument("--variants", nargs="+", default=["torch", "cpu"], choices=sorted(VARIANTS))
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30, help="timed decode steps per variant")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from dynserve import SamplingParams
 
-    model_dir = Path(args.model) if args.model else bench_checkpoint()
+    model_dir = Path(args.model) if args.model else bench_checkpoint(family=args.family)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, vocab, args.min_prompt_len, args.max_prompt_len)
     new_tokens = args.steps + 4

@@ -5,7 +5,8 @@
     python -m dynserve.bench.offline --num-prompts 64 --new-tokens 64 --dtype bfloat16
 
 With no --model, builds (once, cached) a ~100M-parameter Mixtral-architecture checkpoint with
-random weights: hidden 512, 8 layers, 8 experts, top-2, ffn 1024. Greedy decoding with EOS
+random weights: hidden 512, 8 layers, 8 experts, top-2, ffn 1024; `--family deepseek_v3` a
+DeepSeek-V3-shaped one (MLA, 16 experts top-4 in 4 groups, a shared expert, one dense layer). Greedy decoding with EOS
 ignored so both engines produce exactly num_prompts x new_tokens tokens. `--dtype` sets the weights
 and activations' dtype for both engines (default float32).
 """
@@ -36,15 +37,58 @@ BENCH_CONFIG = dict(
 )
 
 
-def bench_checkpoint(path: str | None = None) -> Path:
-    """The ~100M Mixtral benchmark checkpoint (random weights, saved once)."""
+# A ~100M DeepSeek-V3-shaped checkpoint: MLA (q LoRA, compressed cache), sigmoid group-limited
+# router with a score-correction bias, a shared expert, one dense layer first.
+DEEPSEEK_V3_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    first_k_dense_replace=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    head_dim=32,
+    v_head_dim=32,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=4096,
+    rope_theta=1e4,
+    tie_word_embeddings=False,
+)
+FAMILIES = {  # --family: (transformers model class, config class, config)
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", BENCH_CONFIG),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", DEEPSEEK_V3_CONFIG),
+}
+
+
+def bench_checkpoint(path: str | None = None, family: str = "mixtral") -> Path:
+    """The ~100M benchmark checkpoint of `family` (random weights, saved once): Mixtral by default."""
     import transformers
 
-    p = Path(path or os.path.join(tempfile.gettempdir(), "dynserve-bench", "mixtral-100m"))
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+    model_cls, config_cls, config = FAMILIES[family]
+    name = "mixtral-100m" if family == "mixtral" else f"{family}-100m"
+    p = Path(path or os.path.join(tempfile.gettempdir(), "dynserve-bench", name))
     if (p / "config.json").is_file():
         return p
+    print(f"building the ~100M {family} benchmark checkpoint in {p} (once)", flush=True)
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**BENCH_CONFIG))
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+    if family == "deepseek_v3":  # real checkpoints have a non-zero score-correction bias
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "e_score_correction_bias"):
+                gate.e_score_correction_bias.normal_(0.0, 0.02)
     p.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(p, safe_serialization=True)
     return p
@@ -155,7 +199,8 @@ def run_vllm(
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M Mixtral bench checkpoint)")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M bench checkpoint of --family)")
+    ap.add_argument("--family", default="mixtral", choices=sorted(FAMILIES), help="the bench checkpoint's architecture")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--min-prompt-len", type=int, default=32)
@@ -169,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else bench_checkpoint()
+    model_dir = Path(args.model) if args.model else bench_checkpoint(family=args.family)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, vocab, args.min_prompt_len, args.max_prompt_len)
     res: dict = {

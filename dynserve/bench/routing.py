@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dynserve import LLM, RoutingConfig, SamplingParams
-from dynserve.bench.offline import bench_checkpoint, make_prompts
+from dynserve.bench.offline import FAMILIES, bench_checkpoint, make_prompts
 
 
 class MoETimer:
@@ -99,7 +99,8 @@ def run_setting(llm: LLM, timer: MoETimer, rc: RoutingConfig, prefill_prompts, d
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M Mixtral bench checkpoint)")
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M bench checkpoint of --family)")
+    ap.add_argument("--family", default="mixtral", choices=sorted(FAMILIES), help="the bench checkpoint's architecture")
     ap.add_argument("--p", type=float, nargs="+", default=[0.15, 0.25, 0.35, 0.5])
     ap.add_argument("--prefill-prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else bench_checkpoint()
+    model_dir = Path(args.model) if args.model else bench_checkpoint(family=args.family)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     llm = LLM(
         str(model_dir),

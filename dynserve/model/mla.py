@@ -88,7 +88,7 @@ def yarn_softmax_mscale(hf: Mapping[str, Any]) -> float:
 class LatentAttention(nn.Module):
     """Multi-head latent attention over the paged KV cache. Owns the merged down-projection
     `qkv_a_proj` (q_a_proj — or, without q LoRA, q_proj — and kv_a_proj_with_mqa rows), the q
-    up-projection and norm (q LoRA only), kv_a_layernorm, kv_b_proj and o_proj; caches the latent
+    up-projection and norm (q LoRA only), kv_a_layernorm, kv_b_proj (as `w_uk` / `w_uv`) and o_proj; caches the latent
     row [c, k_rope] (`cache_dim` = kv_lora_rank + qk_rope_head_dim) once per token.
 
     `lora_scales` multiplies q by sqrt(hidden / q_lora_rank) and the normed kv latent by
@@ -121,7 +121,10 @@ class LatentAttention(nn.Module):
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.qk_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        # kv_b_proj [Hq (Dn + Dv), Rkv] split per head into the absorbed forms (kv_b_proj itself is never run):
+        # w_uk [Hq, Dn, Rkv] (q_nope -> latent space) and w_uv [Hq, Rkv, Dv] (latent -> value), each dense
+        self.w_uk = nn.Parameter(torch.empty(self.num_heads, self.nope, self.kv_lora_rank), requires_grad=False)
+        self.w_uv = nn.Parameter(torch.empty(self.num_heads, self.kv_lora_rank, self.v_dim), requires_grad=False)
         self.o_proj = Linear(self.num_heads * self.v_dim, H, bias=bias)
         self.q_lora_scale = self.kv_lora_scale = 1.0
         if lora_scales:
@@ -154,12 +157,12 @@ class LatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.reshape(T, 1, self.rope), cos, sin)  # [T, 1, Dr]
         row = torch.cat([kv_lat.unsqueeze(1), k_rope], dim=-1)  # [T, 1, Rkv + Dr]: the cached latent
         dynserve_kernels.write_kv(row, row, kv_cache, batch.slot_mapping, self.backend)
-        w_kv = self.kv_b_proj.weight.view(nh, nope + self.v_dim, rank)  # [Hq, Dn + Dv, Rkv]
-        q_nope = torch.bmm(q[..., :nope].transpose(0, 1), w_kv[:, :nope])  # [Hq, T, Rkv]: W_UK^T q_nope
+        # (a dense copy first: CPU bmm over a strided batch can take a slow path)
+        q_nope = torch.bmm(q[..., :nope].transpose(0, 1).contiguous(), self.w_uk)  # [Hq, T, Rkv]: W_UK^T q_nope
         q_rope = apply_rope(q[..., nope:], cos, sin)  # [T, Hq, Dr]
         q = torch.cat([q_nope.transpose(0, 1), q_rope], dim=-1)  # [T, Hq, Rkv + Dr]
         o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, Rkv + Dr]
-        o = torch.bmm(o[..., :rank].transpose(0, 1), w_kv[:, nope:].transpose(1, 2))  # [Hq, T, Dv]: W_UV c
+        o = torch.bmm(o[..., :rank].transpose(0, 1), self.w_uv)  # [Hq, T, Dv]: W_UV c
         return self.o_proj(o.transpose(0, 1).reshape(T, nh * self.v_dim))  # [T, H]
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str) -> None:
@@ -194,7 +197,10 @@ class LatentAttention(nn.Module):
             name = f"{prefix}.q_b_proj.weight"
             assign_param(self.q_b_proj, "weight", per_head(ws.get(name)), device, name)  # [Hq Dqk, Rq]
             self.q_a_layernorm.load_hf(ws, f"{prefix}.q_a_layernorm.weight", device)
-        load_linear(self.kv_b_proj, ws, [f"{prefix}.kv_b_proj"], device)
+        name = f"{prefix}.kv_b_proj.weight"
+        w_kv = ws.get(name).view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)  # [Hq, Dn + Dv, Rkv]
+        assign_param(self, "w_uk", w_kv[:, : self.nope], device, name)
+        assign_param(self, "w_uv", w_kv[:, self.nope :].transpose(1, 2), device, name)
         load_linear(self.o_proj, ws, [f"{prefix}.o_proj"], device)
         self.kv_a_layernorm.load_hf(ws, f"{prefix}.kv_a_layernorm.weight", device)
 
