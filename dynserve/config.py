@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-RoutingPolicyName = Literal["top_k", "top_p", "threshold"]
-ROUTING_POLICIES: tuple[str, ...] = ("top_k", "top_p", "threshold")
+RoutingPolicyName = Literal["top_k", "top_p", "threshold", "relative", "entropy"]
+ROUTING_POLICIES: tuple[str, ...] = ("top_k", "top_p", "threshold", "relative", "entropy")
+PER_LAYER_ROUTING_FIELDS: tuple[str, ...] = ("p", "threshold", "k")  # may hold one value per MoE layer
 
 
 _UNSET: Any = object()  # a RoutingConfig field the caller did not give
@@ -37,6 +39,19 @@ def default_served_model_name(model_dir: str | os.PathLike) -> str:
     return path.name or str(model_dir)
 
 
+def _is_number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def _layer_values(v: object, name: str) -> tuple:
+    """The values of a field that is one value or a per-layer tuple (which must not be empty)."""
+    if isinstance(v, tuple):
+        if not v:
+            raise ValueError(f"routing.{name} must not be an empty list")
+        return v
+    return (v,)
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     """How a MoE layer picks experts for a token.
@@ -46,6 +61,13 @@ class RoutingConfig:
       - "top_p": sort softmax probabilities descending, keep the smallest prefix whose cumulative
         probability reaches `p` (Huang et al., 2024).
       - "threshold": keep experts whose probability is >= `threshold`.
+      - "relative": keep experts whose probability is >= `threshold` x the token's top probability
+        (ik_llama.cpp's SER; the top expert is always kept).
+      - "entropy": k from the Shannon entropy H (nats) of the token's routing probabilities:
+        `entropy_thresholds` [h1, ..., hn] ascending, `entropy_k` [k0, ..., kn]; H < h1 -> k0,
+        h_i <= H < h_(i+1) -> k_i, H >= hn -> kn; then the top k.
+    `p`, `threshold` and `k` are one value for every MoE layer or a list (a tuple once made) with one
+    value per MoE layer (`check_layers` checks the length against a model).
     The number of experts is clamped to [min_experts, max_experts] (max_experts None = all).
     renormalize None = do what the checkpoint's top-k rule does.
     Models with native dynamic routing (ReLU routers, zero-computation experts) ignore the policy
@@ -58,12 +80,14 @@ class RoutingConfig:
     """
 
     policy: str = "top_k"
-    p: float = 0.5
-    threshold: float = 0.2
-    k: int | None = None
+    p: float | tuple[float, ...] = 0.5
+    threshold: float | tuple[float, ...] = 0.2
+    k: int | tuple[int, ...] | None = None
     min_experts: int = 1
     max_experts: int | None = None
     renormalize: bool | None = None
+    entropy_thresholds: tuple[float, ...] = (0.6, 1.2)
+    entropy_k: tuple[int, ...] = (1, 2, 4)
 
     def __init__(
         self,
@@ -74,14 +98,19 @@ class RoutingConfig:
         min_experts: int = _UNSET,  # type: ignore[assignment]
         max_experts: int | None = _UNSET,  # type: ignore[assignment]
         renormalize: bool | None = _UNSET,  # type: ignore[assignment]
+        entropy_thresholds: Sequence[float] = _UNSET,  # type: ignore[assignment]
+        entropy_k: Sequence[int] = _UNSET,  # type: ignore[assignment]
     ) -> None:
         given = dict(
             policy=policy, p=p, threshold=threshold, k=k, min_experts=min_experts,
-            max_experts=max_experts, renormalize=renormalize,
+            max_experts=max_experts, renormalize=renormalize, entropy_thresholds=entropy_thresholds,
+            entropy_k=entropy_k,
         )  # fmt: skip
         explicit = frozenset(name for name, v in given.items() if v is not _UNSET)
         for f in fields(self):
             value = given[f.name]
+            if isinstance(value, list):  # lists become tuples: a config is hashable (prefix-cache keys)
+                value = tuple(value)
             object.__setattr__(self, f.name, f.default if value is _UNSET else value)
         object.__setattr__(self, "_explicit", explicit)  # not a field: outside eq, hash and repr
         self.validate()
@@ -101,16 +130,32 @@ class RoutingConfig:
         """Raise ValueError naming the offending field."""
         if self.policy not in ROUTING_POLICIES:
             raise ValueError(f"routing.policy must be one of {list(ROUTING_POLICIES)}, got {self.policy!r}")
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not (0.0 < self.p <= 1.0):
-            raise ValueError(f"routing.p must be a number in (0, 1], got {self.p!r}")
+        for v in _layer_values(self.p, "p"):
+            if not _is_number(v) or not (0.0 < v <= 1.0):
+                raise ValueError(f"routing.p must be a number in (0, 1] (or a list of them), got {self.p!r}")
+        for v in _layer_values(self.threshold, "threshold"):
+            if not _is_number(v) or not (0.0 <= v <= 1.0):
+                raise ValueError(
+                    f"routing.threshold must be a number in [0, 1] (or a list of them), got {self.threshold!r}"
+                )
+        if self.k is not None:
+            for v in _layer_values(self.k, "k"):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"routing.k must be a positive integer (or a list of them), got {self.k!r}")
+        thr, ks = self.entropy_thresholds, self.entropy_k
         if (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or not (0.0 <= self.threshold <= 1.0)
+            not isinstance(thr, tuple)
+            or not all(_is_number(h) and 0.0 <= h < float("inf") for h in thr)
+            or any(a >= b for a, b in zip(thr, thr[1:], strict=False))
         ):
-            raise ValueError(f"routing.threshold must be a number in [0, 1], got {self.threshold!r}")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"routing.k must be a positive integer, got {self.k!r}")
+            raise ValueError(f"routing.entropy_thresholds must be strictly ascending finite numbers >= 0, got {thr!r}")
+        if not isinstance(ks, tuple) or not all(not isinstance(v, bool) and isinstance(v, int) and v >= 0 for v in ks):
+            raise ValueError(f"routing.entropy_k must be a list of integers >= 0, got {ks!r}")
+        if len(ks) != len(thr) + 1:
+            raise ValueError(
+                f"routing.entropy_k must have one more entry than routing.entropy_thresholds "
+                f"({len(thr)} thresholds -> {len(thr) + 1} k values), got {len(ks)}"
+            )
         if isinstance(self.min_experts, bool) or not isinstance(self.min_experts, int) or self.min_experts < 0:
             raise ValueError(f"routing.min_experts must be an integer >= 0, got {self.min_experts!r}")
         if self.max_experts is not None and (
@@ -121,6 +166,21 @@ class RoutingConfig:
             raise ValueError(
                 f"routing.max_experts ({self.max_experts}) must be >= routing.min_experts ({self.min_experts})"
             )
+
+    def check_layers(self, num_moe_layers: int) -> None:
+        """Raise ValueError naming the field when a per-layer list does not have one value per MoE layer."""
+        for name in PER_LAYER_ROUTING_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, tuple) and len(v) != num_moe_layers:
+                raise ValueError(
+                    f"routing.{name} has {len(v)} values; a per-layer list needs one per MoE layer "
+                    f"({num_moe_layers} in this model)"
+                )
+
+    def at_layer(self, name: str, layer: int) -> Any:
+        """The value of a per-layer field (`p`, `threshold`, `k`) at MoE layer `layer`."""
+        v = getattr(self, name)
+        return v[layer] if isinstance(v, tuple) else v
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:

@@ -126,6 +126,7 @@ class LLMEngine:
         if params.max_tokens != max_tokens:
             params = _with_max_tokens(params, max_tokens)
         routing = self.config.routing.overlay(params.routing)  # the request's fields over the default
+        routing.check_layers(self.runner.num_moe_layers)  # per-layer lists: one value per MoE layer
         req = _Request(request_id, prompt, prompt_token_ids, params, arrival_time or time.monotonic())
         for i in range(params.n):
             seq = Sequence(request_id, prompt_token_ids, params, routing, sample_index=i, arrival_time=req.arrival_time)

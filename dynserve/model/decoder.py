@@ -148,6 +148,7 @@ class DecoderLayer(nn.Module):
                 shared_gate=spec.shared_expert_gate,
                 shared_prefix=spec.shared_expert_prefix,
                 router_fp32=spec.router_fp32,
+                moe_index=sorted(spec.moe_layers).index(layer_idx),
             )
         else:
             self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)

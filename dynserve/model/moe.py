@@ -67,10 +67,12 @@ class MoEBlock(nn.Module):
         shared_gate: bool = True,
         shared_prefix: str = "shared_expert",
         router_fp32: bool | None = None,
+        moe_index: int = 0,
     ) -> None:
         super().__init__()
         E = rule.num_experts
         self.rule = rule
+        self.moe_index = moe_index  # this block's place among the model's MoE layers (per-layer routing)
         self.num_experts = E
         self.router_fp32 = rule.scoring == "sigmoid" if router_fp32 is None else router_fp32
         self.gate = Linear(hidden, E, bias=False, dtype=torch.float32 if self.router_fp32 else None)  # router
@@ -88,8 +90,8 @@ class MoEBlock(nn.Module):
         dynamic routing (ReLU routers, zero-computation experts) override this."""
         if self.router_fp32:
             logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32
-            return route(logits, batch.routing, self.rule, self.e_score_correction_bias)
-        return route(self.gate(x), batch.routing, self.rule)
+            return route(logits, batch.routing, self.rule, self.e_score_correction_bias, layer=self.moe_index)
+        return route(self.gate(x), batch.routing, self.rule, layer=self.moe_index)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)

@@ -6,7 +6,10 @@ Policies (chosen per request through RoutingConfig; requests with different poli
   - "top_p":     Huang et al. 2024 ("Harder Tasks Need More Experts"): the smallest prefix of the
                  descending probabilities whose cumulative sum reaches p.
   - "threshold": every expert whose probability is >= threshold.
-The number of experts is then clamped to [min_experts, max_experts] per token.
+  - "relative":  every expert whose probability is >= threshold x the token's top probability.
+  - "entropy":   k from the router entropy by thresholds, then the top k.
+The number of experts is then clamped to [min_experts, max_experts] per token. `p`, `threshold`
+and `k` may differ per MoE layer (`route(..., layer=i)` reads layer i's value).
 Group-limited routers — sigmoid with a selection bias (DeepSeek-V3, GLM-4.5) and softmax with
 groups or a routed scaling factor (DeepSeek-V2) — follow the same policies by `route_grouped`'s
 rule (its docstring; the README's routing table).
@@ -27,8 +30,8 @@ import torch
 from dynserve.config import RoutingConfig
 from dynserve.routing.base import Assignment, CheckpointRule, RoutingBatch
 
-TOP_K, TOP_P, THRESHOLD = 0, 1, 2
-_POLICY_CODE = {"top_k": TOP_K, "top_p": TOP_P, "threshold": THRESHOLD}
+TOP_K, TOP_P, THRESHOLD, RELATIVE, ENTROPY = 0, 1, 2, 3, 4
+_POLICY_CODE = {"top_k": TOP_K, "top_p": TOP_P, "threshold": THRESHOLD, "relative": RELATIVE, "entropy": ENTROPY}
 ZERO_EXPERT_KINDS: tuple[str, ...] = ("zero", "identity")
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -64,15 +67,16 @@ def route(
     batch: RoutingBatch,
     rule: CheckpointRule,
     score_bias: torch.Tensor | None = None,
+    layer: int = 0,
 ) -> Assignment:
-    """Route every token of a batch by its own RoutingConfig: plain softmax rules by `route_probs`,
-    group-limited rules (DeepSeek-V3 / GLM-4.5 sigmoid with the layer's `score_bias` [E]; DeepSeek-V2
-    softmax with groups or routed scaling) by `route_grouped`."""
+    """Route every token of a batch by its own RoutingConfig (its values for MoE layer `layer`):
+    plain softmax rules by `route_probs`, group-limited rules (DeepSeek-V3 / GLM-4.5 sigmoid with the
+    layer's `score_bias` [E]; DeepSeek-V2 softmax with groups or routed scaling) by `route_grouped`."""
     if score_bias is not None and rule.scoring != "sigmoid":
         raise ValueError("score_bias applies to sigmoid routers only")
     if rule.group_limited:
-        return route_grouped(router_logits, batch, rule, score_bias)
-    return route_probs(router_probs(router_logits, rule), batch, rule)
+        return route_grouped(router_logits, batch, rule, score_bias, layer=layer)
+    return route_probs(router_probs(router_logits, rule), batch, rule, layer=layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,18 +90,30 @@ class _ConfigRow:
     policy: int
     k: int  # top_k only: experts per token, already clamped to [lo, hi]
     p: float
-    threshold: float
+    threshold: float  # threshold and relative
     lo: int  # min experts, <= E
     hi: int  # max experts, <= E
     renormalize: bool
+    entropy_thresholds: tuple[float, ...]
+    entropy_k: tuple[int, ...]
 
 
-def _resolve(cfg: RoutingConfig, rule: CheckpointRule, num_experts: int) -> _ConfigRow:
+def _resolve(cfg: RoutingConfig, rule: CheckpointRule, num_experts: int, layer: int = 0) -> _ConfigRow:
+    """`cfg` at MoE layer `layer` (a per-layer list shorter than the model was refused at admission;
+    here a missing layer reads the list's last value rather than failing a whole batch)."""
+
+    def at(name: str):  # noqa: ANN202
+        v = getattr(cfg, name)
+        return v[min(layer, len(v) - 1)] if isinstance(v, tuple) else v
+
     hi = min(cfg.max_experts if cfg.max_experts is not None else num_experts, num_experts)
     lo = min(cfg.min_experts, hi)
-    k = min(max(cfg.k or rule.top_k, lo), hi)
+    k = min(max(at("k") or rule.top_k, lo), hi)
     renorm = rule.renormalize if cfg.renormalize is None else cfg.renormalize
-    return _ConfigRow(_POLICY_CODE[cfg.policy], k, float(cfg.p), float(cfg.threshold), lo, hi, renorm)
+    return _ConfigRow(
+        _POLICY_CODE[cfg.policy], k, float(at("p")), float(at("threshold")), lo, hi, renorm,
+        tuple(float(h) for h in cfg.entropy_thresholds), tuple(int(v) for v in cfg.entropy_k),
+    )  # fmt: skip
 
 
 def _top_k_fast(probs: torch.Tensor, row: _ConfigRow, num_experts: int) -> Assignment:
@@ -125,6 +141,25 @@ class _PerToken:
         return t[:1] if self.index is None else t[self.index]  # [T] or [1]
 
 
+def _entropy_counts(q: torch.Tensor, rows: list[_ConfigRow], per_token: _PerToken) -> torch.Tensor:
+    """[T] experts per token of the entropy policy: k = entropy_k[#(entropy_thresholds <= H)], H the
+    Shannon entropy (nats) of each row of `q` [T, E] (probabilities; 0 log 0 = 0). Tokens of other
+    configs get 0 (their policy's count is used instead)."""
+    T = q.shape[0]
+    h = -torch.where(q > 0, q * q.clamp_min(_TINY).log(), torch.zeros_like(q)).sum(dim=-1)  # [T] nats
+    n = torch.zeros(T, dtype=torch.int64, device=q.device)
+    for c, r in enumerate(rows):
+        if r.policy != ENTROPY:
+            continue
+        thr = torch.tensor(r.entropy_thresholds, dtype=torch.float32, device=q.device)  # [n]
+        ks = torch.tensor(r.entropy_k, dtype=torch.int64, device=q.device)  # [n+1]
+        k_c = ks[torch.bucketize(h, thr, right=True)]  # [T]: H < h1 -> k0, h_i <= H < h_i+1 -> k_i
+        if per_token.index is None:
+            return k_c
+        n = torch.where(per_token.index == c, k_c, n)
+    return n
+
+
 def _clamped_counts(
     counts: dict[int, torch.Tensor], rows: list[_ConfigRow], per_token: _PerToken, T: int
 ) -> torch.Tensor:
@@ -141,7 +176,7 @@ def _clamped_counts(
     return torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
 
 
-def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) -> Assignment:
+def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule, layer: int = 0) -> Assignment:
     """Route tokens from their routing probabilities `probs` [T, E] (float32, rows sum to 1).
 
     Each token t follows `batch.configs[batch.config_index[t]]` (or `batch.configs[0]` when the
@@ -158,8 +193,13 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
         exact equality. Sums and the comparison are in float32 (p rounded to float32).
       - threshold: keep experts with probability >= config.threshold (float32 comparison); the
         kept set is a top-ranked prefix and may be empty.
-    Then the count is clamped to [min_experts, max_experts] (max None = E; both capped at E) by
-    taking that many top-ranked experts. min_experts = 0 lets a token use no expert (only the
+      - relative: keep experts with probability >= config.threshold x the token's top probability
+        (float32); the top expert is always kept.
+      - entropy: k = config.entropy_k[i], i = the number of config.entropy_thresholds <= H, H the
+        Shannon entropy (nats, float32) of the token's probabilities; the top k.
+    `p`, `threshold` and `k` are the config's values at MoE layer `layer`. Then the count is
+    clamped to [min_experts, max_experts] (max None = E; both capped at E) by taking that many
+    top-ranked experts. min_experts = 0 lets a token use no expert (only the
     residual stream passes); top_k and top_p still keep at least one by their own rule.
     Weights are the kept probabilities; renormalised to sum to 1 over the kept experts if
     config.renormalize (None -> rule.renormalize).
@@ -167,7 +207,7 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
     """
     T, E = probs.shape
     device = probs.device
-    rows = [_resolve(c, rule, E) for c in batch.configs]
+    rows = [_resolve(c, rule, E, layer) for c in batch.configs]
     if batch.uniform and rows[0].policy == TOP_K:
         return _top_k_fast(probs, rows[0], E)
 
@@ -186,6 +226,11 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule) 
     if THRESHOLD in policies:
         thr_t = per_token([r.threshold for r in rows], torch.float32)  # [T] or [1]
         counts[THRESHOLD] = (sorted_p >= thr_t[:, None]).sum(dim=-1)  # [T]
+    if RELATIVE in policies:
+        rel_t = per_token([r.threshold for r in rows], torch.float32)  # [T] or [1]
+        counts[RELATIVE] = (sorted_p >= rel_t[:, None] * sorted_p[:, :1]).sum(dim=-1)  # [T]
+    if ENTROPY in policies:
+        counts[ENTROPY] = _entropy_counts(probs, rows, per_token)  # [T]
     n = _clamped_counts(counts, rows, per_token, T)  # [T]
 
     keep = torch.arange(E, device=device)[None, :] < n[:, None]  # [T, E] over ranks
@@ -251,6 +296,7 @@ def route_grouped(
     batch: RoutingBatch,
     rule: CheckpointRule,
     score_bias: torch.Tensor | None = None,
+    layer: int = 0,
 ) -> Assignment:
     """Route a group-limited router (DeepSeek-V3 / GLM-4.5 sigmoid, DeepSeek-V2 softmax); every
     token by its own RoutingConfig.
@@ -271,7 +317,8 @@ def route_grouped(
         allowed experts (sums to 1 like a softmax; experts in dropped groups have q = 0).
         top_p keeps the shortest rank prefix whose cumulative q reaches p (the rank before it
         sums to < p); threshold keeps n = #{allowed experts with q >= threshold}, taken as the n
-        best by choice (the same experts whenever the bias does not reorder them).
+        best by choice (the same experts whenever the bias does not reorder them); relative the
+        same with q >= threshold x the token's largest q; entropy takes k from the entropy of q.
     n is clamped to [min_experts, max_experts] and then to A: a k above A is clamped to A (the
     group limit is never lifted). Weights: unbiased s of the kept experts, divided by (their sum
     + 1e-20) if config.renormalize (None -> rule.renormalize), times rule.routed_scaling_factor.
@@ -292,7 +339,7 @@ def route_grouped(
         checkpoint_masked = masked if rule.scoring == "sigmoid" else choice.masked_fill(~allowed_mask, 0.0)
     A = rule.allowed_experts
     scale = float(rule.routed_scaling_factor)
-    rows = [_resolve(c, rule, A) for c in batch.configs]
+    rows = [_resolve(c, rule, A, layer) for c in batch.configs]
     if batch.uniform and rows[0].policy == TOP_K:
         ids, w = _checkpoint_top_k(scores, checkpoint_masked, rows[0].k, rows[0].renormalize, scale)
         return Assignment.from_topk(ids, w, E)
@@ -306,7 +353,7 @@ def route_grouped(
     counts: dict[int, torch.Tensor] = {}
     if TOP_K in policies:
         counts[TOP_K] = per_token([r.k for r in rows], torch.int64).expand(T)  # [T]
-    if TOP_P in policies or THRESHOLD in policies:
+    if policies & {TOP_P, THRESHOLD, RELATIVE, ENTROPY}:
         s_allowed = ranked_s * allowed  # [T, E]
         q = s_allowed / s_allowed.sum(dim=-1, keepdim=True).clamp_min(_TINY)  # [T, E]
         if TOP_P in policies:
@@ -316,6 +363,12 @@ def route_grouped(
         if THRESHOLD in policies:
             thr_t = per_token([r.threshold for r in rows], torch.float32)
             counts[THRESHOLD] = ((q >= thr_t[:, None]) & allowed).sum(dim=-1)  # [T]
+        if RELATIVE in policies:
+            rel_t = per_token([r.threshold for r in rows], torch.float32)
+            q_max = q.max(dim=-1, keepdim=True).values  # [T, 1]
+            counts[RELATIVE] = ((q >= rel_t[:, None] * q_max) & allowed).sum(dim=-1)  # [T]
+        if ENTROPY in policies:
+            counts[ENTROPY] = _entropy_counts(q, rows, per_token)  # [T]
     n = _clamped_counts(counts, rows, per_token, T)  # [T]
 
     keep = torch.arange(E, device=device)[None, :] < n[:, None]  # [T, E] over ranks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -97,9 +98,16 @@ def engine_error(e: BaseException, retry_after: int, prompt_param: str = "prompt
     return ApiError(500, f"internal server error: {type(e).__name__}", "server_error")
 
 
+# pydantic names the member of a union that failed in the location ("constrained-float",
+# "list[constrained-float]"): not a field, so not part of the param
+_UNION_TAG = re.compile(r"[a-z]+(-[a-z]+)+(\[.*\])?|[a-z]+\[.*\]")
+
+
 def _loc_to_param(loc: Iterable[Any]) -> str | None:
     parts: list[str] = []
     for item in loc:
+        if isinstance(item, str) and _UNION_TAG.fullmatch(item):
+            continue
         if isinstance(item, int):
             if parts:
                 parts[-1] += f"[{item}]"
@@ -114,6 +122,9 @@ def validation_error(errors: list[Any]) -> ApiError:
     """The 400 for pydantic / FastAPI validation errors (FastAPI's locations start with "body")."""
     if not errors:
         return ApiError(400, "invalid request")
+    # a value that fails every member of a union (a number or a list of numbers) reports each; the
+    # member of the value's own type says what is wrong ("p[1]: less than or equal to 1", not "not a number")
+    errors = sorted(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
     err = errors[0]
     loc = list(err.get("loc", ()))
     if loc and loc[0] == "body":

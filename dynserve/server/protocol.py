@@ -9,7 +9,7 @@ accepted here with vLLM's names and meanings.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
@@ -142,6 +142,15 @@ ContentInput = Annotated[Any, AfterValidator(_check_content), WithJsonSchema(_CO
 
 
 # ------------------------------------------------------------------------------- request parts
+MAX_MOE_LAYERS = 1024  # per-layer routing lists (the longest real models have ~100 MoE layers)
+MAX_ENTROPY_BINS = 64
+_P = Annotated[Float, Field(gt=0.0, le=1.0)]
+_Threshold = Annotated[Float, Field(ge=0.0, le=1.0)]
+_K = Annotated[Int, Field(ge=1)]
+_V = TypeVar("_V")
+_PerLayer = Annotated[list[_V], Field(min_length=1, max_length=MAX_MOE_LAYERS)]
+
+
 class RoutingParams(BaseModel):
     """Per-request expert routing (dynserve extension). Fields left out keep the engine's
     default routing; see dynserve.config.RoutingConfig for their meaning."""
@@ -149,19 +158,22 @@ class RoutingParams(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     policy: Literal[ROUTING_POLICIES] | None = None  # type: ignore[valid-type]
-    p: Float | None = Field(default=None, gt=0.0, le=1.0)
-    threshold: Float | None = Field(default=None, ge=0.0, le=1.0)
-    k: Int | None = Field(default=None, ge=1)
+    # p, threshold and k: one value, or a list with one value per MoE layer
+    p: _P | _PerLayer[_P] | None = None
+    threshold: _Threshold | _PerLayer[_Threshold] | None = None
+    k: _K | _PerLayer[_K] | None = None
     min_experts: Int | None = Field(default=None, ge=0)
     max_experts: Int | None = Field(default=None, ge=1)
     renormalize: Bool | None = None
+    entropy_thresholds: list[Annotated[Float, Field(ge=0.0)]] | None = Field(default=None, max_length=MAX_ENTROPY_BINS)
+    entropy_k: list[Annotated[Int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_ENTROPY_BINS + 1)
 
     def to_routing_config(self, default: RoutingConfig) -> RoutingConfig:
         """The fields this request set, as a RoutingConfig that the engine lays over its default
         (`RoutingConfig.overlay`, the one rule for Python and HTTP); checked against `default` here so
         that a combination that cannot work (min_experts above the default's max_experts) is a 400."""
         changes = {name: getattr(self, name) for name in self.model_fields_set}
-        for name in ("policy", "p", "threshold", "min_experts"):  # not nullable in RoutingConfig
+        for name in ("policy", "p", "threshold", "min_experts", "entropy_thresholds", "entropy_k"):  # not nullable
             if name in changes and changes[name] is None:
                 del changes[name]
         try:
