@@ -18,9 +18,11 @@ CPU when TRITON_INTERPRET=1. Public ops:
 - apply_rope(x [T,H,D], cos [T,R], sin [T,R]) -> [T,H,D] neox rotary (rope_ref.apply_rope_ref; "cpu": native)
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
     writes new K/V into the paged cache in place.
-- paged_attention(q [T,Hq,D], kv_cache, batch, scale) -> [T,Hq,D]
+- paged_attention(q [T,Hq,D], kv_cache, batch, scale, sinks=None, window=None) -> [T,Hq,D]
     causal attention of each new token over its sequence's cached prefix and the new tokens
-    (decode, prefill, and chunked prefill with a cached prefix; GQA by Hq // Hkv).
+    (decode, prefill, and chunked prefill with a cached prefix; GQA by Hq // Hkv). Optional
+    (gpt-oss): `sinks` [Hq] float32, a per-head logit added to the softmax denominator with no
+    value; `window` W > 0, a sliding window (position p sees p - W + 1 .. p). Every backend takes both.
 """
 
 from __future__ import annotations
@@ -144,14 +146,22 @@ def write_kv(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float, backend: str = "torch"
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    backend: str = "torch",
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     if backend == "triton":
         from dynserve_kernels.attention_triton import paged_attention_triton
 
-        return paged_attention_triton(q, kv_cache, batch, scale)
+        return paged_attention_triton(q, kv_cache, batch, scale, sinks, window)
     if backend == "cpu" and cpu_native.takes_decode_attention(q, kv_cache, batch):
-        return cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale)
+        return cpu_native.paged_decode_attention(
+            q, kv_cache, batch.block_tables, batch.seq_lens, scale, sinks=sinks, window=window
+        )
     from dynserve_kernels.attention_ref import paged_attention_ref
 
-    return paged_attention_ref(q, kv_cache, batch, scale)
+    return paged_attention_ref(q, kv_cache, batch, scale, sinks, window)
