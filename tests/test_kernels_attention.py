@@ -213,10 +213,8 @@ def test_triton_sinks_and_window_match_naive(label, with_sinks, window, name, se
     cache = kv_cache.to(device)
     dev_batch = _batch_on(batch, device)
     dynserve_kernels.write_kv(key.to(device), value.to(device), cache, dev_batch.slot_mapping, backend="triton")
-    out = dynserve_kernels.paged_attention(
-        q.to(device), cache, dev_batch, 0.3, backend="triton", sinks=None if sinks is None else sinks.to(device),
-        window=window,
-    ).cpu()
+    dev_sinks = None if sinks is None else sinks.to(device)
+    out = dynserve_kernels.paged_attention(q.to(device), cache, dev_batch, 0.3, "triton", dev_sinks, window).cpu()
     _check(out, naive_attention(q, cache.cpu(), batch, 0.3, sinks, window), dtype)
 
 
