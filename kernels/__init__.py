@@ -10,7 +10,9 @@ CPU when TRITON_INTERPRET=1. Public ops:
 - fused_moe(x [T,H], w13 [E,2I,H], w2 [E,H,I], assignment) -> [T,H]  ("cpu": native for decode-sized
   expert groups, see cpu_native.takes_moe)
     sum over token t's (expert e, weight w) pairs of w * down_e(silu(gate_e(x)) * up_e(x));
-    tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
+    tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up. Optional (gpt-oss):
+    expert biases b13 [E,2I], b2 [E,H] and `activation` = moe_ref.ClampedSwiGLU; such layers run the
+    per-expert torch reference on every backend (work still proportional to the pairs).
 - linear(x [T,K], weight [N,K], bias [N] | None) -> [T,N]  ("cpu": the native small-M GEMM for
   decode-sized T, which streams a cold weight faster than MKL; F.linear otherwise)
 - rms_norm(x [..., H], weight [H], eps) -> [..., H]; add_rms_norm(x, residual, weight, eps) ->
@@ -37,6 +39,7 @@ from dynserve_kernels import cpu_native
 
 if TYPE_CHECKING:
     from dynserve_kernels.metadata import AttentionMetadata
+    from dynserve_kernels.moe_ref import ClampedSwiGLU
 
     from dynserve.routing.base import Assignment
 
@@ -71,8 +74,20 @@ def select_backend(device: torch.device | str, use_triton: bool | None = None) -
 
 
 def fused_moe(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, assignment: Assignment, backend: str = "torch"
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    assignment: Assignment,
+    backend: str = "torch",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ClampedSwiGLU | None = None,
 ) -> torch.Tensor:
+    if b13 is not None or b2 is not None or activation is not None:
+        # expert biases / clamped SwiGLU (gpt-oss): the per-expert torch path on every backend
+        from dynserve_kernels.moe_ref import fused_moe_ref
+
+        return fused_moe_ref(x, w13, w2, assignment, b13, b2, activation)
     if backend == "triton":
         from dynserve_kernels.moe_triton import fused_moe_triton
 
