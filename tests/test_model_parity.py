@@ -24,8 +24,8 @@ from dynserve.model.moe import MoEBlock
 from dynserve.routing import Assignment, CheckpointRule
 
 DEEPSEEK_ARCHS = ["deepseek_v3", "deepseek_v3_nolora", "deepseek_v2"]
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe", *DEEPSEEK_ARCHS]
-MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", *DEEPSEEK_ARCHS}
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe", *DEEPSEEK_ARCHS, "gpt_oss"]
+MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", *DEEPSEEK_ARCHS, "gpt_oss"}
 # first_k_dense_replace in tests/checkpoints.py's tiny configs
 DENSE_FIRST_LAYERS = {"glm4_moe": 1, "deepseek_v3": 1, "deepseek_v3_nolora": 2, "deepseek_v2": 1}
 # routers whose weight (and selection bias) stay float32 in a bfloat16 model, as transformers computes them
