@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from dynserve_kernels.moe_ref import ClampedSwiGLU, dense_moe_reference, fused_moe_ref
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 from test_deepseek import hf_greedy, pairs
@@ -24,7 +25,6 @@ from dynserve.engine.async_engine import AsyncEngine
 from dynserve.model.layers import FP4_E2M1_VALUES, dequantize_mxfp4
 from dynserve.routing import CheckpointRule, RoutingBatch, route
 from dynserve.server.app import ServerSettings, build_app
-from dynserve_kernels.moe_ref import ClampedSwiGLU, dense_moe_reference, fused_moe_ref
 
 E, TOP_K, HIDDEN = 8, 2, 64  # tests/checkpoints.py's gpt_oss
 NEW_TOKENS = 8
