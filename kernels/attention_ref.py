@@ -23,6 +23,7 @@ None or 0 is the full causal context.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,6 +59,15 @@ def _host_lists(batch: AttentionMetadata) -> tuple[list[int], list[int]]:
     qsl = batch.query_start_loc_host or batch.query_start_loc.tolist()
     lens = batch.seq_lens_host or batch.seq_lens.tolist()
     return qsl, lens
+
+
+def _sequences(batch: AttentionMetadata) -> Iterator[tuple[int, int, int, int]]:
+    """(sequence b, its first query row s, its new tokens n, its context length) for every sequence
+    with new tokens, from host-side lists (no device sync)."""
+    qsl, lens = _host_lists(batch)
+    for b, length in enumerate(lens):
+        if qsl[b + 1] > qsl[b]:
+            yield b, qsl[b], qsl[b + 1] - qsl[b], length
 
 
 class _Scratch(threading.local):
@@ -131,12 +141,8 @@ def paged_attention_ref(
     if batch.max_query_len == 1 and T == batch.num_seqs:
         return _decode(q, kv_cache, batch, scale, cdt).to(q.dtype)
     out = torch.empty(T, hq, d, dtype=cdt, device=q.device)  # [T, Hq, D]
-    qsl, lens = _host_lists(batch)
-    for b, length in enumerate(lens):
-        s, e = qsl[b], qsl[b + 1]
-        n = e - s
-        if n == 0:
-            continue
+    for b, s, n, length in _sequences(batch):
+        e = s + n
         k = _gather_seq(kv_cache[0], batch.block_tables[b], length, "k").to(cdt)  # [L, Hkv, D]
         v = _gather_seq(kv_cache[1], batch.block_tables[b], length, "v").to(cdt)  # [L, Hkv, D]
         if n == length and n > 1:
@@ -175,12 +181,8 @@ def _attend_explicit(
     hkv = kv_cache.shape[3]
     g = hq // hkv
     out = torch.empty(T, hq, d, dtype=torch.float32, device=q.device)  # [T, Hq, D]
-    qsl, lens = _host_lists(batch)
-    for b, length in enumerate(lens):
-        s, e = qsl[b], qsl[b + 1]
-        n = e - s
-        if n == 0:
-            continue
+    for b, s, n, length in _sequences(batch):
+        e = s + n
         lo = max(0, length - n - window + 1) if window else 0  # first position any query row sees
         k = _gather_seq(kv_cache[0], batch.block_tables[b], length, "k")[lo:].float()  # [L', Hkv, D]
         v = _gather_seq(kv_cache[1], batch.block_tables[b], length, "v")[lo:].float()  # [L', Hkv, D]
