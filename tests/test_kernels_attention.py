@@ -203,9 +203,13 @@ def test_reference_sinks_and_window_match_naive(label, with_sinks, window, name,
     _check(out, naive_attention(q, kv_cache, batch, 0.3, sinks, window), dtype)
 
 
+TRITON_SINK_WINDOW = [c for c in SINK_WINDOW if c[0] != "sinks_window1"]  # the interpreter is slow
+TRITON_LAYOUTS = [LAYOUTS[0], LAYOUTS[2], ("odd", ODD_SEQS, 4)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name,seqs,bs", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[3], ("odd", ODD_SEQS, 4)])
-@pytest.mark.parametrize("label,with_sinks,window", SINK_WINDOW, ids=[c[0] for c in SINK_WINDOW])
+@pytest.mark.parametrize("name,seqs,bs", TRITON_LAYOUTS, ids=[c[0] for c in TRITON_LAYOUTS])
+@pytest.mark.parametrize("label,with_sinks,window", TRITON_SINK_WINDOW, ids=[c[0] for c in TRITON_SINK_WINDOW])
 def test_triton_sinks_and_window_match_naive(label, with_sinks, window, name, seqs, bs, dtype, device):
     hq, hkv, d = 6, 2, 12  # head dim not a power of two
     batch, kv_cache, key, value, q = _setup(seqs, bs, hq, hkv, d, dtype, seed=5)
