@@ -10,7 +10,9 @@ CPU when TRITON_INTERPRET=1. Public ops:
 - fused_moe(x [T,H], w13 [E,2I,H], w2 [E,H,I], assignment) -> [T,H]  ("cpu": native for decode-sized
   expert groups, see cpu_native.takes_moe)
     sum over token t's (expert e, weight w) pairs of w * down_e(silu(gate_e(x)) * up_e(x));
-    tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up.
+    tokens with zero pairs get zeros. w13 rows [0, I) are gate, [I, 2I) are up. Optional (gpt-oss):
+    expert biases b13 [E,2I], b2 [E,H] and `activation` = moe_ref.ClampedSwiGLU; such layers run the
+    per-expert torch reference on every backend (work still proportional to the pairs).
 - linear(x [T,K], weight [N,K], bias [N] | None) -> [T,N]  ("cpu": the native small-M GEMM for
   decode-sized T, which streams a cold weight faster than MKL; F.linear otherwise)
 - rms_norm(x [..., H], weight [H], eps) -> [..., H]; add_rms_norm(x, residual, weight, eps) ->
@@ -18,9 +20,11 @@ CPU when TRITON_INTERPRET=1. Public ops:
 - apply_rope(x [T,H,D], cos [T,R], sin [T,R]) -> [T,H,D] neox rotary (rope_ref.apply_rope_ref; "cpu": native)
 - write_kv(key [T,Hkv,D], value [T,Hkv,D], kv_cache [2,N,bs,Hkv,D], slot_mapping [T])
     writes new K/V into the paged cache in place.
-- paged_attention(q [T,Hq,D], kv_cache, batch, scale) -> [T,Hq,D]
+- paged_attention(q [T,Hq,D], kv_cache, batch, scale, sinks=None, window=None) -> [T,Hq,D]
     causal attention of each new token over its sequence's cached prefix and the new tokens
-    (decode, prefill, and chunked prefill with a cached prefix; GQA by Hq // Hkv).
+    (decode, prefill, and chunked prefill with a cached prefix; GQA by Hq // Hkv). Optional
+    (gpt-oss): `sinks` [Hq] float32, a per-head logit added to the softmax denominator with no
+    value; `window` W > 0, a sliding window (position p sees p - W + 1 .. p). Every backend takes both.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dynserve_kernels import cpu_native
 
 if TYPE_CHECKING:
     from dynserve_kernels.metadata import AttentionMetadata
+    from dynserve_kernels.moe_ref import ClampedSwiGLU
 
     from dynserve.routing.base import Assignment
 
@@ -69,8 +74,20 @@ def select_backend(device: torch.device | str, use_triton: bool | None = None) -
 
 
 def fused_moe(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, assignment: Assignment, backend: str = "torch"
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    assignment: Assignment,
+    backend: str = "torch",
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ClampedSwiGLU | None = None,
 ) -> torch.Tensor:
+    if b13 is not None or b2 is not None or activation is not None:
+        # expert biases / clamped SwiGLU (gpt-oss): the per-expert torch path on every backend
+        from dynserve_kernels.moe_ref import fused_moe_ref
+
+        return fused_moe_ref(x, w13, w2, assignment, b13, b2, activation)
     if backend == "triton":
         from dynserve_kernels.moe_triton import fused_moe_triton
 
@@ -144,14 +161,22 @@ def write_kv(
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float, backend: str = "torch"
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    backend: str = "torch",
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     if backend == "triton":
         from dynserve_kernels.attention_triton import paged_attention_triton
 
-        return paged_attention_triton(q, kv_cache, batch, scale)
+        return paged_attention_triton(q, kv_cache, batch, scale, sinks, window)
     if backend == "cpu" and cpu_native.takes_decode_attention(q, kv_cache, batch):
-        return cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, batch.seq_lens, scale)
+        return cpu_native.paged_decode_attention(
+            q, kv_cache, batch.block_tables, batch.seq_lens, scale, sinks=sinks, window=window
+        )
     from dynserve_kernels.attention_ref import paged_attention_ref
 
-    return paged_attention_ref(q, kv_cache, batch, scale)
+    return paged_attention_ref(q, kv_cache, batch, scale, sinks, window)

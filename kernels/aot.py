@@ -121,8 +121,10 @@ def cases(specs: tuple[str, ...] = ("aligned",)) -> list[Case]:
                      (("BLOCK", block),), warps, 3)
             )  # fmt: skip
         ptrs_a = (("q_ptr", dt), ("cache_ptr", dt), ("out_ptr", dt), ("bt_ptr", "i64"), ("seq_lens_ptr", "i64"))
+        ptrs_a += (("sinks_ptr", "fp32"),)
         for d in (64, 128):
-            att = (("BLOCK_D", d), ("UPCAST", False), ("PRECISION", precision))
+            # HAS_SINKS (gpt-oss) adds a few scalar ops after the K/V loop: the sink-free build is the one checked
+            att = (("BLOCK_D", d), ("UPCAST", False), ("PRECISION", precision), ("HAS_SINKS", False))
             # G in {4, 8} is a runtime int (BLOCK_G = 16 for both): one compile covers both groups
             cfg = decode_config(d, torch_dtype, interpret=False)
             out.append(

@@ -10,11 +10,20 @@ Sequence b's position p lives in block block_tables[b, p // block_size] at offse
 - prefill / mixed batches: one SDPA call per sequence (host-side lengths, no device sync): causal
   (flash kernel) when nothing is cached before the new tokens, else an explicit causal mask offset
   by the cached prefix (chunked prefill, prefix-cache hits).
+- with attention sinks or a sliding window (gpt-oss), every batch takes `_attend_explicit`: one
+  masked float32 softmax per sequence, the sink as an extra logit in the denominator.
+
+Attention sinks (`sinks` [Hq], one logit per query head, as gpt-oss learns them): the softmax of a
+query row runs over its visible scores plus the head's sink logit, and the sink contributes no
+value, so the weights sum to less than 1. Sliding window `window` = W > 0: the query at position p
+sees positions p - W + 1 .. p (W positions including itself: transformers' `kv_idx > q_idx - W`);
+None or 0 is the full causal context.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +59,15 @@ def _host_lists(batch: AttentionMetadata) -> tuple[list[int], list[int]]:
     qsl = batch.query_start_loc_host or batch.query_start_loc.tolist()
     lens = batch.seq_lens_host or batch.seq_lens.tolist()
     return qsl, lens
+
+
+def _sequences(batch: AttentionMetadata) -> Iterator[tuple[int, int, int, int]]:
+    """(sequence b, its first query row s, its new tokens n, its context length) for every sequence
+    with new tokens, from host-side lists (no device sync)."""
+    qsl, lens = _host_lists(batch)
+    for b, length in enumerate(lens):
+        if qsl[b + 1] > qsl[b]:
+            yield b, qsl[b], qsl[b + 1] - qsl[b], length
 
 
 class _Scratch(threading.local):
@@ -98,26 +116,33 @@ def _gather_seq(cache_half: torch.Tensor, block_table: torch.Tensor, length: int
 
 
 def paged_attention_ref(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] over each sequence's paged K/V; returns [T, Hq, D] in q.dtype."""
+    """Causal attention of q [T, Hq, D] over each sequence's paged K/V; returns [T, Hq, D] in q.dtype.
+
+    `sinks` [Hq] (a sink logit per head) and `window` (sliding window, None/0 = full): module docstring."""
     T, hq, d = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
     if hq % hkv:
         raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if sinks is not None and sinks.shape != (hq,):
+        raise ValueError(f"sinks {tuple(sinks.shape)} must have one logit per query head ({hq})")
     g = hq // hkv
     if T == 0:
         return q.new_empty(T, hq, d)
     cdt = _compute_dtype(q)
+    if sinks is not None or window:
+        return _attend_explicit(q, kv_cache, batch, scale, sinks, window or 0).to(q.dtype)
     if batch.max_query_len == 1 and T == batch.num_seqs:
         return _decode(q, kv_cache, batch, scale, cdt).to(q.dtype)
     out = torch.empty(T, hq, d, dtype=cdt, device=q.device)  # [T, Hq, D]
-    qsl, lens = _host_lists(batch)
-    for b, length in enumerate(lens):
-        s, e = qsl[b], qsl[b + 1]
-        n = e - s
-        if n == 0:
-            continue
+    for b, s, n, length in _sequences(batch):
+        e = s + n
         k = _gather_seq(kv_cache[0], batch.block_tables[b], length, "k").to(cdt)  # [L, Hkv, D]
         v = _gather_seq(kv_cache[1], batch.block_tables[b], length, "v").to(cdt)  # [L, Hkv, D]
         if n == length and n > 1:
@@ -140,6 +165,43 @@ def paged_attention_ref(
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [Hkv, G*n, D]
         out[s:e] = ob.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
     return out.to(q.dtype)
+
+
+def _attend_explicit(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    sinks: torch.Tensor | None,
+    window: int,
+) -> torch.Tensor:
+    """Attention with sinks and/or a sliding window (window 0 = none): per sequence, scores and softmax
+    in float32 over the visible positions (+ the sink logit); returns float32 [T, Hq, D]."""
+    T, hq, d = q.shape
+    hkv = kv_cache.shape[3]
+    g = hq // hkv
+    out = torch.empty(T, hq, d, dtype=torch.float32, device=q.device)  # [T, Hq, D]
+    for b, s, n, length in _sequences(batch):
+        e = s + n
+        lo = max(0, length - n - window + 1) if window else 0  # first position any query row sees
+        k = _gather_seq(kv_cache[0], batch.block_tables[b], length, "k")[lo:].float()  # [L', Hkv, D]
+        v = _gather_seq(kv_cache[1], batch.block_tables[b], length, "v")[lo:].float()  # [L', Hkv, D]
+        qb = q[s:e].float().reshape(n, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
+        scores = qb @ k.permute(1, 2, 0)[:, None] * scale  # [Hkv, G, n, L']
+        kpos = torch.arange(lo, length, device=q.device)  # [L']
+        qpos = torch.arange(length - n, length, device=q.device)  # [n]
+        visible = kpos[None, :] <= qpos[:, None]  # [n, L']
+        if window:
+            visible &= kpos[None, :] > qpos[:, None] - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().view(hkv, g, 1, 1).expand(hkv, g, n, 1)  # [Hkv, G, n, 1]
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # [Hkv, G, n, L']
+        else:
+            probs = torch.softmax(scores, dim=-1)  # [Hkv, G, n, L']
+        ob = probs @ v.transpose(0, 1)[:, None]  # [Hkv, G, n, D]
+        out[s:e] = ob.permute(2, 0, 1, 3).reshape(n, hq, d)
+    return out
 
 
 def _decode(

@@ -11,6 +11,11 @@
   0..L - n + i: the cached prefix (chunked prefill / prefix cache) and the causal part of the new
   tokens, all read from the cache (the model writes the new K/V first).
 `paged_attention_triton` dispatches on `batch.max_query_len`.
+
+Both attention kernels take the gpt-oss options of `attention_ref.paged_attention_ref`: a sliding
+`window` (runtime int, 0 = none: positions below p - window + 1 are masked and the K/V loop starts at
+the tile holding the first visible one) and attention sinks (HAS_SINKS: after the loop the head's
+sink logit joins the online softmax's max and denominator and adds no value).
 """
 
 from __future__ import annotations
@@ -92,7 +97,9 @@ def _decode_kernel(
     out_ptr,
     bt_ptr,
     seq_lens_ptr,
+    sinks_ptr,
     qk_scale,
+    window,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -109,6 +116,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -130,9 +138,10 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    for start in range(0, L, BLOCK_N):
+    lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)  # first visible position
+    for start in range(lo // BLOCK_N * BLOCK_N, L, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        p_mask = pos < L
+        p_mask = (pos < L) & (pos >= lo)
         k = _load_kv_tile(cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos)
         v = _load_kv_tile(
             cache_ptr + half_stride,
@@ -157,6 +166,12 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if HAS_SINKS:  # the sink logit (log2 domain) joins the denominator, with no value
+        sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # [BG]
+        m_s = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_s)
+        l_i = l_i * alpha + tl.exp2(sink - m_s)
+        acc = acc * alpha[:, None]
     # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
     tl.store(
@@ -174,7 +189,9 @@ def _prefill_kernel(
     bt_ptr,
     seq_lens_ptr,
     qsl_ptr,
+    sinks_ptr,
     qk_scale,
+    window,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -191,6 +208,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     mt = tl.program_id(0)
     b = tl.program_id(1)
@@ -220,7 +238,9 @@ def _prefill_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start in range(0, end, BLOCK_N):
+    q_lo = tl.where(window > 0, qpos - window + 1, 0)  # [BM] first position each row sees
+    lo = tl.maximum(tl.where(window > 0, prefix + mt * BLOCK_M - window + 1, 0), 0)  # the tile's first
+    for start in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         p_mask = pos < L
         k = _load_kv_tile(cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos)
@@ -240,14 +260,23 @@ def _prefill_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 domain
-        visible = p_mask[None, :] & (pos[None, :] <= qpos[:, None])
+        visible = p_mask[None, :] & (pos[None, :] <= qpos[:, None]) & (pos[None, :] >= q_lo[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: position 0 is visible to every row
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # -inf only for a row that has seen nothing yet (windowed rows in a tile before their
+        # window): subtract 0 there, so p = 0 and alpha = 0 instead of NaN; otherwise m_new itself
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if HAS_SINKS:  # the sink logit (log2 domain) joins the denominator, with no value
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_s = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_s)
+        l_i = l_i * alpha + tl.exp2(sink - m_s)
+        acc = acc * alpha[:, None]
     # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
     tl.store(
@@ -280,9 +309,15 @@ def prefill_config(d: int, dtype: torch.dtype, interpret: bool | None = None) ->
 
 
 def paged_attention_triton(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Triton version of `paged_attention_ref`: q [T, Hq, D] -> [T, Hq, D] in q.dtype."""
+    """Triton version of `paged_attention_ref` (sinks [Hq] and sliding window included): q [T, Hq, D]
+    -> [T, Hq, D] in q.dtype."""
     T, hq, d = q.shape
     _, _, bs, hkv, dc = kv_cache.shape
     if dc != d or hq % hkv:
@@ -291,6 +326,8 @@ def paged_attention_triton(
         raise ValueError("kv_cache's K and V halves must each be contiguous")
     if q.dtype != kv_cache.dtype:
         raise TypeError(f"q dtype {q.dtype} != cache dtype {kv_cache.dtype}")
+    if sinks is not None and sinks.shape != (hq,):
+        raise ValueError(f"sinks {tuple(sinks.shape)} must have one logit per query head ({hq})")
     out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)  # [T, Hq, D]
     if T == 0:
         return out
@@ -304,7 +341,9 @@ def paged_attention_triton(
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding for float32 inputs
+    sinks_arg = out if sinks is None else sinks.to(device=device, dtype=torch.float32).contiguous()  # [Hq]
     common = dict(
+        sinks_ptr=sinks_arg, window=max(int(window or 0), 0), HAS_SINKS=sinks is not None,
         qk_scale=scale * _LOG2E,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_bt=tables.stride(0), half_stride=kv_cache.stride(0), stride_blk=kv_cache.stride(1),

@@ -111,7 +111,7 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     fn = lib.dyn_paged_decode_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64]
+    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64, _ptr, _i64]
     fn = lib.dyn_moe_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
@@ -120,7 +120,7 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64]
     fn = lib.dyn_paged_decode_bf16
     fn.restype = ctypes.c_int
-    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64]
+    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i64, _ptr, _i64]
     fn = lib.dyn_moe_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
@@ -206,12 +206,16 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_threads: int | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence: q [B, Hq, D] over kv_cache [2, N, bs, Hkv, D] -> [B, Hq, D] (CPU; float32,
     or bfloat16 for both, with float32 scores and softmax).
 
     block_tables [B, max_blocks] and seq_lens [B] (int64) as in AttentionMetadata; seq_lens[b] counts the
-    new token, whose K/V must already be written. A sequence with length 0 gets zeros.
+    new token, whose K/V must already be written. A sequence with length 0 gets zeros. `sinks` [Hq]
+    (any float dtype, used in float32) and `window` (> 0: the last `window` positions only) as
+    `attention_ref.paged_attention_ref`.
     """
     lib = _load()
     if lib is None:
@@ -236,10 +240,16 @@ def paged_decode_attention(
     k_half, v_half = kv_cache[0], kv_cache[1]  # [N, bs, Hkv, D] each, contiguous
     if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, kv_cache.shape[1]):
         raise ValueError(f"block table entries must lie in [0, {kv_cache.shape[1]})")
+    s32 = None
+    if sinks is not None:
+        if sinks.shape != (hq,):
+            raise ValueError(f"sinks {tuple(sinks.shape)} must have one logit per query head ({hq})")
+        s32 = sinks.to(device="cpu", dtype=torch.float32).contiguous()  # [Hq]
     fn = lib.dyn_paged_decode_f32 if dtype == torch.float32 else lib.dyn_paged_decode_bf16
     status = fn(
         q.data_ptr(), k_half.data_ptr(), v_half.data_ptr(), bt.data_ptr(), bt.shape[1], sl.data_ptr(),
-        B, hq, hkv, d, bs, float(scale), out.data_ptr(), num_threads or torch.get_num_threads(),
+        B, hq, hkv, d, bs, float(scale), None if s32 is None else s32.data_ptr(), max(int(window or 0), 0),
+        out.data_ptr(), num_threads or torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("native decode attention could not allocate its scratch buffer")

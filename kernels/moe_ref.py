@@ -4,10 +4,15 @@
 are grouped by expert with one stable sort, the per-expert counts cross to the host once, and only
 experts that received pairs run their two GEMMs. `dense_moe_reference` runs every expert on every
 token and weights by the dense [T, E] matrix; it is slow and exists only for tests.
+
+Both take gpt-oss's expert options: per-expert biases `b13` [E, 2I] (gate then up, as w13's rows)
+and `b2` [E, H], and `activation` = a `ClampedSwiGLU` in place of silu(gate) * up. The native and
+Triton kernels do not; `fused_moe` sends such layers here on every backend (still only the pairs).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,8 +32,31 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, i
     return T, H, E, two_i // 2
 
 
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment) -> torch.Tensor:
-    """sum over token t's pairs (e, w) of w * W2_e (silu(gate_e x_t) * up_e x_t); [T, H] in x.dtype.
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation (transformers' `GptOssExperts._apply_gate`) on gate g and up u:
+    g = min(g, limit), u = clamp(u, -limit, limit), out = (u + 1) * g * sigmoid(alpha * g)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)  # [n, I]
+        up = up.clamp(min=-self.limit, max=self.limit)  # [n, I]
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))  # [n, I]
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    a: Assignment,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ClampedSwiGLU | None = None,
+) -> torch.Tensor:
+    """sum over token t's pairs (e, w) of w * (W2_e act(W13_e x_t + b13_e) + b2_e); [T, H] in x.dtype,
+    act = silu(gate) * up unless `activation` is given; biases optional ([E, 2I], [E, H]).
 
     GEMMs run in x.dtype; the weighted combine accumulates in float32. Tokens with no pair get 0.
     """
@@ -49,9 +77,10 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assig
             continue
         tok = tok_sorted[start : start + n]  # [n]
         xe = x.index_select(0, tok)  # [n, H]
-        gu = F.linear(xe, w13[e])  # [n, 2I]
-        h = F.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
-        y = F.linear(h, w2[e]).float()  # [n, H]
+        gu = F.linear(xe, w13[e], None if b13 is None else b13[e])  # [n, 2I]
+        gate, up = gu[:, :inter], gu[:, inter:]  # [n, I] each
+        h = F.silu(gate) * up if activation is None else activation(gate, up)  # [n, I]
+        y = F.linear(h, w2[e], None if b2 is None else b2[e]).float()  # [n, H]
         y.mul_(w_sorted[start : start + n, None])
         y_pairs.index_copy_(0, order[start : start + n], y)
         start += n
@@ -60,13 +89,26 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assig
     return out.to(x.dtype)
 
 
-def dense_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment) -> torch.Tensor:
+def dense_moe_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    a: Assignment,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ClampedSwiGLU | None = None,
+) -> torch.Tensor:
     """Every expert on every token in float32, weighted by `a.to_dense()` [T, E]. Tests only."""
     T, H, E, inter = _check(x, w13, w2)
     xf = x.float()  # [T, H]
     dense = a.to_dense().to(x.device)  # [T, E]
     gu = torch.einsum("th,ejh->etj", xf, w13.float())  # [E, T, 2I]
-    h = F.silu(gu[..., :inter]) * gu[..., inter:]  # [E, T, I]
+    if b13 is not None:
+        gu = gu + b13.float()[:, None, :]
+    gate, up = gu[..., :inter], gu[..., inter:]  # [E, T, I] each
+    h = F.silu(gate) * up if activation is None else activation(gate, up)  # [E, T, I]
     y = torch.einsum("eti,ehi->eth", h, w2.float())  # [E, T, H]
+    if b2 is not None:
+        y = y + b2.float()[:, None, :]
     out = torch.einsum("te,eth->th", dense, y)  # [T, H]
     return out.to(x.dtype)

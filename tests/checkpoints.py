@@ -180,8 +180,30 @@ ARCH_CONFIGS.update(
     }
 )
 
+# gpt-oss: 4 layers, sliding (window 6, shorter than the test prompts) and full alternating but not
+# in the default order; 8 experts, k = 2; intermediate = hidden, so the [E, I, H] down_proj layout
+# is ambiguous by shape (it must be read as gpt-oss stores it); YaRN rotary (the config's default)
+ARCH_CONFIGS["gpt_oss"] = (
+    "GptOssConfig",
+    "GptOssForCausalLM",
+    dict(
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+        sliding_window=6,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=64,
+        head_dim=16,
+        swiglu_limit=1.5,  # low enough that the clamps bite on random weights
+        rope_parameters=dict(
+            rope_type="yarn", factor=8.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=64, rope_theta=10000.0,
+        ),
+    ),
+)  # fmt: skip
+
 # families whose tiny checkpoints get non-zero linear biases (the others keep transformers' zero init)
-RANDOM_BIAS_ARCHS = {"glm4_moe", "deepseek_v3", "deepseek_v3_nolora"}
+RANDOM_BIAS_ARCHS = {"glm4_moe", "deepseek_v3", "deepseek_v3_nolora", "gpt_oss"}
 
 
 def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards: int = 1, **overrides: object) -> Path:
@@ -214,8 +236,10 @@ def make_checkpoint(path: Path, arch: str = "mixtral", seed: int = 0, num_shards
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
-            elif arch in RANDOM_BIAS_ARCHS and name.endswith(".bias"):
-                p.normal_(0.0, 0.05)  # attention biases: non-zero, so a dropped bias shows
+            elif arch in RANDOM_BIAS_ARCHS and (name.endswith(".bias") or name.endswith("_proj_bias")):
+                p.normal_(0.0, 0.05)  # attention (and gpt-oss expert) biases: non-zero, so a dropped bias shows
+            elif name.endswith(".sinks"):
+                p.normal_(0.0, 1.0)  # gpt-oss attention sinks: large enough to matter
         # sigmoid routers (DeepSeek-V3 / GLM-4.5): a non-zero selection bias, so ignoring it changes picks
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

@@ -70,8 +70,18 @@ def fill_prefix(kv_cache: torch.Tensor, batch: ForwardBatch, gen: torch.Generato
             kv_cache[half].view(-1, hkv, d)[slots] = vals
 
 
-def naive_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
-    """Float64 loop over sequences, heads and query tokens: the ground truth for attention tests."""
+def naive_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Float64 loop over sequences, heads and query tokens: the ground truth for attention tests.
+
+    `sinks` [Hq]: an extra logit per head in the softmax (its probability is dropped, as gpt-oss);
+    `window` W: the query at position p sees positions p - W + 1 .. p."""
     T, hq, d = q.shape
     hkv = kv_cache.shape[3]
     g = hq // hkv
@@ -84,9 +94,14 @@ def naive_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
         v = kv_cache[1].reshape(-1, hkv, d)[slots].double()
         for i in range(n):
             visible = length - n + i + 1
+            first = max(0, visible - window) if window else 0
             for h in range(hq):
-                scores = (k[:visible, h // g] @ q[s + i, h].double()) * scale  # [visible]
-                out[s + i, h] = torch.softmax(scores, 0) @ v[:visible, h // g]
+                scores = (k[first:visible, h // g] @ q[s + i, h].double()) * scale  # [visible - first]
+                if sinks is not None:
+                    probs = torch.softmax(torch.cat([scores, sinks[h : h + 1].double()]), 0)[:-1]
+                else:
+                    probs = torch.softmax(scores, 0)
+                out[s + i, h] = probs @ v[first:visible, h // g]
     return out
 
 

@@ -653,3 +653,39 @@ def test_native_write_kv_matches_reference(dtype):
     assert torch.equal(cache, before)  # nothing written
     assert not cpu_native.takes_write_kv(k, v, cache, slots.int())
     assert not cpu_native.takes_write_kv(k.half(), v.half(), cache.half(), slots)
+
+
+# ------------------------------------------------------------------------------------------------
+# gpt-oss: attention sinks and sliding window in the native decode kernel (float32 and bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_sinks,window", [(True, None), (False, 6), (True, 6), (True, 1), (True, 500)])
+@pytest.mark.parametrize("case", [0, 2, 4], ids=["mha", "mqa_odd_d", "long"])
+def test_native_decode_sinks_and_window_match_reference(case, with_sinks, window, dtype):
+    lens, bs, hq, hkv, d = DECODE_CASES[case]
+    batch, kv_cache, q = _decode_setup(lens, bs, hq, hkv, d)
+    q, kv_cache = q.to(dtype), kv_cache.to(dtype)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(9)) * 2 if with_sinks else None
+    out = cpu_native.paged_decode_attention(
+        q, kv_cache, batch.block_tables, batch.seq_lens, d**-0.5, 3, sinks=sinks, window=window
+    )
+    ref = paged_attention_ref(q, kv_cache, batch, d**-0.5, sinks, window)
+    truth = naive_attention(q.float(), kv_cache.float(), batch, d**-0.5, sinks, window)
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL["attention"]
+    assert out.dtype == dtype
+    assert (out.double() - truth).abs().max().item() <= tol * max(truth.abs().max().item(), 1.0)
+    assert _rel_err(out, ref) <= tol
+    # the cpu backend's dispatcher hands sinks and window to the native kernel
+    got = dynserve_kernels.paged_attention(q, kv_cache, batch, d**-0.5, backend="cpu", sinks=sinks, window=window)
+    assert torch.equal(got.float(), cpu_native.paged_decode_attention(
+        q, kv_cache, batch.block_tables, batch.seq_lens, d**-0.5, sinks=sinks, window=window
+    ).float())  # fmt: skip
+
+
+def test_native_decode_sinks_on_empty_context_give_zeros():
+    batch, kv_cache, q = _decode_setup([5, 9], 4, 4, 2, 8)
+    lens = batch.seq_lens.clone()
+    lens[1] = 0
+    out = cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, lens, 0.3, sinks=torch.ones(4), window=3)
+    assert (out[1] == 0).all() and torch.isfinite(out[0]).all()

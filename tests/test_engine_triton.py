@@ -11,7 +11,7 @@ from dynserve import LLM, RoutingConfig, SamplingParams
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])  # gpt_oss: sinks + window
 def test_triton_path_matches_torch_path(checkpoint_factory, arch):
     path = checkpoint_factory(arch)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]

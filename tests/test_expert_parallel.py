@@ -142,7 +142,9 @@ def reference(checkpoint_factory):
     return get
 
 
-@pytest.mark.parametrize("arch,ranks", [("mixtral", 2), ("mixtral", 3), ("qwen3_moe", 2), ("qwen3_moe", 3)])
+@pytest.mark.parametrize(
+    "arch,ranks", [("mixtral", 2), ("mixtral", 3), ("qwen3_moe", 2), ("qwen3_moe", 3), ("gpt_oss", 3)]
+)  # gpt_oss: expert biases follow their experts
 def test_expert_parallel_generate_matches_one_rank(checkpoint_factory, reference, arch: str, ranks: int) -> None:
     tokens, activations, _ = reference(arch)
     before = _workers()

@@ -189,3 +189,76 @@ def test_shared_kv_halves(name, seqs, bs, dtype, backend, device):
     assert torch.equal(latent[0].cpu().view(-1, d)[batch.slot_mapping], key.view(-1, d))
     ref = naive_attention(q, shared.cpu().contiguous(), batch, d**-0.5)
     _check(out, ref, dtype)
+
+
+# ------------------------------------------------------------------ gpt-oss: attention sinks, sliding window
+
+# (name, sinks?, window): windows smaller than some contexts (and than a prefill chunk), equal to one,
+# larger than every context (= full attention), and 1 (each query sees only itself)
+SINK_WINDOW = [
+    ("sinks", True, None),
+    ("window5", False, 5),
+    ("sinks_window3", True, 3),
+    ("sinks_window1", True, 1),
+    ("sinks_window_larger", True, 64),
+]
+# odd sizes: contexts that are not block multiples, a chunk longer than the window, odd heads/head dim
+ODD_SEQS = [(21, 9), (7, 1), (13, 13), (30, 1), (3, 2)]
+
+
+def _sinks(hq: int, seed: int) -> torch.Tensor:
+    return torch.randn(hq, generator=torch.Generator().manual_seed(seed)) * 2.0  # [Hq] float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,seqs,bs", [*LAYOUTS, ("odd", ODD_SEQS, 4)], ids=[c[0] for c in LAYOUTS] + ["odd"])
+@pytest.mark.parametrize("label,with_sinks,window", SINK_WINDOW, ids=[c[0] for c in SINK_WINDOW])
+def test_reference_sinks_and_window_match_naive(label, with_sinks, window, name, seqs, bs, dtype):
+    hq, hkv, d = 6, 2, 12
+    batch, kv_cache, key, value, q = _setup(seqs, bs, hq, hkv, d, dtype, seed=3)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    sinks = _sinks(hq, 4) if with_sinks else None
+    out = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, sinks=sinks, window=window)
+    _check(out, naive_attention(q, kv_cache, batch, 0.3, sinks, window), dtype)
+
+
+TRITON_SINK_WINDOW = [c for c in SINK_WINDOW if c[0] != "sinks_window1"]  # the interpreter is slow
+TRITON_LAYOUTS = [LAYOUTS[0], LAYOUTS[2], ("odd", ODD_SEQS, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,seqs,bs", TRITON_LAYOUTS, ids=[c[0] for c in TRITON_LAYOUTS])
+@pytest.mark.parametrize("label,with_sinks,window", TRITON_SINK_WINDOW, ids=[c[0] for c in TRITON_SINK_WINDOW])
+def test_triton_sinks_and_window_match_naive(label, with_sinks, window, name, seqs, bs, dtype, device):
+    hq, hkv, d = 6, 2, 12  # head dim not a power of two
+    batch, kv_cache, key, value, q = _setup(seqs, bs, hq, hkv, d, dtype, seed=5)
+    sinks = _sinks(hq, 6) if with_sinks else None
+    cache = kv_cache.to(device)
+    dev_batch = _batch_on(batch, device)
+    dynserve_kernels.write_kv(key.to(device), value.to(device), cache, dev_batch.slot_mapping, backend="triton")
+    dev_sinks = None if sinks is None else sinks.to(device)
+    out = dynserve_kernels.paged_attention(q.to(device), cache, dev_batch, 0.3, "triton", dev_sinks, window).cpu()
+    _check(out, naive_attention(q, cache.cpu(), batch, 0.3, sinks, window), dtype)
+
+
+def test_defaults_are_todays_attention_exactly():
+    # sinks=None, window=None/0 take the unchanged paths: bit-identical outputs
+    batch, kv_cache, key, value, q = _setup([(9, 9), (20, 4), (3, 1)], 4, 4, 2, 8, torch.float32)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    base = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3)
+    assert torch.equal(dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, sinks=None, window=0), base)
+    # a window at least as long as every context and a sink of -inf change nothing but the path
+    wide = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.3, sinks=torch.full((4,), -torch.inf), window=64)
+    torch.testing.assert_close(wide, base, atol=1e-6, rtol=1e-5)
+
+
+def test_window_hides_positions_before_it():
+    # with window W, changing K/V of a position older than W leaves a decode query's output unchanged
+    batch, kv_cache, key, value, q = _setup([(10, 1)], 4, 2, 2, 8, torch.float32)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    before = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5, window=4)
+    kv_cache.view(2, -1, 2, 8)[:, seq_slots(batch, 0, 6)] = 100.0  # positions 0..5: outside 6..9
+    after = dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5, window=4)
+    torch.testing.assert_close(after, before)
+    kv_cache.view(2, -1, 2, 8)[1, seq_slots(batch, 0, 7)[6:]] = 100.0  # position 6: inside
+    assert not torch.allclose(dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5, window=4), before)

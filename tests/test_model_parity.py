@@ -24,8 +24,8 @@ from dynserve.model.moe import MoEBlock
 from dynserve.routing import Assignment, CheckpointRule
 
 DEEPSEEK_ARCHS = ["deepseek_v3", "deepseek_v3_nolora", "deepseek_v2"]
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe", *DEEPSEEK_ARCHS]
-MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", *DEEPSEEK_ARCHS}
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3", "glm4_moe", *DEEPSEEK_ARCHS, "gpt_oss"]
+MOE_ARCHS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", *DEEPSEEK_ARCHS, "gpt_oss"}
 # first_k_dense_replace in tests/checkpoints.py's tiny configs
 DENSE_FIRST_LAYERS = {"glm4_moe": 1, "deepseek_v3": 1, "deepseek_v3_nolora": 2, "deepseek_v2": 1}
 # routers whose weight (and selection bias) stay float32 in a bfloat16 model, as transformers computes them
@@ -354,7 +354,7 @@ def test_moe_block_variable_k_and_identity_weight(monkeypatch):
     weights = torch.rand(3, E)
     ident = torch.tensor([0.5, 0.0, 0.25])
     assignment = Assignment.from_mask(mask, weights, identity_weight=ident)
-    monkeypatch.setattr("dynserve.model.moe.route", lambda logits, routing, rule: assignment)
+    monkeypatch.setattr("dynserve.model.moe.route", lambda logits, routing, rule, layer=0: assignment)
     batch = make_batch([([5, 6, 7], 0, [0])])
     out = block(x, batch)
     expect = ident[:, None] * x

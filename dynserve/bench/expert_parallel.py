@@ -50,9 +50,9 @@ class _TimedLocalExperts(LocalExperts):
     def __init__(self) -> None:
         self.experts_s = 0.0
 
-    def __call__(self, x, w13, w2, a, backend="torch"):  # noqa: ANN001, ANN204 - ExpertExecutor signature
+    def __call__(self, x, w13, w2, a, backend="torch", **expert_options):  # noqa: ANN001, ANN003, ANN204 - ExpertExecutor signature
         t0 = time.perf_counter()
-        out = super().__call__(x, w13, w2, a, backend)  # [T, H]
+        out = super().__call__(x, w13, w2, a, backend, **expert_options)  # [T, H]
         self.experts_s += time.perf_counter() - t0
         return out
 

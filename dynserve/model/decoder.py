@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
+from dynserve_kernels.moe_ref import ClampedSwiGLU
 from torch import nn
 
 from dynserve.config import ModelConfig
@@ -53,7 +54,7 @@ class AttentionKind(Protocol):
     `forward(x, cos, sin, kv_cache, batch)` and `load_hf(ws, prefix, device)`), says the per-layer
     paged-cache layout, and builds the rotary embedding the model computes once per step."""
 
-    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module: ...
+    def build(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int = 0) -> nn.Module: ...
 
     def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
         """(KV heads, head dim) of one attention layer's paged cache."""
@@ -70,9 +71,15 @@ class AttentionKind(Protocol):
 @dataclass(frozen=True)
 class GQA:
     """Grouped-query attention (`layers.Attention`): merged q/k/v, the spec's biases, q/k norm and
-    clipping; caches num_key_value_heads x head_dim; rotary on `spec.rotary_dim` dims of each head."""
+    clipping; caches num_key_value_heads x head_dim; rotary on `spec.rotary_dim` dims of each head.
+    gpt-oss: `sinks` (a learned sink logit per head) and `windows` (per layer: a sliding window, 0 =
+    full attention; layers past the tuple's end are full)."""
 
-    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module:
+    sinks: bool = False
+    windows: tuple[int, ...] = ()
+    shared_kv: ClassVar[bool] = False  # K and V are separate halves of the cache
+
+    def build(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int = 0) -> nn.Module:
         return Attention(
             cfg.hidden_size,
             cfg.num_heads,
@@ -83,9 +90,9 @@ class GQA:
             qk_norm=spec.qk_norm,
             norm_eps=spec.rms_norm_eps,
             clip_qkv=spec.clip_qkv,
+            sinks=self.sinks,
+            window=self.windows[layer_idx] if layer_idx < len(self.windows) else 0,
         )
-
-    shared_kv: ClassVar[bool] = False
 
     def cache_layout(self, cfg: ModelConfig) -> tuple[int, int]:
         return cfg.num_kv_heads, cfg.head_dim
@@ -113,6 +120,9 @@ class DecoderSpec:
     shared_expert_gate: bool = True  # sigmoid(shared_expert_gate(x)) scales the shared expert (Qwen2-MoE)
     shared_expert_prefix: str = "shared_expert"  # HF module name of the shared expert(s) in the MoE block
     router_fp32: bool | None = None  # router weight + logits in float32 (None: sigmoid routers only)
+    router_bias: bool = False  # the router linear has a bias (gpt-oss)
+    expert_bias: bool = False  # routed experts have gate_up / down biases (gpt-oss)
+    expert_activation: ClampedSwiGLU | None = None  # None: silu(gate) * up
     expert_names: ExpertNames = ExpertNames()
     rule: CheckpointRule | None = None
     tie_word_embeddings: bool = False
@@ -136,7 +146,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = layer_idx in spec.moe_layers
         self.input_layernorm = RMSNorm(H, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(H, spec.rms_norm_eps)
-        self.self_attn = spec.attention.build(cfg, spec)
+        self.self_attn = spec.attention.build(cfg, spec, layer_idx)
         self.mlp: nn.Module
         if self.is_moe:
             assert spec.rule is not None
@@ -149,6 +159,9 @@ class DecoderLayer(nn.Module):
                 shared_prefix=spec.shared_expert_prefix,
                 router_fp32=spec.router_fp32,
                 moe_index=sorted(spec.moe_layers).index(layer_idx),
+                router_bias=spec.router_bias,
+                expert_bias=spec.expert_bias,
+                activation=spec.expert_activation,
             )
         else:
             self.mlp = GatedMLP(H, spec.intermediate_size, bias=spec.mlp_bias)
@@ -172,7 +185,8 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             # transformers-5 state dicts name every family's MoE block `mlp` (fused experts)
             moe = f"{prefix}.{spec.moe_prefix}"
-            if not ws.has(f"{moe}.gate.weight") and ws.has(f"{prefix}.mlp.gate.weight"):
+            router = spec.expert_names.router
+            if not ws.has(f"{moe}.{router}.weight") and ws.has(f"{prefix}.mlp.{router}.weight"):
                 moe = f"{prefix}.mlp"
             self.mlp.load_hf(ws, moe, device, spec.expert_names)
         else:

@@ -33,7 +33,9 @@ from dynserve.routing.base import Assignment
 
 class ExpertExecutor(ABC):
     """Runs a MoE layer's routed experts: (x [T, H], w13 [E_held, 2I, H], w2 [E_held, H, I], the
-    layer's Assignment over all E experts, kernel backend) -> [T, H], the weighted sum per token."""
+    layer's Assignment over all E experts, kernel backend) -> [T, H], the weighted sum per token.
+    Layers with expert biases or gpt-oss's clamped SwiGLU also pass `b13` [E_held, 2I], `b2`
+    [E_held, H] and `activation` (keywords, only then), forwarded to `dynserve_kernels.fused_moe`."""
 
     def held_experts(self, num_experts: int) -> tuple[int, int]:
         """The experts [start, end) whose weights this process holds (all of them by default)."""
@@ -41,7 +43,13 @@ class ExpertExecutor(ABC):
 
     @abstractmethod
     def __call__(
-        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment, backend: str = "torch"
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        a: Assignment,
+        backend: str = "torch",
+        **expert_options: Any,
     ) -> torch.Tensor: ...
 
 
@@ -49,9 +57,15 @@ class LocalExperts(ExpertExecutor):
     """Every expert in this process: one `fused_moe` call."""
 
     def __call__(
-        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment, backend: str = "torch"
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        a: Assignment,
+        backend: str = "torch",
+        **expert_options: Any,
     ) -> torch.Tensor:
-        return dynserve_kernels.fused_moe(x, w13, w2, a, backend)  # [T, H]
+        return dynserve_kernels.fused_moe(x, w13, w2, a, backend, **expert_options)  # [T, H]
 
 
 LOCAL_EXPERTS = LocalExperts()
@@ -69,6 +83,9 @@ def use_experts(model: torch.nn.Module, experts: ExpertExecutor) -> int:
             if (s, e) != (0, m.num_experts):
                 m.w13 = torch.nn.Parameter(m.w13.data[s:e].clone(), requires_grad=False)  # [E_held, 2I, H]
                 m.w2 = torch.nn.Parameter(m.w2.data[s:e].clone(), requires_grad=False)  # [E_held, H, I]
+                if m.b13 is not None:  # expert biases (gpt-oss) follow their experts
+                    m.b13 = torch.nn.Parameter(m.b13.data[s:e].clone(), requires_grad=False)  # [E_held, 2I]
+                    m.b2 = torch.nn.Parameter(m.b2.data[s:e].clone(), requires_grad=False)  # [E_held, H]
             m.experts = experts
             n += 1
     return n
@@ -222,7 +239,13 @@ class ExpertParallelExperts(ExpertExecutor):
         return getattr(self.exchange, "stats", ExchangeStats())
 
     def __call__(
-        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: Assignment, backend: str = "torch"
+        self,
+        x: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        a: Assignment,
+        backend: str = "torch",
+        **expert_options: Any,
     ) -> torch.Tensor:
         ex = self.exchange
         N, r = ex.world_size, ex.rank
@@ -249,7 +272,7 @@ class ExpertParallelExperts(ExpertExecutor):
         local = Assignment(
             R, int(w13.shape[0]), ar[:R], recv_ids, torch.ones(R, dtype=torch.float32, device=x.device), ar
         )
-        y = dynserve_kernels.fused_moe(recv_rows, w13, w2, local, backend)  # [R, H]
+        y = dynserve_kernels.fused_moe(recv_rows, w13, w2, local, backend, **expert_options)  # [R, H]
         if self.profile_cuda and x.is_cuda:
             torch.cuda.synchronize(x.device)
         self.stats.experts_s += time.perf_counter() - tstart

@@ -23,22 +23,57 @@ from dynserve.model.base import ForwardBatch
 # weight plumbing
 
 
+# the 16 FP4 (e2m1) values by 4-bit code: sign bit 3, exponent bits 2-1, mantissa bit 0
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 (OCP microscaling FP4, gpt-oss's `*_blocks` / `*_scales`) -> `dtype`.
+
+    blocks [..., G, 16] uint8 hold 32 FP4 e2m1 values per block of a row, two per byte, the low
+    nibble first; scales [..., G] uint8 are e8m0 exponents, value = fp4 * 2^(scale - 127).
+    Returns [..., G * 32]. Converted one leading slice (expert) at a time to bound host memory."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not fit scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)  # [16]
+    out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * 32, dtype=dtype)  # [..., G*32]
+    flat_b = blocks.reshape(-1, *blocks.shape[-2:]) if blocks.dim() > 2 else blocks[None]  # [N, G, 16]
+    flat_s = scales.reshape(-1, scales.shape[-1]) if scales.dim() > 1 else scales[None]  # [N, G]
+    flat_o = out.view(-1, out.shape[-1])  # [N, G*32]
+    for i in range(flat_b.shape[0]):
+        b = flat_b[i].to(torch.uint8).long()  # [G, 16]
+        vals = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).reshape(b.shape[0], 32)  # [G, 32]
+        exp = flat_s[i].to(torch.int32) - 127  # [G]
+        flat_o[i] = torch.ldexp(vals, exp[:, None].float()).reshape(-1).to(dtype)  # [G*32]
+    return out
+
+
 class WeightSource:
     """Hugging Face-named checkpoint tensors, converted to the model's dtype on the way out.
 
     `get(name)` raises KeyError naming the tensor when the checkpoint does not have it.
     Tensors stay on the host until `assign_param` moves the final (merged/stacked) tensor.
+    MXFP4 tensors (published gpt-oss experts: `<name>_blocks` + `<name>_scales`, quant_method
+    "mxfp4") are dequantised here: `get(name)` returns the tensor an unquantised checkpoint stores
+    under `name` (the [E, out, in] dequantised weight transposed to [E, in, out], as transformers'
+    MXFP4 conversion does).
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
         self.weights = weights
         self.dtype = dtype
 
+    def _mxfp4(self, name: str) -> bool:
+        return f"{name}_blocks" in self.weights and f"{name}_scales" in self.weights
+
     def has(self, name: str) -> bool:
-        return name in self.weights
+        return name in self.weights or self._mxfp4(name)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weights:
+            if self._mxfp4(name):
+                w = dequantize_mxfp4(self.weights[f"{name}_blocks"], self.weights[f"{name}_scales"], self.dtype)
+                return w.transpose(-1, -2)  # [E, out, in] -> [E, in, out]
             raise KeyError(f"checkpoint is missing tensor {name!r}")
         t = self.weights[name]
         return t.to(self.dtype) if t.is_floating_point() else t
@@ -281,7 +316,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: s
 class Attention(nn.Module):
     """Self-attention over the paged KV cache: merged q/k/v projection (optional bias), optional
     q/k RMSNorm ("head": per head over head_dim, as Qwen3; "full": over the whole projected q/k,
-    as OLMoE), optional clipping, rotary, write_kv, paged_attention, o_proj."""
+    as OLMoE), optional clipping, rotary, write_kv, paged_attention, o_proj. gpt-oss: learned
+    attention sinks (`sinks`: one logit per query head, `<prefix>.sinks`) and a sliding `window`
+    (> 0: each query sees its last `window` positions), both applied by every kernel backend."""
 
     backend: str = "torch"  # set by `set_backend`
 
@@ -297,6 +334,8 @@ class Attention(nn.Module):
         qk_norm: str | None = None,
         norm_eps: float = 1e-6,
         clip_qkv: float | None = None,
+        sinks: bool = False,
+        window: int = 0,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
@@ -314,6 +353,8 @@ class Attention(nn.Module):
         elif qk_norm is not None:
             raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
         self.clip_qkv = clip_qkv
+        self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None  # [Hq]
+        self.window = window
 
     def forward(
         self,
@@ -346,7 +387,9 @@ class Attention(nn.Module):
         if self.backend == "triton":  # the Triton kernels take dense inputs
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         dynserve_kernels.write_kv(k, v, kv_cache, batch.slot_mapping, self.backend)
-        o = dynserve_kernels.paged_attention(q, kv_cache, batch, self.scale, self.backend)  # [T, Hq, D]
+        o = dynserve_kernels.paged_attention(
+            q, kv_cache, batch, self.scale, self.backend, self.sinks, self.window
+        )  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H]
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str) -> None:
@@ -355,3 +398,5 @@ class Attention(nn.Module):
         if self.qk_norm is not None:
             self.q_norm.load_hf(ws, f"{prefix}.q_norm.weight", device)
             self.k_norm.load_hf(ws, f"{prefix}.k_norm.weight", device)
+        if self.sinks is not None:
+            assign_param(self, "sinks", ws.get(f"{prefix}.sinks"), device, f"{prefix}.sinks")

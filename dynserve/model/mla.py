@@ -212,7 +212,7 @@ class MLA:
     lora_scales: bool = False
     interleaved_rope: bool = True
 
-    def build(self, cfg: ModelConfig, spec: DecoderSpec) -> nn.Module:
+    def build(self, cfg: ModelConfig, spec: DecoderSpec, layer_idx: int = 0) -> nn.Module:
         return LatentAttention(cfg, lora_scales=self.lora_scales, interleaved_rope=self.interleaved_rope)
 
     shared_kv: ClassVar[bool] = True

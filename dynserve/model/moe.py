@@ -1,8 +1,9 @@
 """The sparse MoE block: router -> routing policy -> Assignment -> fused expert kernel.
 
 Owns the stacked expert weights of one layer (w13 [E, 2I, H] with gate rows then up rows,
-w2 [E, H, I]), the router linear, the optional shared expert, the per-token expert-count
-bookkeeping on the ForwardBatch, and the mapping from Hugging Face expert tensor names.
+w2 [E, H, I], optional biases b13 [E, 2I] / b2 [E, H]), the router linear (optional bias), the
+optional shared expert, the per-token expert-count bookkeeping on the ForwardBatch, and the
+mapping from Hugging Face expert tensor names.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from dynserve_kernels.moe_ref import ClampedSwiGLU
 from torch import nn
 
 from dynserve.model.base import ForwardBatch
@@ -21,15 +23,28 @@ from dynserve.routing import Assignment, CheckpointRule, route
 
 @dataclass(frozen=True)
 class ExpertNames:
-    """How a family names one expert's tensors under `<moe prefix>.experts.{e}.`."""
+    """How a family names one expert's tensors under `<moe prefix>.experts.{e}.`, its router
+    (`<moe prefix>.<router>`), and the layout of fused expert tensors: `fused_in_out` says they are
+    stored [E, in, out] (gate_up [E, H, 2I], down [E, I, H]: gpt-oss) rather than [E, out, in], and
+    `interleaved_gate_up` that gate and up alternate along 2I (gate = [..., ::2], up = [..., 1::2])."""
 
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    router: str = "gate"
+    fused_in_out: bool = False
+    interleaved_gate_up: bool = False
 
 
 MIXTRAL_EXPERT_NAMES = ExpertNames("w1", "w3", "w2")
 QWEN_EXPERT_NAMES = ExpertNames()
+# transformers' GptOssMLP: mlp.router (weight + bias), mlp.experts.{gate_up_proj, down_proj}[_bias]
+GPT_OSS_EXPERT_NAMES = ExpertNames(router="router", fused_in_out=True, interleaved_gate_up=True)
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """[E, 2I, ...] with gate and up alternating on dim 1 (gpt-oss) -> all gates, then all ups."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)  # [E, 2I, ...]
 
 
 def _maybe_transposed(t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
@@ -48,7 +63,9 @@ class MoEBlock(nn.Module):
     `shared_gate` is False (DeepSeek-V3 / GLM-4.5 `shared_experts`); zero-computation identity
     experts in the Assignment add identity_weight * x. Sigmoid routers (DeepSeek-V3 / GLM-4.5)
     keep the router weight and the per-expert selection bias `e_score_correction_bias` [E] in
-    float32 and compute their logits in float32, as transformers does.
+    float32 and compute their logits in float32, as transformers does. gpt-oss: a router bias
+    (`router_bias`), expert biases (`expert_bias`: b13 [E, 2I], b2 [E, H]) and its clamped SwiGLU
+    (`activation`), which run through `fused_moe`'s per-expert torch path.
     """
 
     # how the routed experts run (dynserve.model.experts): set by `use_experts` when the model is
@@ -68,6 +85,9 @@ class MoEBlock(nn.Module):
         shared_prefix: str = "shared_expert",
         router_fp32: bool | None = None,
         moe_index: int = 0,
+        router_bias: bool = False,
+        expert_bias: bool = False,
+        activation: ClampedSwiGLU | None = None,
     ) -> None:
         super().__init__()
         E = rule.num_experts
@@ -75,13 +95,20 @@ class MoEBlock(nn.Module):
         self.moe_index = moe_index  # this block's place among the model's MoE layers (per-layer routing)
         self.num_experts = E
         self.router_fp32 = rule.scoring == "sigmoid" if router_fp32 is None else router_fp32
-        self.gate = Linear(hidden, E, bias=False, dtype=torch.float32 if self.router_fp32 else None)  # router
+        router_dtype = torch.float32 if self.router_fp32 else None
+        self.gate = Linear(hidden, E, bias=router_bias, dtype=router_dtype)  # router
         self.e_score_correction_bias: nn.Parameter | None = None
         if rule.selection_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(E, dtype=torch.float32), requires_grad=False)
         self.shared_prefix = shared_prefix
         self.w13 = nn.Parameter(torch.empty(E, 2 * moe_inter, hidden), requires_grad=False)  # [E, 2I, H]
         self.w2 = nn.Parameter(torch.empty(E, hidden, moe_inter), requires_grad=False)  # [E, H, I]
+        self.b13: nn.Parameter | None = None
+        self.b2: nn.Parameter | None = None
+        if expert_bias:
+            self.b13 = nn.Parameter(torch.empty(E, 2 * moe_inter), requires_grad=False)  # [E, 2I]
+            self.b2 = nn.Parameter(torch.empty(E, hidden), requires_grad=False)  # [E, H]
+        self.activation = activation
         self.shared_expert = GatedMLP(hidden, shared_inter) if shared_inter > 0 else None
         self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_inter > 0 and shared_gate else None
 
@@ -89,13 +116,17 @@ class MoEBlock(nn.Module):
         """Router logits [T, E] -> Assignment by each token's RoutingConfig; families with native
         dynamic routing (ReLU routers, zero-computation experts) override this."""
         if self.router_fp32:
-            logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32
+            logits = F.linear(x.float(), self.gate.weight, self.gate.bias)  # [T, E] float32
             return route(logits, batch.routing, self.rule, self.e_score_correction_bias, layer=self.moe_index)
         return route(self.gate(x), batch.routing, self.rule, layer=self.moe_index)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)
-        out = self.experts(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
+        if self.b13 is None and self.activation is None:
+            out = self.experts(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
+        else:  # gpt-oss: expert biases and the clamped SwiGLU
+            options = dict(b13=self.b13, b2=self.b2, activation=self.activation)
+            out = self.experts(x, self.w13, self.w2, assignment, self.backend, **options)  # [T, H]
         batch.expert_counts.append(assignment.experts_per_token())
         if batch.expert_token_counts is not None:
             batch.expert_token_counts.append(torch.bincount(assignment.expert_ids, minlength=self.num_experts))
@@ -109,11 +140,18 @@ class MoEBlock(nn.Module):
         return out
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, names: ExpertNames) -> None:
-        """Router `<prefix>.gate.weight`; experts either per expert (`<prefix>.experts.{e}.<name>.weight`)
-        or already fused (`<prefix>.experts.gate_up_proj` [E, 2I, H], `<prefix>.experts.down_proj` [E, H, I])."""
-        name = f"{prefix}.gate.weight"
+        """Router `<prefix>.<names.router>.weight` (+ `.bias`); experts either per expert
+        (`<prefix>.experts.{e}.<name>.weight`) or already fused (`<prefix>.experts.gate_up_proj`
+        [E, 2I, H], `<prefix>.experts.down_proj` [E, H, I]; gpt-oss: [E, H, 2I] interleaved and
+        [E, I, H], with `_bias` tensors [E, 2I] and [E, H], possibly MXFP4: see `WeightSource`)."""
+        router = f"{prefix}.{names.router}"
+        name = f"{router}.weight"
         gate_w = ws.weights[name].float() if self.router_fp32 and ws.has(name) else ws.get(name)
         assign_param(self.gate, "weight", gate_w, device, name)
+        if self.gate.bias is not None:
+            name = f"{router}.bias"
+            bias = ws.weights[name].float() if self.router_fp32 and ws.has(name) else ws.get(name)
+            assign_param(self.gate, "bias", bias, device, name)
         if self.e_score_correction_bias is not None:
             name = f"{prefix}.gate.e_score_correction_bias"
             ws.get(name)  # KeyError naming it when missing
@@ -123,9 +161,13 @@ class MoEBlock(nn.Module):
         if ws.has(fused_gu):
             w13 = ws.get(fused_gu)
             w2 = ws.get(f"{prefix}.experts.down_proj")
-            # some exporters store the transposed [E, H, 2I] / [E, I, H] layouts
-            w13 = _maybe_transposed(w13, tuple(self.w13.shape))
-            w2 = _maybe_transposed(w2, tuple(self.w2.shape))
+            if names.fused_in_out:  # [E, H, 2I] / [E, I, H], whatever the sizes (gpt-oss has I == H)
+                w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
+            else:  # some exporters store the transposed [E, H, 2I] / [E, I, H] layouts
+                w13 = _maybe_transposed(w13, tuple(self.w13.shape))
+                w2 = _maybe_transposed(w2, tuple(self.w2.shape))
+            if names.interleaved_gate_up:
+                w13 = _deinterleave(w13)  # [E, 2I, H]
         else:
             ex = f"{prefix}.experts"
             w13 = torch.stack(
@@ -137,6 +179,13 @@ class MoEBlock(nn.Module):
             w2 = torch.stack([ws.get(f"{ex}.{e}.{names.down}.weight") for e in range(E)])  # [E, H, I]
         assign_param(self, "w13", w13, device, f"{prefix}.experts (gate/up)")
         assign_param(self, "w2", w2, device, f"{prefix}.experts (down)")
+        if self.b13 is not None:
+            b13 = ws.get(f"{fused_gu}_bias")  # [E, 2I]
+            assign_param(
+                self, "b13", _deinterleave(b13) if names.interleaved_gate_up else b13, device, f"{fused_gu}_bias"
+            )
+            name = f"{prefix}.experts.down_proj_bias"
+            assign_param(self, "b2", ws.get(name), device, name)
         if self.shared_expert is not None:
             self.shared_expert.load_hf(ws, f"{prefix}.{self.shared_prefix}", device)
         if self.shared_expert_gate is not None:

@@ -86,7 +86,9 @@ class CheckpointRule:
     `n_group` equal groups (each group ranked by the sum of its two best biased scores); weights
     are the unbiased scores, renormalised if `renormalize` (`norm_topk_prob`), times
     `routed_scaling_factor`. `selection_bias` says the layer carries such a bias tensor (a
-    parameter of the MoE layer, not of the rule; sigmoid routers only).
+    parameter of the MoE layer, not of the rule; sigmoid routers only). gpt-oss (transformers'
+    `GptOssTopKRouter`: softmax over the top-k biased logits) is scoring "softmax" with
+    `renormalize`: the same experts, and the same weights up to float32 rounding.
     """
 
     num_experts: int

@@ -101,7 +101,7 @@ static void bf16_row_to_f32(const uint16_t *src, float *dst, int64_t n) {
  */
 int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const int64_t *block_tables,
                          int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                         int64_t D, int64_t bs, float scale, float *out, int64_t num_threads) {
+                         int64_t D, int64_t bs, float scale, const float *sinks, int64_t window, float *out, int64_t num_threads) {
     int failed = 0;
     const int64_t G = Hq / Hkv;
     int64_t lmax = 0;
@@ -126,7 +126,8 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
                 memset(ob, 0, sizeof(float) * (size_t)(Hq * D));
                 continue;
             }
-            for (int64_t t = 0; t < L; t++) {
+            const int64_t t0 = window > 0 && L > window ? L - window : 0; /* first visible position */
+            for (int64_t t = t0; t < L; t++) {
                 const float *kt = kc + (bt[t / bs] * bs + t % bs) * row;
                 for (int64_t h = 0; h < Hkv; h++) {
                     const float *kh = kt + h * D;
@@ -141,21 +142,23 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
             }
             for (int64_t i = 0; i < Hq; i++) {
                 float *si = s + i * L;
-                float m = si[0];
-                for (int64_t t = 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                float m = si[t0];
+                for (int64_t t = t0 + 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                if (sinks && sinks[i] > m) m = sinks[i];
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < L; t++) {
+                for (int64_t t = t0; t < L; t++) {
                     float e = fast_expf(si[t] - m);
                     si[t] = e;
                     sum += e;
                 }
+                if (sinks) sum += fast_expf(sinks[i] - m);
                 const float inv = 1.0f / sum;
 #pragma omp simd
-                for (int64_t t = 0; t < L; t++) si[t] *= inv;
+                for (int64_t t = t0; t < L; t++) si[t] *= inv;
             }
             memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
-            for (int64_t t = 0; t < L; t++) {
+            for (int64_t t = t0; t < L; t++) {
                 const float *vt = vc + (bt[t / bs] * bs + t % bs) * row;
                 for (int64_t h = 0; h < Hkv; h++) {
                     const float *vh = vt + h * D;
@@ -587,7 +590,7 @@ int dyn_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *w13, c
  * weight V, and the float32 sum of V rows is divided by the float32 sum of exp and rounded once. */
 int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, const int64_t *block_tables,
                           int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                          int64_t bs, float scale, uint16_t *out, int64_t num_threads) {
+                          int64_t bs, float scale, const float *sinks, int64_t window, uint16_t *out, int64_t num_threads) {
     int failed = 0;
     const int64_t G = Hq / Hkv;
     int64_t lmax = 0;
@@ -615,7 +618,8 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
                 continue;
             }
             bf16_row_to_f32(q + b * Hq * D, qf, Hq * D);
-            for (int64_t t = 0; t < L; t++) {
+            const int64_t t0 = window > 0 && L > window ? L - window : 0; /* first visible position */
+            for (int64_t t = t0; t < L; t++) {
                 bf16_row_to_f32(kc + (bt[t / bs] * bs + t % bs) * row, kv, row);
                 for (int64_t h = 0; h < Hkv; h++) {
                     const float *kh = kv + h * D;
@@ -630,19 +634,21 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
             }
             for (int64_t i = 0; i < Hq; i++) {
                 float *si = s + i * L;
-                float m = si[0];
-                for (int64_t t = 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                float m = si[t0];
+                for (int64_t t = t0 + 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                if (sinks && sinks[i] > m) m = sinks[i];
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < L; t++) {
+                for (int64_t t = t0; t < L; t++) {
                     const float e = fast_expf(si[t] - m);
                     sum += e;
                     si[t] = round_bf16(e);
                 }
+                if (sinks) sum += fast_expf(sinks[i] - m);
                 sums[i] = sum;
             }
             memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
-            for (int64_t t = 0; t < L; t++) {
+            for (int64_t t = t0; t < L; t++) {
                 bf16_row_to_f32(vc + (bt[t / bs] * bs + t % bs) * row, kv, row);
                 for (int64_t h = 0; h < Hkv; h++) {
                     const float *vh = kv + h * D;
