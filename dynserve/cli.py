@@ -35,7 +35,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--routing", default="top_k", choices=list(ROUTING_POLICIES), help="default expert routing policy")
     p.add_argument("--routing-p", type=float, default=0.5, help="top_p: cumulative probability to reach")
-    p.add_argument("--routing-threshold", type=float, default=0.2, help="threshold: minimum expert probability")
+    p.add_argument(
+        "--routing-threshold", type=float, default=0.2, help="threshold: minimum probability; relative: x the top one"
+    )
+    p.add_argument(
+        "--routing-entropy-thresholds", type=float, nargs="+", default=[0.6, 1.2], help="entropy: ascending H bounds"
+    )
+    p.add_argument("--routing-entropy-k", type=int, nargs="+", default=[1, 2, 4], help="entropy: k per H bin")
     p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
     p.add_argument("--min-experts", type=int, default=1)
     p.add_argument("--max-experts", type=int, default=None)
@@ -63,6 +69,8 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineCon
         k=args.routing_k,
         min_experts=args.min_experts,
         max_experts=args.max_experts,
+        entropy_thresholds=args.routing_entropy_thresholds,
+        entropy_k=args.routing_entropy_k,
     )
     return EngineConfig.create(
         args.model_dir,
