@@ -1,4 +1,4 @@
-"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing.
+"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing, calibrate-routing.
 
 Flags use vLLM's names where the meaning is the same.
 """
@@ -12,6 +12,8 @@ import sys
 from typing import Any
 
 from dynserve.config import ROUTING_POLICIES, EngineConfig, RoutingConfig
+
+CALIBRATED_POLICIES = ("top_p", "threshold", "relative", "entropy")  # dynserve.bench.calibrate_routing's
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +44,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--routing-entropy-thresholds", type=float, nargs="+", default=[0.6, 1.2], help="entropy: ascending H bounds"
     )
     p.add_argument("--routing-entropy-k", type=int, nargs="+", default=[1, 2, 4], help="entropy: k per H bin")
+    p.add_argument(
+        "--routing-config", default=None, help="routing file (calibrate-routing --out): replaces the --routing flags"
+    )
     p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
     p.add_argument("--min-experts", type=int, default=1)
     p.add_argument("--max-experts", type=int, default=None)
@@ -62,7 +67,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineConfig:
-    routing = RoutingConfig(
+    if args.routing_config:
+        routing = RoutingConfig.from_file(args.routing_config)
+    else:
+        routing = _routing_from_flags(args)
+    return _engine_config(args, routing, **extra)
+
+
+def _routing_from_flags(args: argparse.Namespace) -> RoutingConfig:
+    return RoutingConfig(
         policy=args.routing,
         p=args.routing_p,
         threshold=args.routing_threshold,
@@ -72,6 +85,9 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineCon
         entropy_thresholds=args.routing_entropy_thresholds,
         entropy_k=args.routing_entropy_k,
     )
+
+
+def _engine_config(args: argparse.Namespace, routing: RoutingConfig, **extra: Any) -> EngineConfig:
     return EngineConfig.create(
         args.model_dir,
         dtype=args.dtype,
@@ -155,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
     ev.add_argument("--out-dir", default="eval_routing", help="where to write results.csv and plot.png")
     ev.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens to score")
+
+    cal = sub.add_parser(
+        "calibrate-routing", help="the routing setting reaching a target experts/token with the lowest perplexity"
+    )
+    _add_engine_args(cal)
+    cal.add_argument("--target-experts", type=float, required=True, help="average FFN experts per token per MoE layer")
+    cal.add_argument("--policy", nargs="+", default=list(CALIBRATED_POLICIES), choices=list(CALIBRATED_POLICIES))
+    cal.add_argument("--per-layer", action="store_true", help="also search one value per MoE layer")
+    cal.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
+    cal.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score")
+    cal.add_argument("--out", default="routing.json", help="the RoutingConfig file to write")
     return parser
 
 
@@ -221,6 +248,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_routing(args: argparse.Namespace) -> int:
+    from dynserve.bench.calibrate_routing import main as calibrate_main
+
+    return calibrate_main(args, engine_config_from_args(args))
+
+
 def _eval_routing(args: argparse.Namespace) -> int:
     from dynserve.bench.eval_routing import main as eval_main
 
@@ -245,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "eval-routing":
             return _eval_routing(args)
+        if args.command == "calibrate-routing":
+            return _calibrate_routing(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"dynserve: error: {e}", file=sys.stderr)
         return 2

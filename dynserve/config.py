@@ -191,7 +191,21 @@ class RoutingConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> RoutingConfig:
+        """A routing file (`dynserve calibrate-routing --out`): JSON with the fields under "routing"
+        (other keys, such as "calibration", are notes), or the fields at the top level."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read routing file {str(path)!r}: {e}") from None
+        if isinstance(d, dict) and isinstance(d.get("routing"), dict):
+            d = d["routing"]
+        if not isinstance(d, dict):
+            raise ValueError(f"routing file {str(path)!r} must hold a JSON object")
+        return cls.from_dict(d)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dynserve.config import EngineConfig, RoutingConfig
+from dynserve.routing import RouterRecord
 
 WINDOW = 256
 
@@ -39,26 +40,37 @@ class EvalRow:
     ppl_ratio_to_top_k: float = 0.0
 
 
-@torch.inference_mode()
-def evaluate(config: EngineConfig, token_ids: list[int], settings: list[tuple[str, RoutingConfig]]) -> list[EvalRow]:
-    """Score `token_ids` under each routing setting; return one row per setting."""
-    from dynserve.engine.model_runner import ModelRunner
-    from dynserve.engine.sequence import Sequence
-    from dynserve.sampling_params import SamplingParams
+class Scorer:
+    """One ModelRunner scoring fixed windows of held-out tokens under any RoutingConfig: perplexity,
+    FFN expert activations per token per MoE layer, and (on request) the router outputs."""
 
-    window = min(WINDOW, config.model.max_model_len)
-    bs = config.cache.block_size
-    config.cache.num_kv_blocks = -(-window // bs)
-    runner = ModelRunner(config)
-    windows = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window)]
-    windows = [w for w in windows if len(w) >= 2]
-    rows: list[EvalRow] = []
-    for name, rc in settings:
+    def __init__(self, config: EngineConfig, token_ids: list[int]) -> None:
+        from dynserve.engine.model_runner import ModelRunner
+
+        window = min(WINDOW, config.model.max_model_len)
+        self.block_size = config.cache.block_size
+        config.cache.num_kv_blocks = -(-window // self.block_size)
+        self.runner = ModelRunner(config)
+        windows = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window)]
+        self.windows = [w for w in windows if len(w) >= 2]
+        self.num_tokens = sum(len(w) for w in self.windows)
+
+    @torch.inference_mode()
+    def score(self, rc: RoutingConfig, record: bool = False) -> tuple[float, float, list[RouterRecord]]:
+        """(perplexity, average experts per token per MoE layer, router records if `record`: one per
+        MoE layer and window)."""
+        from dynserve.engine.sequence import Sequence
+        from dynserve.sampling_params import SamplingParams
+
+        runner, bs = self.runner, self.block_size
         nll, n_pred, activations, routed = 0.0, 0, 0, 0
-        for w in windows:
+        records: list[RouterRecord] = []
+        for w in self.windows:
             seq = Sequence("eval", w, SamplingParams(), rc)
             seq.block_table = list(range(-(-len(w) // bs)))
             batch, _ = runner.build_batch([(seq, len(w))])
+            if record:
+                batch.router_records = records
             hidden = runner.model(batch, runner.kv_caches)  # [T, H]
             logits = runner.model.compute_logits(hidden[:-1])  # [T-1, V]
             target = torch.tensor(w[1:], device=logits.device)
@@ -67,8 +79,28 @@ def evaluate(config: EngineConfig, token_ids: list[int], settings: list[tuple[st
             if batch.expert_counts:
                 activations += int(torch.stack(batch.expert_counts).sum())
                 routed += len(w) * len(batch.expert_counts)
-        param = rc.p if rc.policy == "top_p" else rc.threshold if rc.policy == "threshold" else rc.k
-        rows.append(EvalRow(name, rc.policy, param, math.exp(nll / max(n_pred, 1)), activations / max(routed, 1)))
+        return math.exp(nll / max(n_pred, 1)), activations / max(routed, 1), records
+
+
+def setting_param(rc: RoutingConfig) -> float | int | tuple | None:
+    """The number a setting's name shows: p (top_p), threshold (threshold, relative), k (top_k)."""
+    if rc.policy == "top_p":
+        return rc.p
+    if rc.policy in ("threshold", "relative"):
+        return rc.threshold
+    if rc.policy == "entropy":
+        return rc.entropy_thresholds
+    return rc.k
+
+
+def evaluate(config: EngineConfig, token_ids: list[int], settings: list[tuple[str, RoutingConfig]]) -> list[EvalRow]:
+    """Score `token_ids` under each routing setting; return one row per setting."""
+    scorer = Scorer(config, token_ids)
+    rows: list[EvalRow] = []
+    for name, rc in settings:
+        ppl, avg, _ = scorer.score(rc)
+        param = setting_param(rc)
+        rows.append(EvalRow(name, rc.policy, param, ppl, avg))  # type: ignore[arg-type]
     base = rows[0]
     for r in rows:
         r.expert_fraction_of_top_k = (

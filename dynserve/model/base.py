@@ -12,7 +12,7 @@ import torch
 from dynserve_kernels.metadata import AttentionMetadata
 from torch import nn
 
-from dynserve.routing.base import RoutingBatch
+from dynserve.routing.base import RouterRecord, RoutingBatch
 
 
 @dataclass(kw_only=True)
@@ -30,6 +30,9 @@ class ForwardBatch(AttentionMetadata):
     expert_counts: list[torch.Tensor] = field(default_factory=list)  # L_moe x [T] int64
     # filled when per-(layer, expert) token counts are recorded: per MoE layer [E] int64
     expert_token_counts: list[torch.Tensor] | None = None
+    # filled when router outputs are recorded (calibration): one RouterRecord per MoE layer that
+    # routes by RoutingConfig
+    router_records: list[RouterRecord] | None = None
 
     @property
     def num_tokens(self) -> int:

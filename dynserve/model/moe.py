@@ -18,7 +18,7 @@ from torch import nn
 from dynserve.model.base import ForwardBatch
 from dynserve.model.experts import LOCAL_EXPERTS, ExpertExecutor
 from dynserve.model.layers import GatedMLP, Linear, WeightSource, assign_param
-from dynserve.routing import Assignment, CheckpointRule, route
+from dynserve.routing import Assignment, CheckpointRule, RouterRecord, route
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,12 @@ class MoEBlock(nn.Module):
         dynamic routing (ReLU routers, zero-computation experts) override this."""
         if self.router_fp32:
             logits = F.linear(x.float(), self.gate.weight, self.gate.bias)  # [T, E] float32
-            return route(logits, batch.routing, self.rule, self.e_score_correction_bias, layer=self.moe_index)
-        return route(self.gate(x), batch.routing, self.rule, layer=self.moe_index)
+        else:
+            logits = self.gate(x)  # [T, E]
+        bias = self.e_score_correction_bias
+        if batch.router_records is not None:
+            batch.router_records.append(RouterRecord(self.moe_index, logits, self.rule, bias))
+        return route(logits, batch.routing, self.rule, bias, layer=self.moe_index)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dynserve.routing.base import Assignment, CheckpointRule, RoutingBatch
+from dynserve.routing.base import Assignment, CheckpointRule, RouterRecord, RoutingBatch
 from dynserve.routing.policies import (
     ZERO_EXPERT_KINDS,
     checkpoint_top_k,
@@ -25,6 +25,7 @@ __all__ = [
     "Assignment",
     "CheckpointRule",
     "ExpertUsageAccumulator",
+    "RouterRecord",
     "RoutingBatch",
     "ZERO_EXPERT_KINDS",
     "checkpoint_top_k",

@@ -158,3 +158,15 @@ class RoutingBatch:
             return cls(list(unique), None)
         index = [i for i, n in zip(idx, tokens_per_seq, strict=True) for _ in range(n)]  # [T]
         return cls(list(unique), torch.tensor(index, dtype=torch.int64, device=device))
+
+
+@dataclass
+class RouterRecord:
+    """One MoE layer's router output in one forward pass, recorded for offline re-routing
+    (`dynserve calibrate-routing`): `route(logits, batch, rule, score_bias, layer=moe_layer)` gives
+    the layer's Assignment under any RoutingConfig without running the model again."""
+
+    moe_layer: int
+    logits: torch.Tensor  # [T, E] as the layer's `route` receives them
+    rule: CheckpointRule
+    score_bias: torch.Tensor | None = None  # [E] sigmoid routers' selection bias
