@@ -19,6 +19,7 @@ from dynserve.model.decoder import torch_dtype
 from dynserve.model.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from dynserve.model.loader import load_model
 from dynserve.routing.base import RoutingBatch
+from dynserve.routing.routed import RoutedExperts, RoutedStep
 from dynserve.routing.usage import ExpertUsageAccumulator
 
 
@@ -34,6 +35,8 @@ class StepResult:
     sample_errors: dict[int, str] = field(default_factory=dict)  # index into sampled -> why it failed
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # scheduled index -> new ones
     usage: list[list[int]] = field(default_factory=list)  # [B][L_moe]
+    # scheduled index -> routed experts of its tokens this step (only sequences that asked for them)
+    routed_experts: dict[int, RoutedExperts] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -147,6 +150,7 @@ class ModelRunner:
             result.logprobs = out.logprobs
             result.sample_errors = out.errors
         result.prompt_logprobs = self._prompt_logprobs(scheduled, batch, hidden)
+        result.routed_experts = self._routed_experts(scheduled, batch)
         # a request's usage counts a position once: skip what a recompute after preemption repeats
         skip = [seq.expert_usage.already_counted(seq.num_computed_tokens, n) for seq, n in scheduled]
         result.usage = self.expert_usage.add_step(
@@ -184,6 +188,16 @@ class ModelRunner:
         for owner, lp in zip(owners, token_logprobs(raw, targets, num_top), strict=True):
             out.setdefault(owner, []).append(lp)
         return out
+
+    def _routed_experts(self, scheduled: list[tuple[Sequence, int]], batch: ForwardBatch) -> dict[int, RoutedExperts]:
+        """The step's routed experts of the sequences that asked for them. Nothing is copied to the host
+        (no sync, no copy) unless one of the step's sequences asked."""
+        want = [i for i, (seq, _) in enumerate(scheduled) if seq.routed_experts is not None]
+        if not want:
+            return {}
+        step = RoutedStep.gather(batch.assignments, batch.num_tokens)
+        qsl = batch.query_start_loc_host
+        return {i: step.rows(qsl[i], qsl[i + 1]) for i in want}
 
     def close(self) -> None:
         """Stop the expert-parallel workers, if any (idempotent)."""

@@ -12,7 +12,7 @@ import torch
 from dynserve_kernels.metadata import AttentionMetadata
 from torch import nn
 
-from dynserve.routing.base import RoutingBatch
+from dynserve.routing.base import Assignment, RoutingBatch
 
 
 @dataclass(kw_only=True)
@@ -30,6 +30,14 @@ class ForwardBatch(AttentionMetadata):
     expert_counts: list[torch.Tensor] = field(default_factory=list)  # L_moe x [T] int64
     # filled when per-(layer, expert) token counts are recorded: per MoE layer [E] int64
     expert_token_counts: list[torch.Tensor] | None = None
+    # filled by MoE layers during forward: each MoE layer's Assignment, in layer order (the runner derives
+    # expert load and, when a request asks, routed experts from them after the forward)
+    assignments: list[Assignment] = field(default_factory=list)
+
+    @property
+    def moe_layer_index(self) -> int:
+        """The index (among MoE layers) of the MoE layer routing now: the layers report in order."""
+        return len(self.assignments)
 
     @property
     def num_tokens(self) -> int:

@@ -42,7 +42,8 @@ def _maybe_transposed(t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
 class MoEBlock(nn.Module):
     """One sparse MoE layer: router logits [T, E] -> `route` -> Assignment -> `fused_moe`.
 
-    Appends each token's FFN expert count to `batch.expert_counts` (and per-expert token counts to
+    Appends its Assignment to `batch.assignments`, each token's FFN expert count to
+    `batch.expert_counts` (and per-expert token counts to
     `batch.expert_token_counts` when that list is present). A shared expert, if configured, is
     added as sigmoid(shared_expert_gate(x)) * shared_expert(x) (Qwen2-MoE), or ungated when
     `shared_gate` is False (DeepSeek-V3 / GLM-4.5 `shared_experts`); zero-computation identity
@@ -94,6 +95,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)
         out = self.experts(x, self.w13, self.w2, assignment, self.backend)  # [T, H]
+        batch.assignments.append(assignment)
         batch.expert_counts.append(assignment.experts_per_token())
         if batch.expert_token_counts is not None:
             batch.expert_token_counts.append(torch.bincount(assignment.expert_ids, minlength=self.num_experts))

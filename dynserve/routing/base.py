@@ -23,7 +23,8 @@ class Assignment:
     never do. `identity_weight` (optional, [T]) is the summed weight of copy/identity experts,
     which add `w * x` to the output with no FLOPs. `num_selected` counts, per token, every expert
     the router picked (FFN + zero-computation); `experts_per_token` counts only FFN experts,
-    which is what costs compute and what usage accounting reports.
+    which is what costs compute and what usage accounting reports. `selection` (optional) holds
+    every pick in routing order, zero-computation experts as ids num_experts.. (for reporting).
     """
 
     num_tokens: int
@@ -34,6 +35,9 @@ class Assignment:
     token_offsets: torch.Tensor  # [T+1] int64
     identity_weight: torch.Tensor | None = None  # [T] float32
     num_selected: torch.Tensor | None = None  # [T] int64; None = experts_per_token()
+    # every expert the router picked, zero-computation ones included (ids >= num_experts), when that
+    # differs from the pairs (LongCat-Flash): what routed-experts reporting returns for replay
+    selection: Assignment | None = None
 
     @property
     def num_pairs(self) -> int:

@@ -385,7 +385,8 @@ def route_with_zero_experts(
     Returns an Assignment over the N FFN experts (pairs token-major, in selection rank order; a
     token may have 0..top_k pairs), with `identity_weight` [T] = summed weight of the selected
     identity experts (None when no expert is of kind "identity") and `num_selected` [T] =
-    top_k for every token (FFN + zero-computation experts picked).
+    top_k for every token (FFN + zero-computation experts picked) and `selection` = every pick (ids over
+    the N + Z columns, in selection rank order), which routed-experts reporting returns.
     """
     T, total = scores.shape
     N = num_ffn_experts
@@ -423,7 +424,10 @@ def route_with_zero_experts(
     offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(is_ffn.sum(dim=-1), dim=0)
     num_selected = torch.full((T,), k, dtype=torch.int64, device=device)
-    return Assignment(T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected)
+    selection = Assignment.from_topk(ids, w, total)  # every pick, zero experts as ids N..N+Z-1
+    return Assignment(
+        T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected, selection=selection
+    )
 
 
 __all__ = [
