@@ -426,7 +426,15 @@ def route_with_zero_experts(
     num_selected = torch.full((T,), k, dtype=torch.int64, device=device)
     selection = Assignment.from_topk(ids, w, total)  # every pick, zero experts as ids N..N+Z-1
     return Assignment(
-        T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected, selection=selection
+        T,
+        N,
+        tok,
+        ids[tok, slot],
+        w[tok, slot],
+        offsets,
+        identity_weight,
+        num_selected=num_selected,
+        selection=selection,
     )
 
 

@@ -45,6 +45,7 @@ from dynserve.server.responses import (
     ModelList,
     TokenizeResponse,
 )
+from dynserve.server.routed_experts import add_routed_experts
 from dynserve.server.settings import INLINE_BYTES, ServerSettings
 from dynserve.server.state import ServerState
 from dynserve.server.streaming import (
@@ -183,8 +184,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
                 )
         body = CompletionResponse(
             id=request_id, created=created, model=srv.model_name, choices=choices, usage=usage_body(finals)
-        )
-        return JSONResponse(body.model_dump(), headers=headers)
+        ).model_dump()
+        if req.return_routed_experts:
+            add_routed_experts(body, finals, req.n, req.routed_experts_format)
+        return JSONResponse(body, headers=headers)
 
     # ---------------------------------------------------------------- chat
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
@@ -221,8 +224,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         ]
         body = ChatCompletionResponse(
             id=request_id, created=created, model=srv.model_name, choices=choices, usage=usage_body(finals)
-        )
-        return JSONResponse(body.model_dump(), headers=headers)
+        ).model_dump()
+        if req.return_routed_experts:
+            add_routed_experts(body, finals, req.n, req.routed_experts_format)
+        return JSONResponse(body, headers=headers)
 
     return app
 

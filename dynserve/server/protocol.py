@@ -207,10 +207,17 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
-    # dynserve extension
+    # dynserve extensions
     routing: RoutingParams | None = None
+    return_routed_experts: Bool = False
+    routed_experts_start_len: Int | None = Field(default=None, ge=0)
+    routed_experts_format: Literal["json", "base64"] | None = None
 
     def check_common(self) -> None:
+        if not self.return_routed_experts:
+            for name in ("routed_experts_start_len", "routed_experts_format"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(f"{name} requires return_routed_experts to be true", name)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options can only be set when stream is true", "stream_options")
         if self.logit_bias:
@@ -254,6 +261,8 @@ class _SamplingRequest(BaseModel):
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 routing=routing,
+                return_routed_experts=self.return_routed_experts,
+                routed_experts_start_len=self.routed_experts_start_len or 0,
             )
         except ValueError as e:
             msg = str(e)
