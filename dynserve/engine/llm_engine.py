@@ -129,6 +129,7 @@ class LLMEngine:
         if params.max_tokens != max_tokens:
             params = _with_max_tokens(params, max_tokens)
         routing = self.config.routing.overlay(params.routing)  # the request's fields over the default
+        routing.check_model(self.model_config.num_experts, self.runner.num_moe_layers)
         req = _Request(request_id, prompt, prompt_token_ids, params, arrival_time or time.monotonic())
         for i in range(params.n):
             seq = Sequence(request_id, prompt_token_ids, params, routing, sample_index=i, arrival_time=req.arrival_time)
@@ -177,6 +178,11 @@ class LLMEngine:
         good (an expert-parallel worker died or froze); the caller must then stop using this engine."""
         if self.runner.expert_parallel is not None:
             self.runner.expert_parallel.start_watchdog(handler)
+
+    @property
+    def num_moe_layers(self) -> int:
+        """MoE layers of the model (what routed experts and steering number from 0)."""
+        return self.runner.num_moe_layers
 
     @property
     def num_steps(self) -> int:

@@ -87,10 +87,11 @@ class MoEBlock(nn.Module):
     def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
         """Router logits [T, E] -> Assignment by each token's RoutingConfig; families with native
         dynamic routing (ReLU routers, zero-computation experts) override this."""
+        layer = batch.moe_layer_index
         if self.router_fp32:
             logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32
-            return route(logits, batch.routing, self.rule, self.e_score_correction_bias)
-        return route(self.gate(x), batch.routing, self.rule)
+            return route(logits, batch.routing, self.rule, self.e_score_correction_bias, layer)
+        return route(self.gate(x), batch.routing, self.rule, layer=layer)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)

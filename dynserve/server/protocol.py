@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from dynserve.config import ROUTING_POLICIES, RoutingConfig
+from dynserve.config import MAX_STEERING_VALUES, ROUTING_POLICIES, RoutingConfig
 from dynserve.sampling_params import SamplingParams
 
 MAX_N = 128
@@ -142,6 +142,41 @@ ContentInput = Annotated[Any, AfterValidator(_check_content), WithJsonSchema(_CO
 
 
 # ------------------------------------------------------------------------------- request parts
+def _steering_checker(name: str) -> Any:
+    """A validator of `routing.<name>`: RoutingConfig's own checks (types, ids >= 0, finite bounded
+    biases, layer keys), reported on the field itself."""
+
+    def check(v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, list) and len(v) > MAX_STEERING_VALUES:
+            raise PydanticCustomError("steering_size", "at most {n} values", {"n": MAX_STEERING_VALUES})
+        try:
+            RoutingConfig(**{name: v})
+        except ValueError as e:
+            msg = str(e).removeprefix(f"routing.{name}").lstrip(": ")
+            raise PydanticCustomError("steering", "{msg}", {"msg": msg}) from None
+        return v
+
+    return check
+
+
+_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_BIAS_SCHEMA = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+ExpertIds = Annotated[
+    Any,
+    AfterValidator(_steering_checker("exclude_experts")),
+    WithJsonSchema({"anyOf": [_IDS_SCHEMA, {"type": "object", "additionalProperties": _IDS_SCHEMA}, {"type": "null"}]}),
+]
+ExpertBias = Annotated[
+    Any,
+    AfterValidator(_steering_checker("expert_bias")),
+    WithJsonSchema(
+        {"anyOf": [_BIAS_SCHEMA, {"type": "object", "additionalProperties": _BIAS_SCHEMA}, {"type": "null"}]}
+    ),
+]
+
+
 class RoutingParams(BaseModel):
     """Per-request expert routing (dynserve extension). Fields left out keep the engine's
     default routing; see dynserve.config.RoutingConfig for their meaning."""
@@ -155,6 +190,10 @@ class RoutingParams(BaseModel):
     min_experts: Int | None = Field(default=None, ge=0)
     max_experts: Int | None = Field(default=None, ge=1)
     renormalize: Bool | None = None
+    # steering: ids / one bias per expert for every MoE layer, or per MoE layer ({"0": [...]}); checked
+    # against the model (ids, layers, lengths) by the engine
+    exclude_experts: ExpertIds = None
+    expert_bias: ExpertBias = None
 
     def to_routing_config(self, default: RoutingConfig) -> RoutingConfig:
         """The fields this request set, as a RoutingConfig that the engine lays over its default
@@ -169,7 +208,7 @@ class RoutingParams(BaseModel):
             default.overlay(request)
         except ValueError as e:
             msg = str(e)
-            param = msg.split(" ", 1)[0] if msg.startswith("routing.") else "routing"
+            param = msg.split(" ", 1)[0].rstrip(":") if msg.startswith("routing.") else "routing"
             raise InvalidRequestError(msg, param=param) from None
         return request
 
