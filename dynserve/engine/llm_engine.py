@@ -19,6 +19,7 @@ from dynserve.engine.outputs import CompletionOutput, RequestOutput, TokenLogpro
 from dynserve.engine.scheduler import Scheduler
 from dynserve.engine.sequence import FinishReason, Sequence
 from dynserve.engine.stats import EngineStats
+from dynserve.routing.load import ExpertDistributionRecorder
 from dynserve.routing.routed import RoutedExperts, RoutedExpertsBuilder
 from dynserve.routing.usage import ExpertUsage, SequenceUsage
 from dynserve.sampling_params import SamplingParams, may_stop
@@ -183,6 +184,11 @@ class LLMEngine:
     def num_moe_layers(self) -> int:
         """MoE layers of the model (what routed experts and steering number from 0)."""
         return self.runner.num_moe_layers
+
+    @property
+    def expert_distribution(self) -> ExpertDistributionRecorder:
+        """The expert-distribution recorder (start / stop / dump; thread-safe)."""
+        return self.runner.expert_distribution
 
     @property
     def num_steps(self) -> int:
@@ -399,6 +405,8 @@ class LLMEngine:
             expert_activations=usage.total_activations(),
             expert_token_counts=usage.expert_tokens.tolist() if usage.expert_tokens is not None else None,
             num_steps=self._num_steps,
+            expert_load_balance=self.runner.expert_load.balance(),
+            experts_touched_histogram=self.runner.expert_load.touched_histogram(),
             expert_parallel_pairs_per_rank=(
                 self.runner.expert_parallel.pairs_per_rank() if self.runner.expert_parallel is not None else None
             ),
