@@ -1,4 +1,4 @@
-"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing.
+"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing, expert-report.
 
 Flags use vLLM's names where the meaning is the same.
 """
@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
     ev.add_argument("--out-dir", default="eval_routing", help="where to write results.csv and plot.png")
     ev.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens to score")
+
+    rep = sub.add_parser("expert-report", help="heatmap and most/least used experts from an expert-distribution dump")
+    rep.add_argument("dump", help="JSON from GET /expert_distribution/dump")
+    rep.add_argument("--out", default="expert_heatmap.png", help="where to write the layer x expert heatmap PNG")
+    rep.add_argument("--top", type=int, default=3, help="most / least used experts to print per layer")
     return parser
 
 
@@ -222,6 +227,10 @@ def _eval_routing(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "expert-report":
+            from dynserve.bench.expert_report import main as report_main
+
+            return report_main(args)
         if getattr(args, "node_rank", 0) > 0:  # a non-head machine of an expert-parallel job: workers only
             from dynserve.engine import run_worker_node
 
