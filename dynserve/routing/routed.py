@@ -245,19 +245,16 @@ class RoutedExpertsBuilder:
 
 def expert_token_counts(assignments: list[Assignment], num_experts: int) -> torch.Tensor:
     """[L, E] int64 on the assignments' device: token positions routed to each FFN expert in each MoE
-    layer; a fixed number of kernels whatever L, and no host sync."""
+    layer, with no host sync (CUDA's bincount would sync: an index_add there)."""
     if not assignments:
         return torch.zeros(0, num_experts, dtype=torch.int64)
-    device = assignments[0].expert_ids.device
     L = len(assignments)
-    sizes = [a.num_pairs for a in assignments]
-    P = sum(sizes)
-    layer = torch.repeat_interleave(
-        torch.arange(L, device=device), torch.tensor(sizes, device=device), output_size=P
-    )  # [P]
-    flat = torch.cat([a.expert_ids for a in assignments]).to(torch.int64) + layer * num_experts  # [P]
-    out = torch.zeros(L * num_experts, dtype=torch.int64, device=device)
-    out.index_add_(0, flat, torch.ones_like(flat))
+    flat = torch.cat([a.expert_ids.to(torch.int64) + layer * num_experts for layer, a in enumerate(assignments)])  # [P]
+    if flat.is_cuda:
+        out = torch.zeros(L * num_experts, dtype=torch.int64, device=flat.device)
+        out.index_add_(0, flat, torch.ones_like(flat))
+    else:
+        out = torch.bincount(flat, minlength=L * num_experts)
     return out.view(L, num_experts)  # [L, E]
 
 
