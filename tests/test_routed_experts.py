@@ -165,3 +165,27 @@ def test_builder_keeps_each_position_once_and_fills_gaps():
     b.add(0, step.rows(0, 3))  # position 0 is before first_position: left out
     b.add(1, step.rows(0, 3))  # a recompute of positions 1, 2 adds only position 3
     assert b.rows(0, 6).tolist() == [None, [[], [1]], [[0, 1, 2], [0]], [[0, 1, 2], [0]], None, None]
+
+
+def test_rows_survive_preemption_once_each(checkpoint_factory):
+    """Sequences preempted and recomputed report every position once, and still match usage."""
+    from dynserve import LLM, SamplingParams
+
+    llm = LLM(
+        str(checkpoint_factory("mixtral")),
+        block_size=4,
+        num_kv_blocks=20,
+        enable_prefix_caching=False,
+        routing=RoutingConfig(policy="top_p", p=0.6),
+    )
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 200, (int(n),), generator=g).tolist() for n in (20, 24, 28, 30)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, return_routed_experts=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert llm.get_stats().num_preemptions > 0
+    for out, p in zip(outs, prompts, strict=True):
+        prompt_rows, gen_rows = out.prompt_routed_experts.tolist(), out.outputs[0].routed_experts.tolist()
+        assert len(prompt_rows) == len(p) and len(gen_rows) == 24
+        assert None not in prompt_rows and gen_rows.count(None) == 1 and gen_rows[-1] is None
+        total = out.prompt_routed_experts.num_pairs() + out.outputs[0].routed_experts.num_pairs()
+        assert total == out.expert_usage.expert_activations

@@ -183,14 +183,15 @@ class RoutedStep:
         return cls(L, counts, ids, weights, pair_offsets)
 
     def rows(self, begin: int, end: int) -> RoutedExperts:
-        """Tokens begin .. end-1 of the step (one sequence's slice), all computed."""
+        """Tokens begin .. end-1 of the step (one sequence's slice), all computed; copies, so a sequence
+        that keeps them does not keep the whole step's arrays alive."""
         p0, p1 = int(self.pair_offsets[begin]), int(self.pair_offsets[end])
         return RoutedExperts(
             self.num_layers,
             torch.ones(end - begin, dtype=torch.bool),
-            self.counts[begin:end],
-            self.ids[p0:p1],
-            self.weights[p0:p1],
+            self.counts[begin:end].clone(),
+            self.ids[p0:p1].clone(),
+            self.weights[p0:p1].clone(),
         )
 
 
