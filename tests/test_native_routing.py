@@ -298,3 +298,16 @@ def test_routed_experts_report_zero_expert_picks(longcat):
     ids = [e for row in rows[:-1] for layer in row for e in layer]
     assert any(e >= N_EXPERTS for e in ids) and max(ids) < N_EXPERTS + N_ZERO
     assert sum(e < N_EXPERTS for e in ids) == out.expert_usage.expert_activations
+    # steering reaches the FFN experts of this family too: an excluded expert is never picked
+    used = {e for e in ids if e < N_EXPERTS}
+    banned = min(used)
+    steered = SamplingParams(
+        temperature=0.0,
+        max_tokens=4,
+        ignore_eos=True,
+        return_routed_experts=True,
+        routing=RoutingConfig(exclude_experts=[banned]),
+    )
+    out = llm.generate(prompt_token_ids=[prompt(12, longcat.cfg.model.vocab_size, 3)], sampling_params=steered)[0]
+    rows = out.prompt_routed_experts.tolist() + out.outputs[0].routed_experts.tolist()
+    assert not any(banned in layer for row in rows[:-1] for layer in row)
