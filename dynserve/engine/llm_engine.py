@@ -181,11 +181,6 @@ class LLMEngine:
             self.runner.expert_parallel.start_watchdog(handler)
 
     @property
-    def num_moe_layers(self) -> int:
-        """MoE layers of the model (what routed experts and steering number from 0)."""
-        return self.runner.num_moe_layers
-
-    @property
     def expert_distribution(self) -> ExpertDistributionRecorder:
         """The expert-distribution recorder (start / stop / dump; thread-safe)."""
         return self.runner.expert_distribution
