@@ -189,3 +189,13 @@ def test_rows_survive_preemption_once_each(checkpoint_factory):
         assert None not in prompt_rows and gen_rows.count(None) == 1 and gen_rows[-1] is None
         total = out.prompt_routed_experts.num_pairs() + out.outputs[0].routed_experts.num_pairs()
         assert total == out.expert_usage.expert_activations
+
+
+def test_streamed_base64_chunks_decode_to_the_rows(client):
+    body = {"prompt": PROMPT + " base64 stream", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    body |= {"return_routed_experts": True}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["routed_experts"]
+    chunks = _events(client.post("/v1/completions", json={**body, "stream": True, "routed_experts_format": "base64"}))
+    rows = [row for ch in chunks for c in ch["choices"] for row in decode_csr(c["routed_experts"])[0]]
+    assert rows == full
+    assert all(decode_csr(ch["prompt_routed_experts"])[0] for ch in chunks if "prompt_routed_experts" in ch)
