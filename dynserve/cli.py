@@ -1,4 +1,5 @@
-"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing, calibrate-routing.
+"""The `dynserve` command: serve (OpenAI server), generate (offline), eval-routing, calibrate-routing,
+expert-report.
 
 Flags use vLLM's names where the meaning is the same.
 """
@@ -182,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
     cal.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score")
     cal.add_argument("--out", default="routing.json", help="the RoutingConfig file to write")
+
+    rep = sub.add_parser("expert-report", help="heatmap and most/least used experts from an expert-distribution dump")
+    rep.add_argument("dump", help="JSON from GET /expert_distribution/dump")
+    rep.add_argument("--out", default="expert_heatmap.png", help="where to write the layer x expert heatmap PNG")
+    rep.add_argument("--top", type=int, default=3, help="most / least used experts to print per layer")
     return parser
 
 
@@ -263,6 +269,10 @@ def _eval_routing(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "expert-report":
+            from dynserve.bench.expert_report import main as report_main
+
+            return report_main(args)
         if getattr(args, "node_rank", 0) > 0:  # a non-head machine of an expert-parallel job: workers only
             from dynserve.engine import run_worker_node
 

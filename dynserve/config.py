@@ -8,6 +8,7 @@ SchedulerConfig, and EngineConfig which bundles them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -73,6 +74,16 @@ class RoutingConfig:
     Models with native dynamic routing (ReLU routers, zero-computation experts) ignore the policy
     and route as their checkpoint defines.
 
+    Steering (per request; MoE layers counted from 0 among the MoE layers, as in usage `per_layer`):
+      - `exclude_experts`: expert ids never used, in every MoE layer (a list) or per layer
+        (`{layer: [ids]}`); they get -inf router logits and are removed from the assignment, so a
+        token may end up with fewer than `min_experts`. Excluding every expert of a layer needs
+        min_experts = 0 (such tokens use no expert there: only the residual passes).
+      - `expert_bias`: one float per expert added to the router logits before the policy, for every
+        MoE layer (a list) or per layer (`{layer: [floats]}`); |bias| <= 1e6.
+    Both are stored normalised and hashable (sorted tuples; per-layer forms as (layer, values)
+    pairs), so they key the prefix cache like the rest of the config.
+
     One rule for a request's routing, in Python and over HTTP: the fields it sets override the
     engine's default routing, the others keep the default (`engine_default.overlay(request)`).
     `RoutingConfig(policy="top_p")` sets only `policy`: with an engine default of top_p p=0.3 and
@@ -88,6 +99,8 @@ class RoutingConfig:
     renormalize: bool | None = None
     entropy_thresholds: tuple[float, ...] = (0.6, 1.2)
     entropy_k: tuple[int, ...] = (1, 2, 4)
+    exclude_experts: SteeringValue | None = None
+    expert_bias: SteeringValue | None = None
 
     def __init__(
         self,
@@ -100,11 +113,17 @@ class RoutingConfig:
         renormalize: bool | None = _UNSET,  # type: ignore[assignment]
         entropy_thresholds: Sequence[float] = _UNSET,  # type: ignore[assignment]
         entropy_k: Sequence[int] = _UNSET,  # type: ignore[assignment]
+        exclude_experts: Any = _UNSET,
+        expert_bias: Any = _UNSET,
     ) -> None:
+        if exclude_experts is not _UNSET:
+            exclude_experts = _normalise_steering(exclude_experts, "routing.exclude_experts", int)
+        if expert_bias is not _UNSET:
+            expert_bias = _normalise_steering(expert_bias, "routing.expert_bias", float)
         given = dict(
             policy=policy, p=p, threshold=threshold, k=k, min_experts=min_experts,
             max_experts=max_experts, renormalize=renormalize, entropy_thresholds=entropy_thresholds,
-            entropy_k=entropy_k,
+            entropy_k=entropy_k, exclude_experts=exclude_experts, expert_bias=expert_bias,
         )  # fmt: skip
         explicit = frozenset(name for name, v in given.items() if v is not _UNSET)
         for f in fields(self):
@@ -182,6 +201,61 @@ class RoutingConfig:
         v = getattr(self, name)
         return v[layer] if isinstance(v, tuple) else v
 
+    @property
+    def steers(self) -> bool:
+        """True when this config excludes experts or biases the router."""
+        return bool(self.exclude_experts) or bool(self.expert_bias)
+
+    def excluded_in(self, layer: int) -> tuple[int, ...]:
+        """The expert ids excluded in MoE layer `layer`."""
+        return _for_layer(self.exclude_experts, layer) or ()
+
+    def bias_in(self, layer: int) -> tuple[float, ...] | None:
+        """The expert bias of MoE layer `layer` (None: none)."""
+        return _for_layer(self.expert_bias, layer)
+
+    def steering_row(self, layer: int, num_experts: int) -> tuple[float, ...] | None:
+        """What MoE layer `layer` adds to its router logits [E]: the bias, -inf at excluded experts;
+        None when this config does not steer that layer."""
+        excluded, bias = self.excluded_in(layer), self.bias_in(layer)
+        if not excluded and bias is None:
+            return None
+        row = list(bias) if bias is not None else [0.0] * num_experts
+        for e in excluded:
+            row[e] = float("-inf")
+        return tuple(row)
+
+    def check_model(self, num_experts: int, num_moe_layers: int) -> None:
+        """Check the steering fields against a model (ids and layers in range, one bias per expert, a
+        layer with every expert excluded only with min_experts = 0); raise ValueError naming the field."""
+        for name, value in (("exclude_experts", self.exclude_experts), ("expert_bias", self.expert_bias)):
+            for layer, _ in _layer_items(value):
+                if layer is not None and layer >= num_moe_layers:
+                    raise ValueError(
+                        f"routing.{name}: MoE layer {layer} is out of range (the model has {num_moe_layers} "
+                        "MoE layers, numbered from 0)"
+                    )
+        for _, ids in _layer_items(self.exclude_experts):
+            bad = [e for e in ids if e >= num_experts]
+            if bad:
+                raise ValueError(
+                    f"routing.exclude_experts: expert id {bad[0]} is out of range (the model has {num_experts} "
+                    "experts per MoE layer, numbered from 0)"
+                )
+        for _, values in _layer_items(self.expert_bias):
+            if len(values) != num_experts:
+                raise ValueError(
+                    f"routing.expert_bias must hold one number per expert ({num_experts}), got {len(values)}"
+                )
+        if self.min_experts > 0:
+            layers = range(num_moe_layers)
+            full = [layer for layer in layers if len(set(self.excluded_in(layer))) >= num_experts]
+            if full:
+                raise ValueError(
+                    f"routing.exclude_experts excludes every expert of MoE layer {full[0]}: a token could use "
+                    "no expert there, which needs routing.min_experts = 0"
+                )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
         names = {f.name for f in fields(cls)}
@@ -191,7 +265,10 @@ class RoutingConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        out = {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        for name in ("exclude_experts", "expert_bias"):
+            out[name] = _steering_to_json(getattr(self, name))
+        return out
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> RoutingConfig:
@@ -206,6 +283,87 @@ class RoutingConfig:
         if not isinstance(d, dict):
             raise ValueError(f"routing file {str(path)!r} must hold a JSON object")
         return cls.from_dict(d)
+
+
+# exclude_experts / expert_bias, normalised: values for every MoE layer, or (layer, values) pairs
+SteeringValue = tuple[Any, ...]
+MAX_STEERING_VALUES = 65536  # experts per layer a request may name (bounded work per request)
+MAX_EXPERT_BIAS = 1e6
+
+
+def _normalise_steering(value: Any, name: str, kind: type) -> SteeringValue | None:
+    """A list (every MoE layer) or a {layer: list} mapping -> the hashable normalised form; ValueError
+    naming `name` for a wrong type, a negative id or layer, a non-finite or too large bias."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        pairs = []
+        for key, values in value.items():
+            layer = _layer_key(key, name)
+            pairs.append((layer, _values(values, f"{name}.{layer}", kind)))
+        pairs.sort()
+        return tuple(pairs)
+    if isinstance(value, tuple) and value and all(isinstance(x, tuple) and len(x) == 2 for x in value):
+        return _normalise_steering(dict(value), name, kind)  # already normalised (replace, from_dict)
+    return _values(value, name, kind)
+
+
+def _layer_key(key: Any, name: str) -> int:
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    raise ValueError(f"{name}: layer keys must be MoE layer indices (integers >= 0), got {key!r}")
+
+
+def _values(values: Any, name: str, kind: type) -> tuple:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list, or a mapping from MoE layer to a list, got {type(values).__name__}")
+    if len(values) > MAX_STEERING_VALUES:
+        raise ValueError(f"{name} may hold at most {MAX_STEERING_VALUES} values, got {len(values)}")
+    if kind is int:
+        for e in values:
+            if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+                raise ValueError(f"{name} must hold expert ids (integers >= 0), got {e!r}")
+        return tuple(sorted(set(values)))
+    out = []
+    for b in values:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or abs(b) > MAX_EXPERT_BIAS:
+            raise ValueError(f"{name} must hold finite numbers with |bias| <= {MAX_EXPERT_BIAS:g}, got {b!r}")
+        out.append(float(b))
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    return tuple(out)
+
+
+def _is_per_layer(value: SteeringValue | None) -> bool:
+    return bool(value) and isinstance(value[0], tuple)  # type: ignore[index]
+
+
+def _layer_items(value: SteeringValue | None) -> list[tuple[int | None, tuple]]:
+    """(layer or None for every layer, values) of a normalised steering value."""
+    if not value:
+        return []
+    return list(value) if _is_per_layer(value) else [(None, value)]
+
+
+def _for_layer(value: SteeringValue | None, layer: int) -> Any:
+    if not value:
+        return None
+    if not _is_per_layer(value):
+        return value
+    for key, values in value:
+        if key == layer:
+            return values
+    return None
+
+
+def _steering_to_json(value: SteeringValue | None) -> Any:
+    if not value:
+        return None
+    if _is_per_layer(value):
+        return {str(layer): list(values) for layer, values in value}
+    return list(value)
 
 
 @dataclass

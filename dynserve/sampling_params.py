@@ -27,6 +27,9 @@ class SamplingParams:
     (None for the first; such a prompt is always computed, never served from the prefix cache).
     max_tokens 0 computes the prompt (and its logprobs) and generates nothing.
     `routing` overrides the engine's default expert routing for this request only.
+    `return_routed_experts` returns, per token position and MoE layer, the experts it was routed to
+    (`RequestOutput.prompt_routed_experts`, `CompletionOutput.routed_experts`), leaving out the first
+    `routed_experts_start_len` prompt positions.
     """
 
     n: int = 1
@@ -48,6 +51,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     routing: RoutingConfig | None = None
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +111,11 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _int("stop_token_ids", t)
+        if not isinstance(self.return_routed_experts, bool):
+            raise ValueError(f"return_routed_experts must be a boolean, got {self.return_routed_experts!r}")
+        _int("routed_experts_start_len", self.routed_experts_start_len)
+        if self.routed_experts_start_len < 0:
+            raise ValueError(f"routed_experts_start_len must be non-negative, got {self.routed_experts_start_len}")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None:

@@ -282,6 +282,8 @@ def test_dashboard_queries_only_exported_metrics(app):
         "dynserve_num_requests_waiting",
         "dynserve_experts_per_token_sum",
         "dynserve_experts_per_token_count",
+        "dynserve_expert_load_balance",
+        "dynserve_experts_touched_per_step_sum",
     ):
         assert needed in used, needed
     by_layer = [e for t, e in exprs if "dynserve_experts_per_token_sum" in e and "by (layer)" in e]

@@ -28,7 +28,9 @@ from dynserve.routing.base import Assignment
 PROMPTS = ["def hello(name):", "The quick brown fox", "import os", "class Foo"]
 PARAMS = [
     SamplingParams(max_tokens=6, temperature=0.0),
-    SamplingParams(max_tokens=6, temperature=0.0, routing=RoutingConfig(policy="top_p", p=0.5)),
+    SamplingParams(
+        max_tokens=6, temperature=0.0, routing=RoutingConfig(policy="top_p", p=0.5), return_routed_experts=True
+    ),
     SamplingParams(max_tokens=6, temperature=0.0, routing=RoutingConfig(policy="top_k", k=1)),
     SamplingParams(max_tokens=6, temperature=0.0, routing=RoutingConfig(policy="top_p", p=0.9, max_experts=3)),
 ]
@@ -154,6 +156,9 @@ def test_expert_parallel_generate_matches_one_rank(checkpoint_factory, reference
         outs = llm.generate(PROMPTS, PARAMS)
         assert [o.outputs[0].token_ids for o in outs] == tokens
         assert [o.expert_usage.expert_activations for o in outs] == activations  # usage stays exact
+        routed = outs[1].prompt_routed_experts.tolist() + outs[1].outputs[0].routed_experts.tolist()
+        assert routed[-1] is None and None not in routed[:-1]  # routed experts: every computed position
+        assert sum(len(ids) for row in routed[:-1] for ids in row) == activations[1]
         per_rank = llm.get_stats().expert_parallel_pairs_per_rank
         assert per_rank is not None and len(per_rank) == ranks and all(n > 0 for n in per_rank)
         assert sum(per_rank) == llm.get_stats().expert_activations

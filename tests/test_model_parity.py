@@ -354,7 +354,7 @@ def test_moe_block_variable_k_and_identity_weight(monkeypatch):
     weights = torch.rand(3, E)
     ident = torch.tensor([0.5, 0.0, 0.25])
     assignment = Assignment.from_mask(mask, weights, identity_weight=ident)
-    monkeypatch.setattr("dynserve.model.moe.route", lambda logits, routing, rule, layer=0: assignment)
+    monkeypatch.setattr("dynserve.model.moe.route", lambda logits, routing, rule, *_, **__: assignment)
     batch = make_batch([([5, 6, 7], 0, [0])])
     out = block(x, batch)
     expect = ident[:, None] * x

@@ -284,3 +284,30 @@ def test_greedy_generate_matches_transformers_and_reports_ffn_usage(longcat):
     top_p = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, routing=top_p)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=top_p)
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_routed_experts_report_zero_expert_picks(longcat):
+    """Routed experts (for RL replay) carry every pick: zero-computation experts as their router columns
+    (ids >= the FFN expert count); the FFN ids alone add up to usage."""
+    llm = LLM(str(longcat.path), block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, return_routed_experts=True)
+    out = llm.generate(prompt_token_ids=[prompt(12, longcat.cfg.model.vocab_size, 3)], sampling_params=params)[0]
+    rows = out.prompt_routed_experts.tolist() + out.outputs[0].routed_experts.tolist()
+    assert rows[-1] is None and None not in rows[:-1]
+    assert all(len(layer) == TOP_K for row in rows[:-1] for layer in row)  # every pick, zero experts too
+    ids = [e for row in rows[:-1] for layer in row for e in layer]
+    assert any(e >= N_EXPERTS for e in ids) and max(ids) < N_EXPERTS + N_ZERO
+    assert sum(e < N_EXPERTS for e in ids) == out.expert_usage.expert_activations
+    # steering reaches the FFN experts of this family too: an excluded expert is never picked
+    used = {e for e in ids if e < N_EXPERTS}
+    banned = min(used)
+    steered = SamplingParams(
+        temperature=0.0,
+        max_tokens=4,
+        ignore_eos=True,
+        return_routed_experts=True,
+        routing=RoutingConfig(exclude_experts=[banned]),
+    )
+    out = llm.generate(prompt_token_ids=[prompt(12, longcat.cfg.model.vocab_size, 3)], sampling_params=steered)[0]
+    rows = out.prompt_routed_experts.tolist() + out.outputs[0].routed_experts.tolist()
+    assert not any(banned in layer for row in rows[:-1] for layer in row)

@@ -285,6 +285,53 @@ def test_routing_per_request_via_extra_body(server):
     assert e.value.param == "routing.p"
 
 
+def test_routed_experts_steering_and_recorder_with_the_sdk(server):
+    """Issue 15 with the official SDK: ragged routed experts (top_p) for completions and chat, streamed
+    and not, matching usage, null rows for cached prompt positions; excluded experts never appear; the
+    recorder's dump sums to what was served."""
+    client = server.client()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(f"{server.url}/expert_distribution/start", headers=auth, timeout=10).status_code == 200
+    extra = {"ignore_eos": True, "return_routed_experts": True, "routing": {"policy": "top_p", "p": 0.6}}
+    prompt = "routed experts through the official client, twice over " * 2
+    served = []
+    for _ in range(2):  # the second one finds the prompt in the prefix cache
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra)
+        served.append(r)
+    first, second = (r.model_extra for r in served)
+    rows = first["prompt_routed_experts"] + served[0].choices[0].model_extra["routed_experts"]
+    assert len({len(ids) for row in rows if row for ids in row}) > 1  # ragged
+    assert sum(len(ids) for row in rows if row for ids in row) == _usage_extra(served[0].usage)[0]
+    cached = served[1].usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and second["prompt_routed_experts"][:cached] == [None] * cached
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello experts"}],
+        max_tokens=5,
+        temperature=0,
+        extra_body={**extra, "routing": {"policy": "top_p", "p": 0.6, "exclude_experts": [1]}},
+    )
+    served.append(chat)
+    chat_rows = chat.model_extra["prompt_routed_experts"] + chat.choices[0].model_extra["routed_experts"]
+    assert not any(1 in ids for row in chat_rows if row for ids in row)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello experts"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={**extra, "routing": {"policy": "top_p", "p": 0.6, "exclude_experts": [1]}},
+    )
+    chunks = list(stream)
+    streamed = [row for ch in chunks for c in ch.choices for row in (c.model_extra or {}).get("routed_experts", [])]
+    assert streamed == chat.choices[0].model_extra["routed_experts"]
+    served.append(chunks[-1])  # the usage chunk
+    assert httpx.post(f"{server.url}/expert_distribution/stop", headers=auth, timeout=10).status_code == 200
+    dump = httpx.get(f"{server.url}/expert_distribution/dump", headers=auth, timeout=10).json()
+    assert sum(map(sum, dump["expert_tokens"])) == sum(_usage_extra(r.usage)[0] for r in served)
+
+
 def test_errors_context_length_and_unknown_model(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError) as e:

@@ -26,6 +26,7 @@ _EXPORTS = {
     "ExpertUsage": "outputs",
     "Logprob": "outputs",
     "RequestOutput": "outputs",
+    "RoutedExperts": "outputs",
     "TokenLogprobs": "outputs",
     "EngineStats": "stats",
     "run_worker_node": "expert_parallel",
@@ -47,6 +48,7 @@ __all__ = [
     "RequestMetricsSink",
     "RequestOutput",
     "RequestStream",
+    "RoutedExperts",
     "TokenLogprobs",
     "resolve_max_tokens",
     "run_worker_node",
@@ -65,7 +67,14 @@ if TYPE_CHECKING:
     )
     from dynserve.engine.expert_parallel import run_worker_node
     from dynserve.engine.llm_engine import ContextLengthError, LLMEngine, resolve_max_tokens
-    from dynserve.engine.outputs import CompletionOutput, ExpertUsage, Logprob, RequestOutput, TokenLogprobs
+    from dynserve.engine.outputs import (
+        CompletionOutput,
+        ExpertUsage,
+        Logprob,
+        RequestOutput,
+        RoutedExperts,
+        TokenLogprobs,
+    )
     from dynserve.engine.stats import EngineStats
 
 

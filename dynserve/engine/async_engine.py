@@ -221,6 +221,17 @@ class AsyncEngine:
         with self._cond:
             return len(self._requests)
 
+    def start_expert_distribution(self) -> None:
+        """Start recording per-layer per-expert token counts (thread-safe; a new recording)."""
+        self.engine.expert_distribution.start()
+
+    def stop_expert_distribution(self) -> None:
+        self.engine.expert_distribution.stop()
+
+    def dump_expert_distribution(self, per_request: bool = False) -> dict[str, Any]:
+        """The recording so far (see ExpertDistributionRecorder.dump)."""
+        return self.engine.expert_distribution.dump(per_request)
+
     def get_stats(self) -> EngineStats:
         """The engine stats snapshot taken by the loop thread after its latest iteration."""
         return self._stats

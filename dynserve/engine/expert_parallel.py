@@ -116,6 +116,7 @@ def _batch_to(batch: ForwardBatch, device: torch.device | str) -> ForwardBatch:
     changes["routing"] = routing
     changes["expert_counts"] = []
     changes["expert_token_counts"] = None
+    changes["assignments"] = []
     return dataclasses.replace(batch, **changes)
 
 

@@ -19,6 +19,8 @@ from dynserve.engine.outputs import CompletionOutput, RequestOutput, TokenLogpro
 from dynserve.engine.scheduler import Scheduler
 from dynserve.engine.sequence import FinishReason, Sequence
 from dynserve.engine.stats import EngineStats
+from dynserve.routing.load import ExpertDistributionRecorder
+from dynserve.routing.routed import RoutedExperts, RoutedExpertsBuilder
 from dynserve.routing.usage import ExpertUsage, SequenceUsage
 from dynserve.sampling_params import SamplingParams, may_stop
 from dynserve.tokenizer import Tokenizer
@@ -51,6 +53,7 @@ class _SampleState:
     sent_tokens: int = 0
     sent_text: int = 0
     sent_logprobs: int = 0
+    sent_routed: int = 0  # generated tokens whose routed-experts rows went out
     text: str = ""
 
 
@@ -63,6 +66,7 @@ class _Request:
     arrival_time: float
     samples: list[_SampleState] = field(default_factory=list)
     finished_time: float | None = None
+    prompt_routed_experts: RoutedExperts | None = None  # once the prompt is computed
 
     @property
     def finished(self) -> bool:
@@ -127,10 +131,14 @@ class LLMEngine:
             params = _with_max_tokens(params, max_tokens)
         routing = self.config.routing.overlay(params.routing)  # the request's fields over the default
         routing.check_layers(self.runner.num_moe_layers)  # per-layer lists: one value per MoE layer
+        routing.check_model(self.model_config.num_experts, self.runner.num_moe_layers)
         req = _Request(request_id, prompt, prompt_token_ids, params, arrival_time or time.monotonic())
         for i in range(params.n):
             seq = Sequence(request_id, prompt_token_ids, params, routing, sample_index=i, arrival_time=req.arrival_time)
             seq.expert_usage = SequenceUsage.zeros(self.runner.num_moe_layers)
+            if params.return_routed_experts:  # sample 0 reports the prompt's rows, every sample its own
+                first = min(params.routed_experts_start_len, n_prompt) if i == 0 else n_prompt
+                seq.routed_experts = RoutedExpertsBuilder(self.runner.num_moe_layers, first)
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(
@@ -174,6 +182,11 @@ class LLMEngine:
             self.runner.expert_parallel.start_watchdog(handler)
 
     @property
+    def expert_distribution(self) -> ExpertDistributionRecorder:
+        """The expert-distribution recorder (start / stop / dump; thread-safe)."""
+        return self.runner.expert_distribution
+
+    @property
     def num_steps(self) -> int:
         """Forward steps run so far."""
         return self._num_steps
@@ -201,6 +214,10 @@ class LLMEngine:
             seq.expert_usage.add(start, n, usage)
         for i, lps in result.prompt_logprobs.items():
             scheduled[i][0].prompt_logprobs.extend(lps)
+        for i, rows in result.routed_experts.items():
+            builder = scheduled[i][0].routed_experts
+            if builder is not None:
+                builder.add(starts[i], rows)
         now = time.monotonic()
         failed: dict[str, str] = {}  # request id -> the error of its own that ends it
         for i, (seq, token, lp) in enumerate(zip(result.sampled_seqs, result.sampled, result.logprobs, strict=True)):
@@ -301,6 +318,8 @@ class LLMEngine:
                     logprobs_delta=st.logprobs[st.sent_logprobs :] if st.logprobs is not None else None,
                 )
             )
+            if seq.routed_experts is not None:
+                comps[-1].routed_experts, comps[-1].routed_experts_delta = self._routed_rows(st)
             st.sent_text, st.sent_tokens = len(text), len(out_ids)
             st.sent_logprobs = len(st.logprobs) if st.logprobs is not None else 0
         usage = ExpertUsage.merge([s.seq.expert_usage.report() for s in req.samples])
@@ -318,6 +337,7 @@ class LLMEngine:
         if req.finished_time is not None:
             metrics["finished_time"] = req.finished_time
         return RequestOutput(
+            prompt_routed_experts=self._prompt_routed_rows(req),
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
@@ -328,6 +348,35 @@ class LLMEngine:
             prompt_logprobs=prompt_lps,
             metrics=metrics,
         )
+
+    @staticmethod
+    def _routed_rows(st: _SampleState) -> tuple[RoutedExperts | None, RoutedExperts]:
+        """(all rows of the generated tokens, only when the sequence finished; the rows that became known
+        since the previous output). A generated token's row is known once its position was computed; a
+        finished sequence's last token never is (a None row)."""
+        seq = st.seq
+        builder = seq.routed_experts
+        assert builder is not None
+        P, n = seq.num_prompt_tokens, len(seq.token_ids)
+        end = n if seq.is_finished else min(n, max(builder.recorded_upto, seq.num_computed_tokens, P))
+        start = P + st.sent_routed
+        delta = builder.rows(start, max(start, end))
+        st.sent_routed = max(st.sent_routed, end - P)
+        return (builder.rows(P, n) if seq.is_finished else None), delta
+
+    @staticmethod
+    def _prompt_routed_rows(req: _Request) -> RoutedExperts | None:
+        """Sample 0's rows of the prompt (from routed_experts_start_len), kept once the prompt is computed."""
+        if req.prompt_routed_experts is not None or not req.params.return_routed_experts:
+            return req.prompt_routed_experts
+        seq = req.samples[0].seq
+        builder = seq.routed_experts
+        assert builder is not None
+        P = seq.num_prompt_tokens
+        rows = builder.rows(builder.first_position, P)
+        if builder.recorded_upto >= P or seq.num_output_tokens > 0:
+            req.prompt_routed_experts = rows
+        return rows
 
     # ------------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
@@ -352,6 +401,8 @@ class LLMEngine:
             expert_activations=usage.total_activations(),
             expert_token_counts=usage.expert_tokens.tolist() if usage.expert_tokens is not None else None,
             num_steps=self._num_steps,
+            expert_load_balance=self.runner.expert_load.balance(),
+            experts_touched_histogram=self.runner.expert_load.touched_histogram(),
             expert_parallel_pairs_per_rank=(
                 self.runner.expert_parallel.pairs_per_rank() if self.runner.expert_parallel is not None else None
             ),

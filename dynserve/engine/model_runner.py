@@ -19,6 +19,8 @@ from dynserve.model.decoder import torch_dtype
 from dynserve.model.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from dynserve.model.loader import load_model
 from dynserve.routing.base import RoutingBatch
+from dynserve.routing.load import ExpertDistributionRecorder, ExpertLoadTracker, sequence_expert_counts
+from dynserve.routing.routed import RoutedExperts, RoutedStep, expert_token_counts
 from dynserve.routing.usage import ExpertUsageAccumulator
 
 
@@ -34,6 +36,8 @@ class StepResult:
     sample_errors: dict[int, str] = field(default_factory=dict)  # index into sampled -> why it failed
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # scheduled index -> new ones
     usage: list[list[int]] = field(default_factory=list)  # [B][L_moe]
+    # scheduled index -> routed experts of its tokens this step (only sequences that asked for them)
+    routed_experts: dict[int, RoutedExperts] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -65,6 +69,8 @@ class ModelRunner:
         self.expert_usage = ExpertUsageAccumulator(
             self.num_moe_layers, self.num_experts, record_expert_tokens=config.record_expert_token_counts
         )  # engine-wide totals behind the metrics
+        self.expert_load = ExpertLoadTracker(self.num_moe_layers, self.num_experts)  # balance, distinct experts
+        self.expert_distribution = ExpertDistributionRecorder(self.num_moe_layers, self.num_experts)
         self.sampler = Sampler(eos_token_ids=list(eos_token_ids if eos_token_ids is not None else mc.eos_token_ids))
 
     def _num_blocks(self) -> int:
@@ -125,7 +131,6 @@ class ModelRunner:
             ),  # config_index [T] on the device
             query_start_loc_host=qsl,
             seq_lens_host=seq_lens,
-            expert_token_counts=[] if self.config.record_expert_token_counts else None,
         )
         return batch, sample_rows
 
@@ -147,11 +152,19 @@ class ModelRunner:
             result.logprobs = out.logprobs
             result.sample_errors = out.errors
         result.prompt_logprobs = self._prompt_logprobs(scheduled, batch, hidden)
+        result.routed_experts = self._routed_experts(scheduled, batch)
         # a request's usage counts a position once: skip what a recompute after preemption repeats
         skip = [seq.expert_usage.already_counted(seq.num_computed_tokens, n) for seq, n in scheduled]
+        counts = expert_token_counts(batch.assignments, self.num_experts)  # [L, E] on the device, no sync
+        self.expert_load.add_step(counts)
+        per_expert = list(counts.unbind(0)) if self.config.record_expert_token_counts else None
         result.usage = self.expert_usage.add_step(
-            batch.expert_counts, batch.query_start_loc, skip, batch.expert_token_counts
+            batch.expert_counts, batch.query_start_loc, skip, per_expert
         ).tolist()  # [B][L]
+        if self.expert_distribution.recording:  # opt-in: a host copy per step while recording
+            per_seq = sequence_expert_counts(batch.assignments, batch.query_start_loc_host, skip, self.num_experts)
+            owners = [(seq.request_id, per_seq[b]) for b, (seq, _) in enumerate(scheduled)]
+            self.expert_distribution.add_step(counts.cpu(), batch.num_tokens if counts.numel() else 0, owners)
         return result
 
     def _prompt_logprobs(
@@ -184,6 +197,16 @@ class ModelRunner:
         for owner, lp in zip(owners, token_logprobs(raw, targets, num_top), strict=True):
             out.setdefault(owner, []).append(lp)
         return out
+
+    def _routed_experts(self, scheduled: list[tuple[Sequence, int]], batch: ForwardBatch) -> dict[int, RoutedExperts]:
+        """The step's routed experts of the sequences that asked for them. Nothing is copied to the host
+        (no sync, no copy) unless one of the step's sequences asked."""
+        want = [i for i, (seq, _) in enumerate(scheduled) if seq.routed_experts is not None]
+        if not want:
+            return {}
+        step = RoutedStep.gather(batch.assignments, batch.num_tokens)
+        qsl = batch.query_start_loc_host
+        return {i: step.rows(qsl[i], qsl[i + 1]) for i in want}
 
     def close(self) -> None:
         """Stop the expert-parallel workers, if any (idempotent)."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynserve.routing.routed import RoutedExperts
 from dynserve.routing.usage import ExpertUsage
 
-__all__ = ["CompletionOutput", "ExpertUsage", "Logprob", "RequestOutput", "TokenLogprobs"]
+__all__ = ["CompletionOutput", "ExpertUsage", "Logprob", "RequestOutput", "RoutedExperts", "TokenLogprobs"]
 
 
 @dataclass
@@ -39,6 +40,11 @@ class CompletionOutput:
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
     logprobs_delta: list[TokenLogprobs] | None = None
+    # with SamplingParams.return_routed_experts: one row per generated token whose position was computed
+    # (the last token of a finished sequence, never fed through the model, is a None row); the delta
+    # holds the rows that became known since the previous output
+    routed_experts: RoutedExperts | None = None
+    routed_experts_delta: RoutedExperts | None = None
 
     @property
     def finished(self) -> bool:
@@ -58,3 +64,6 @@ class RequestOutput:
     error: str | None = None  # set (with finished=True) when an error of this request alone ended it
     # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # with SamplingParams.return_routed_experts: one row per prompt position from routed_experts_start_len
+    # on (None rows for positions served from the prefix cache)
+    prompt_routed_experts: RoutedExperts | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from dynserve.config import RoutingConfig
 from dynserve.engine.outputs import TokenLogprobs
+from dynserve.routing.routed import RoutedExpertsBuilder
 from dynserve.routing.usage import SequenceUsage
 from dynserve.sampling_params import SamplingParams
 
@@ -63,6 +64,8 @@ class Sequence:
     expert_usage: SequenceUsage = field(default_factory=SequenceUsage)  # FFN experts its positions used
     # with sampling_params.prompt_logprobs: logprobs of prompt tokens 1, 2, ... as computed so far
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # with sampling_params.return_routed_experts: the experts its positions were routed to
+    routed_experts: RoutedExpertsBuilder | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

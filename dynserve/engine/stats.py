@@ -27,5 +27,9 @@ class EngineStats:
     # per MoE layer, per expert: token positions routed to it (only when enabled)
     expert_token_counts: list[list[int]] | None = None
     num_steps: int = 0
+    # per MoE layer: mean / max tokens per expert over the last engine steps (None before any token)
+    expert_load_balance: list[float | None] = field(default_factory=list)
+    # per MoE layer: engine steps whose tokens touched exactly j distinct experts, j = 0..E
+    experts_touched_histogram: list[list[int]] = field(default_factory=list)
     # expert parallelism: (token, expert) pairs computed by each rank, cumulative (None with 1 rank)
     expert_parallel_pairs_per_rank: list[int] | None = None

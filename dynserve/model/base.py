@@ -12,7 +12,7 @@ import torch
 from dynserve_kernels.metadata import AttentionMetadata
 from torch import nn
 
-from dynserve.routing.base import RouterRecord, RoutingBatch
+from dynserve.routing.base import Assignment, RouterRecord, RoutingBatch
 
 
 @dataclass(kw_only=True)
@@ -33,6 +33,14 @@ class ForwardBatch(AttentionMetadata):
     # filled when router outputs are recorded (calibration): one RouterRecord per MoE layer that
     # routes by RoutingConfig
     router_records: list[RouterRecord] | None = None
+    # filled by MoE layers during forward: each MoE layer's Assignment, in layer order (the runner derives
+    # expert load and, when a request asks, routed experts from them after the forward)
+    assignments: list[Assignment] = field(default_factory=list)
+
+    @property
+    def moe_layer_index(self) -> int:
+        """The index (among MoE layers) of the MoE layer routing now: the layers report in order."""
+        return len(self.assignments)
 
     @property
     def num_tokens(self) -> int:

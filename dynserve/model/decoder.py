@@ -158,7 +158,6 @@ class DecoderLayer(nn.Module):
                 shared_gate=spec.shared_expert_gate,
                 shared_prefix=spec.shared_expert_prefix,
                 router_fp32=spec.router_fp32,
-                moe_index=sorted(spec.moe_layers).index(layer_idx),
                 router_bias=spec.router_bias,
                 expert_bias=spec.expert_bias,
                 activation=spec.expert_activation,

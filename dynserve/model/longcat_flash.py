@@ -74,14 +74,25 @@ class ZeroExpertMoE(MoEBlock):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(total, dtype=torch.float32), requires_grad=False)
 
     def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
+        """The checkpoint's rule; a request's steering applies to the N FFN experts (bias added to their
+        logits; excluded ones get -inf logits and -inf selection scores, so they are never picked while
+        top_k experts, zero ones included, are left)."""
         logits = F.linear(x.float(), self.gate.weight)  # [T, N+Z] float32
+        selection_bias = self.e_score_correction_bias  # [N+Z]
+        steer = batch.routing.steering(batch.moe_layer_index, self.num_experts, logits.device)  # [T|1, N] or None
+        if steer is not None:
+            pad = steer.new_zeros(steer.shape[0], self.num_zero_experts)  # zero experts are not steered
+            steer = torch.cat([steer, pad], dim=1)  # [T|1, N+Z]
+            logits = logits + steer
+            never = torch.zeros_like(steer).masked_fill(torch.isneginf(steer), float("-inf"))  # [T|1, N+Z]
+            selection_bias = selection_bias + never
         return route_with_zero_experts(
             logits,
             self.num_experts,
             "identity",
             self.top_k,
             scoring="softmax",
-            selection_bias=self.e_score_correction_bias,
+            selection_bias=selection_bias,
             renormalize=False,
             scaling_factor=self.routed_scaling_factor,
         )

@@ -57,7 +57,8 @@ def _maybe_transposed(t: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
 class MoEBlock(nn.Module):
     """One sparse MoE layer: router logits [T, E] -> `route` -> Assignment -> `fused_moe`.
 
-    Appends each token's FFN expert count to `batch.expert_counts` (and per-expert token counts to
+    Appends its Assignment to `batch.assignments`, each token's FFN expert count to
+    `batch.expert_counts` (and per-expert token counts to
     `batch.expert_token_counts` when that list is present). A shared expert, if configured, is
     added as sigmoid(shared_expert_gate(x)) * shared_expert(x) (Qwen2-MoE), or ungated when
     `shared_gate` is False (DeepSeek-V3 / GLM-4.5 `shared_experts`); zero-computation identity
@@ -84,7 +85,6 @@ class MoEBlock(nn.Module):
         shared_gate: bool = True,
         shared_prefix: str = "shared_expert",
         router_fp32: bool | None = None,
-        moe_index: int = 0,
         router_bias: bool = False,
         expert_bias: bool = False,
         activation: ClampedSwiGLU | None = None,
@@ -92,7 +92,6 @@ class MoEBlock(nn.Module):
         super().__init__()
         E = rule.num_experts
         self.rule = rule
-        self.moe_index = moe_index  # this block's place among the model's MoE layers (per-layer routing)
         self.num_experts = E
         self.router_fp32 = rule.scoring == "sigmoid" if router_fp32 is None else router_fp32
         router_dtype = torch.float32 if self.router_fp32 else None
@@ -115,14 +114,15 @@ class MoEBlock(nn.Module):
     def assign(self, x: torch.Tensor, batch: ForwardBatch) -> Assignment:
         """Router logits [T, E] -> Assignment by each token's RoutingConfig; families with native
         dynamic routing (ReLU routers, zero-computation experts) override this."""
+        layer = batch.moe_layer_index
         if self.router_fp32:
             logits = F.linear(x.float(), self.gate.weight, self.gate.bias)  # [T, E] float32
         else:
             logits = self.gate(x)  # [T, E]
         bias = self.e_score_correction_bias
         if batch.router_records is not None:
-            batch.router_records.append(RouterRecord(self.moe_index, logits, self.rule, bias))
-        return route(logits, batch.routing, self.rule, bias, layer=self.moe_index)
+            batch.router_records.append(RouterRecord(layer, logits, self.rule, bias))
+        return route(logits, batch.routing, self.rule, bias, layer=layer)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)
@@ -131,6 +131,7 @@ class MoEBlock(nn.Module):
         else:  # gpt-oss: expert biases and the clamped SwiGLU
             options = dict(b13=self.b13, b2=self.b2, activation=self.activation)
             out = self.experts(x, self.w13, self.w2, assignment, self.backend, **options)  # [T, H]
+        batch.assignments.append(assignment)
         batch.expert_counts.append(assignment.experts_per_token())
         if batch.expert_token_counts is not None:
             batch.expert_token_counts.append(torch.bincount(assignment.expert_ids, minlength=self.num_experts))

@@ -23,7 +23,8 @@ class Assignment:
     never do. `identity_weight` (optional, [T]) is the summed weight of copy/identity experts,
     which add `w * x` to the output with no FLOPs. `num_selected` counts, per token, every expert
     the router picked (FFN + zero-computation); `experts_per_token` counts only FFN experts,
-    which is what costs compute and what usage accounting reports.
+    which is what costs compute and what usage accounting reports. `selection` (optional) holds
+    every pick in routing order, zero-computation experts as ids num_experts.. (for reporting).
     """
 
     num_tokens: int
@@ -34,6 +35,9 @@ class Assignment:
     token_offsets: torch.Tensor  # [T+1] int64
     identity_weight: torch.Tensor | None = None  # [T] float32
     num_selected: torch.Tensor | None = None  # [T] int64; None = experts_per_token()
+    # every expert the router picked, zero-computation ones included (ids >= num_experts), when that
+    # differs from the pairs (LongCat-Flash): what routed-experts reporting returns for replay
+    selection: Assignment | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -138,9 +142,32 @@ class RoutingBatch:
     configs: list[RoutingConfig] = field(default_factory=lambda: [RoutingConfig()])
     config_index: torch.Tensor | None = None  # [T] int64
 
+    def __post_init__(self) -> None:
+        self._steers = any(c.steers for c in self.configs)
+        self._steering: dict[tuple, torch.Tensor] = {}  # device tables of this step, by their rows
+
     @property
     def uniform(self) -> bool:
         return len(self.configs) == 1
+
+    def steering(self, layer: int, num_experts: int, device: torch.device | str) -> torch.Tensor | None:
+        """What MoE layer `layer` adds to each token's router logits: [T, E] float32 (or [1, E] for a
+        uniform batch), each token's config's `expert_bias`, -inf at its excluded experts; None when no
+        config steers this layer (then nothing is built: the unsteered path costs nothing). One small
+        host-to-device copy per distinct table per step."""
+        if not self._steers:
+            return None
+        rows = tuple(c.steering_row(layer, num_experts) for c in self.configs)
+        if all(r is None for r in rows):
+            return None
+        table = self._steering.get(rows)
+        if table is None:
+            zeros = (0.0,) * num_experts
+            table = torch.tensor([r if r is not None else zeros for r in rows], dtype=torch.float32, device=device)
+            if self.config_index is not None:  # [C, E] -> [T, E]
+                table = table[self.config_index.to(device=table.device)]
+            self._steering[rows] = table
+        return table
 
     @classmethod
     def single(cls, config: RoutingConfig) -> RoutingBatch:

@@ -71,12 +71,47 @@ def route(
 ) -> Assignment:
     """Route every token of a batch by its own RoutingConfig (its values for MoE layer `layer`):
     plain softmax rules by `route_probs`, group-limited rules (DeepSeek-V3 / GLM-4.5 sigmoid with the
-    layer's `score_bias` [E]; DeepSeek-V2 softmax with groups or routed scaling) by `route_grouped`."""
+    layer's `score_bias` [E]; DeepSeek-V2 softmax with groups or routed scaling) by `route_grouped`.
+
+    Steering (`RoutingConfig.exclude_experts` / `expert_bias` of MoE layer `layer`): each token's bias
+    is added to its router logits (float32) before the policy, its excluded experts get -inf logits (and
+    -inf selection scores under a selection bias), and any excluded expert a policy still picked (a
+    top-k larger than the experts left) is removed from the Assignment, so excluded experts never
+    appear. Tokens with different steering share the pass (a per-token additive table)."""
     if score_bias is not None and rule.scoring != "sigmoid":
         raise ValueError("score_bias applies to sigmoid routers only")
+    steer = batch.steering(layer, router_logits.shape[-1], router_logits.device)  # [T|1, E] or None
+    if steer is None:
+        if rule.group_limited:
+            return route_grouped(router_logits, batch, rule, score_bias, layer=layer)
+        return route_probs(router_probs(router_logits, rule), batch, rule, layer=layer)
+    logits = router_logits.float() + steer  # [T, E]
+    excluded = torch.isneginf(steer)  # [T|1, E]
     if rule.group_limited:
-        return route_grouped(router_logits, batch, rule, score_bias, layer=layer)
-    return route_probs(router_probs(router_logits, rule), batch, rule, layer=layer)
+        return drop_excluded(route_grouped(logits, batch, rule, score_bias, excluded, layer=layer), excluded)
+    return drop_excluded(route_probs(router_probs(logits, rule), batch, rule, layer=layer), excluded)
+
+
+def drop_excluded(a: Assignment, excluded: torch.Tensor) -> Assignment:
+    """`a` without the pairs whose expert is excluded for their token (`excluded` [T|1, E] bool)."""
+    T = a.num_tokens
+    bad = excluded.expand(T, excluded.shape[-1])[a.token_ids, a.expert_ids]  # [P]
+    keep = ~bad
+    tok = a.token_ids[keep]  # [P']
+    counts = torch.zeros(T, dtype=torch.int64, device=tok.device).index_add_(0, tok, torch.ones_like(tok))  # [T]
+    offsets = torch.zeros(T + 1, dtype=torch.int64, device=tok.device)
+    offsets[1:] = torch.cumsum(counts, dim=0)
+    return Assignment(
+        T,
+        a.num_experts,
+        tok,
+        a.expert_ids[keep],
+        a.weights[keep],
+        offsets,
+        a.identity_weight,
+        a.num_selected,
+        a.selection,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +331,7 @@ def route_grouped(
     batch: RoutingBatch,
     rule: CheckpointRule,
     score_bias: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
     layer: int = 0,
 ) -> Assignment:
     """Route a group-limited router (DeepSeek-V3 / GLM-4.5 sigmoid, DeepSeek-V2 softmax); every
@@ -304,7 +340,8 @@ def route_grouped(
     Common steps (float32): s = sigmoid(router_logits) for sigmoid rules, softmax(router_logits)
     for softmax rules (a NaN gives s = 0); choice = s + `score_bias` [E] (sigmoid rules; zeros if
     None); the group limit keeps the best `rule.topk_group` of `rule.n_group` groups (group score:
-    sigmoid, the sum of its two best choice scores; softmax, its best probability); the A =
+    sigmoid, the sum of its two best choice scores; softmax, its best probability); `excluded` [T|1, E]
+    (steering, from `route`) sets choice to -inf; the A =
     `rule.allowed_experts` experts of those groups are ranked by choice, descending.
 
     Per policy (n = experts kept, always the n best-ranked allowed experts):
@@ -331,6 +368,8 @@ def route_grouped(
     else:
         scores = _softmax_no_nan(router_logits)  # [T, E]
     choice = scores if score_bias is None else scores + score_bias.float()  # [T, E]
+    if excluded is not None:  # steering: excluded experts are never chosen (`route`)
+        choice = choice.masked_fill(excluded, float("-inf"))  # [T, E]
     allowed_mask = _allowed_mask(choice, rule)  # [T, E] or None
     masked = choice  # [T, E], -inf outside the allowed groups: the ranking
     checkpoint_masked = choice  # [T, E] what the checkpoint's top-k runs on
@@ -438,7 +477,8 @@ def route_with_zero_experts(
     Returns an Assignment over the N FFN experts (pairs token-major, in selection rank order; a
     token may have 0..top_k pairs), with `identity_weight` [T] = summed weight of the selected
     identity experts (None when no expert is of kind "identity") and `num_selected` [T] =
-    top_k for every token (FFN + zero-computation experts picked).
+    top_k for every token (FFN + zero-computation experts picked) and `selection` = every pick (ids over
+    the N + Z columns, in selection rank order), which routed-experts reporting returns.
     """
     T, total = scores.shape
     N = num_ffn_experts
@@ -476,12 +516,24 @@ def route_with_zero_experts(
     offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(is_ffn.sum(dim=-1), dim=0)
     num_selected = torch.full((T,), k, dtype=torch.int64, device=device)
-    return Assignment(T, N, tok, ids[tok, slot], w[tok, slot], offsets, identity_weight, num_selected=num_selected)
+    selection = Assignment.from_topk(ids, w, total)  # every pick, zero experts as ids N..N+Z-1
+    return Assignment(
+        T,
+        N,
+        tok,
+        ids[tok, slot],
+        w[tok, slot],
+        offsets,
+        identity_weight,
+        num_selected=num_selected,
+        selection=selection,
+    )
 
 
 __all__ = [
     "ZERO_EXPERT_KINDS",
     "checkpoint_top_k",
+    "drop_excluded",
     "relu_route",
     "route",
     "route_grouped",

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI app over an AsyncEngine, and `run_server` (uvicorn).
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or SSE),
-GET /health, GET /version, POST /tokenize, POST /detokenize, GET /metrics.
+GET /health, GET /version, POST /tokenize, POST /detokenize, GET /metrics, and the expert-distribution
+recorder (POST /expert_distribution/start, POST /expert_distribution/stop, GET /expert_distribution/dump).
 Every error uses OpenAI's body {"error": {"message", "type", "param", "code"}}; validation errors
 are 400. A client that goes away (streaming or not) aborts its request in the engine.
 
@@ -13,11 +14,13 @@ cannot fit the context whatever it tokenises to is rejected without tokenising i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -45,6 +48,7 @@ from dynserve.server.responses import (
     ModelList,
     TokenizeResponse,
 )
+from dynserve.server.routed_experts import add_routed_experts
 from dynserve.server.settings import INLINE_BYTES, ServerSettings
 from dynserve.server.state import ServerState
 from dynserve.server.streaming import (
@@ -119,6 +123,22 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         body, content_type = srv.metrics.render()
         return Response(body, media_type=content_type)
 
+    # ---------------------------------------------------------------- expert distribution recorder
+    @app.post("/expert_distribution/start")
+    async def expert_distribution_start() -> dict[str, Any]:
+        engine.start_expert_distribution()
+        return {"recording": True}
+
+    @app.post("/expert_distribution/stop")
+    async def expert_distribution_stop() -> dict[str, Any]:
+        engine.stop_expert_distribution()
+        return {"recording": False}
+
+    @app.get("/expert_distribution/dump")
+    async def expert_distribution_dump(per_request: bool = False) -> Response:
+        body = await asyncio.to_thread(engine.dump_expert_distribution, per_request)
+        return JSONResponse(body)
+
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         return ModelList(data=[_model_card(srv)])
@@ -183,8 +203,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
                 )
         body = CompletionResponse(
             id=request_id, created=created, model=srv.model_name, choices=choices, usage=usage_body(finals)
-        )
-        return JSONResponse(body.model_dump(), headers=headers)
+        ).model_dump()
+        if req.return_routed_experts:
+            add_routed_experts(body, finals, req.n, req.routed_experts_format)
+        return JSONResponse(body, headers=headers)
 
     # ---------------------------------------------------------------- chat
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors)
@@ -221,8 +243,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         ]
         body = ChatCompletionResponse(
             id=request_id, created=created, model=srv.model_name, choices=choices, usage=usage_body(finals)
-        )
-        return JSONResponse(body.model_dump(), headers=headers)
+        ).model_dump()
+        if req.return_routed_experts:
+            add_routed_experts(body, finals, req.n, req.routed_experts_format)
+        return JSONResponse(body, headers=headers)
 
     return app
 

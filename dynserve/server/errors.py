@@ -93,6 +93,8 @@ def engine_error(e: BaseException, retry_after: int, prompt_param: str = "prompt
         msg = str(e)
         if msg.startswith("This model's maximum context length") or type(e).__name__ == "ContextLengthError":
             return ApiError(400, msg, param=prompt_param, code="context_length_exceeded")
+        if msg.startswith("routing."):  # RoutingConfig.check_model: the field it names
+            return ApiError(400, msg, param=msg.split(" ", 1)[0].rstrip(":"))
         return ApiError(400, msg, param=prompt_param if "prompt" in msg else None)
     logger.exception("internal error", exc_info=e)
     return ApiError(500, f"internal server error: {type(e).__name__}", "server_error")

@@ -73,6 +73,18 @@ class EngineStatsCollector(Collector):
         )
         if s.expert_k_histogram:
             yield self._experts_per_token(s)
+        if s.expert_load_balance:
+            fam = GaugeMetricFamily(
+                "dynserve_expert_load_balance",
+                "Mean / max tokens per expert over the last engine steps, per MoE layer (1.0 = perfectly even).",
+                labels=["layer"],
+            )
+            for layer, v in enumerate(s.expert_load_balance):
+                if v is not None:
+                    fam.add_metric([str(layer)], v)
+            yield fam
+        if s.experts_touched_histogram:
+            yield _experts_touched(s.experts_touched_histogram)
         if self._expert_tokens and s.expert_token_counts is not None:
             fam = CounterMetricFamily(
                 "dynserve_expert_tokens", "Token positions routed to each expert.", labels=["layer", "expert"]
@@ -118,6 +130,32 @@ class EngineStatsCollector(Collector):
             total = sum(k * c for k, c in enumerate(row))
             fam.add_metric([str(layer)], buckets, sum_value=total)
         return fam
+
+
+def touched_buckets(num_experts: int) -> list[int]:
+    """Bucket bounds of the distinct-experts histogram: 0, powers of two below E, and E (bounded
+    cardinality: about log2(E) + 2 buckets per layer whatever E)."""
+    bounds = [0]
+    b = 1
+    while b < num_experts:
+        bounds.append(b)
+        b *= 2
+    return [*bounds, num_experts]
+
+
+def _experts_touched(hist: list[list[int]]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(
+        "dynserve_experts_touched_per_step",
+        "Distinct experts an engine step's tokens used, per MoE layer (how many expert weights it read).",
+        labels=["layer"],
+    )
+    for layer, row in enumerate(hist):
+        bounds = touched_buckets(len(row) - 1)
+        cumulative = [sum(row[: b + 1]) for b in bounds]
+        buckets = [(f"{float(b)}", c) for b, c in zip(bounds, cumulative, strict=True)]
+        buckets.append(("+Inf", sum(row)))
+        fam.add_metric([str(layer)], buckets, sum_value=sum(j * c for j, c in enumerate(row)))
+    return fam
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from dynserve.config import ROUTING_POLICIES, RoutingConfig
+from dynserve.config import MAX_STEERING_VALUES, ROUTING_POLICIES, RoutingConfig
 from dynserve.sampling_params import SamplingParams
 
 MAX_N = 128
@@ -151,6 +151,41 @@ _V = TypeVar("_V")
 _PerLayer = Annotated[list[_V], Field(min_length=1, max_length=MAX_MOE_LAYERS)]
 
 
+def _steering_checker(name: str) -> Any:
+    """A validator of `routing.<name>`: RoutingConfig's own checks (types, ids >= 0, finite bounded
+    biases, layer keys), reported on the field itself."""
+
+    def check(v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, list) and len(v) > MAX_STEERING_VALUES:
+            raise PydanticCustomError("steering_size", "at most {n} values", {"n": MAX_STEERING_VALUES})
+        try:
+            RoutingConfig(**{name: v})
+        except ValueError as e:
+            msg = str(e).removeprefix(f"routing.{name}").lstrip(": ")
+            raise PydanticCustomError("steering", "{msg}", {"msg": msg}) from None
+        return v
+
+    return check
+
+
+_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_BIAS_SCHEMA = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+ExpertIds = Annotated[
+    Any,
+    AfterValidator(_steering_checker("exclude_experts")),
+    WithJsonSchema({"anyOf": [_IDS_SCHEMA, {"type": "object", "additionalProperties": _IDS_SCHEMA}, {"type": "null"}]}),
+]
+ExpertBias = Annotated[
+    Any,
+    AfterValidator(_steering_checker("expert_bias")),
+    WithJsonSchema(
+        {"anyOf": [_BIAS_SCHEMA, {"type": "object", "additionalProperties": _BIAS_SCHEMA}, {"type": "null"}]}
+    ),
+]
+
+
 class RoutingParams(BaseModel):
     """Per-request expert routing (dynserve extension). Fields left out keep the engine's
     default routing; see dynserve.config.RoutingConfig for their meaning."""
@@ -167,6 +202,10 @@ class RoutingParams(BaseModel):
     renormalize: Bool | None = None
     entropy_thresholds: list[Annotated[Float, Field(ge=0.0)]] | None = Field(default=None, max_length=MAX_ENTROPY_BINS)
     entropy_k: list[Annotated[Int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_ENTROPY_BINS + 1)
+    # steering: ids / one bias per expert for every MoE layer, or per MoE layer ({"0": [...]}); checked
+    # against the model (ids, layers, lengths) by the engine
+    exclude_experts: ExpertIds = None
+    expert_bias: ExpertBias = None
 
     def to_routing_config(self, default: RoutingConfig) -> RoutingConfig:
         """The fields this request set, as a RoutingConfig that the engine lays over its default
@@ -181,7 +220,7 @@ class RoutingParams(BaseModel):
             default.overlay(request)
         except ValueError as e:
             msg = str(e)
-            param = msg.split(" ", 1)[0] if msg.startswith("routing.") else "routing"
+            param = msg.split(" ", 1)[0].rstrip(":") if msg.startswith("routing.") else "routing"
             raise InvalidRequestError(msg, param=param) from None
         return request
 
@@ -219,10 +258,17 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
-    # dynserve extension
+    # dynserve extensions
     routing: RoutingParams | None = None
+    return_routed_experts: Bool = False
+    routed_experts_start_len: Int | None = Field(default=None, ge=0)
+    routed_experts_format: Literal["json", "base64"] | None = None
 
     def check_common(self) -> None:
+        if not self.return_routed_experts:
+            for name in ("routed_experts_start_len", "routed_experts_format"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(f"{name} requires return_routed_experts to be true", name)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options can only be set when stream is true", "stream_options")
         if self.logit_bias:
@@ -266,6 +312,8 @@ class _SamplingRequest(BaseModel):
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 routing=routing,
+                return_routed_experts=self.return_routed_experts,
+                routed_experts_start_len=self.routed_experts_start_len or 0,
             )
         except ValueError as e:
             msg = str(e)

@@ -20,6 +20,7 @@ from dynserve.server.errors import ApiError, engine_error
 from dynserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs, echo_logprobs
 from dynserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from dynserve.server.responses import UsageInfo
+from dynserve.server.routed_experts import RoutedStreamer
 
 if TYPE_CHECKING:
     from dynserve.server.state import ServerState
@@ -131,7 +132,7 @@ async def completion_stream(
     finals: list[RequestOutput | None] = [None] * num_prompts
     usage_null = {"usage": None} if req.include_usage else {}
 
-    def chunk(choices: list[dict[str, Any]]) -> str:
+    def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
         return sse(
             {
                 "id": request_id,
@@ -140,6 +141,7 @@ async def completion_stream(
                 "model": model,
                 "choices": choices,
                 **usage_null,
+                **(extra or {}),
             }
         )
 
@@ -161,6 +163,7 @@ async def completion_stream(
                     yield text
         echoed: set[int] = set()
         ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
+        routed = RoutedStreamer(req.return_routed_experts, req.routed_experts_format)
         async for i, out in merge_streams(streams):
             if echo_later and i not in echoed:
                 echoed.add(i)
@@ -178,12 +181,14 @@ async def completion_stream(
                 lp = None
                 if req.logprobs is not None and c.logprobs_delta:
                     lp, offsets[idx] = completion_logprobs(c.logprobs_delta, tok_text, offsets[idx])
-                if not c.text_delta and lp is None and finish is None:
+                rows, top = routed.rows(c), routed.prompt(i, out)
+                if not c.text_delta and lp is None and finish is None and rows is None and not top:
                     continue
                 choice: dict[str, Any] = {"index": idx, "text": c.text_delta, "logprobs": lp, "finish_reason": finish}
                 if finish is not None:
                     choice["stop_reason"] = c.stop_reason
-                yield chunk([choice])
+                routed.add(choice, rows)
+                yield chunk([choice], top)
         if req.include_usage:
             yield sse(
                 {
@@ -212,15 +217,24 @@ async def chat_stream(
     usage_null = {"usage": None} if req.include_usage else {}
     final: RequestOutput | None = None
 
-    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+    def chunk(
+        index: int,
+        delta: dict[str, Any],
+        logprobs: Any = None,
+        finish: str | None = None,
+        extra: dict[str, Any] | None = None,
+        choice_extra: dict[str, Any] | None = None,
+    ) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **(choice_extra or {})}
         return sse(
             {
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                "choices": [choice],
                 **usage_null,
+                **(extra or {}),
             }
         )
 
@@ -228,6 +242,7 @@ async def chat_stream(
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
+        routed = RoutedStreamer(req.return_routed_experts, req.routed_experts_format)
         async for out in stream:
             if out.finished:
                 final = out
@@ -240,10 +255,13 @@ async def chat_stream(
                 lp = None
                 if req.logprobs and c.logprobs_delta:
                     lp = chat_logprobs(c.logprobs_delta, tok_text, num_top)
-                if not c.text_delta and lp is None and finish is None:
+                rows, top = routed.rows(c), routed.prompt(0, out)
+                if not c.text_delta and lp is None and finish is None and rows is None and not top:
                     continue
                 delta = {"content": c.text_delta} if (c.text_delta or lp is not None) else {}
-                yield chunk(c.index, delta, lp, finish)
+                extra: dict[str, Any] = {}
+                routed.add(extra, rows)
+                yield chunk(c.index, delta, lp, finish, top, extra)
         if req.include_usage:
             yield sse(
                 {
