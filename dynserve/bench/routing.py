@@ -1,15 +1,17 @@
-"""Fewer experts must cost less: MoE-layer time and decode tokens/s, top-2 vs top-p, in one run.
+"""Fewer experts must cost less: MoE-layer time and decode tokens/s, the checkpoint's top-k vs top-p, in one run.
 
     python -m dynserve.bench.routing                       # ~100M Mixtral bench checkpoint
     python -m dynserve.bench.routing --model DIR --p 0.3 0.5 0.7
+    python -m dynserve.bench.routing --family deepseek_v3 --p 0.2 0.4 0.6 0.8
 
 For each routing setting the same prompts run through the engine (prefix caching off, so every
 setting computes every token):
   - prefill: N prompts x L tokens in large steps; MoE-layer time is summed over every MoE block
     (router + routing + dispatch + combine), measured with forward hooks;
   - decode: B sequences generate M tokens; decode tokens/s and MoE time per decode step.
-Each row shows the measured average FFN experts per token per MoE layer, its ratio to top-2,
-the MoE-time ratio to top-2, and cost/experts = (time ratio) / (experts ratio): the target is
+Each row shows the measured average FFN experts per token per MoE layer, its ratio to the
+checkpoint's top-k, the MoE-time ratio to top-k (MoE time includes the router and any shared
+expert, which do not shrink with k), and cost/experts = (time ratio) / (experts ratio): the target is
 <= 1.15 (fewer experts cost proportionally less).
 """
 
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     timer = MoETimer(llm.engine.runner.model)
     prefill = make_prompts(args.prefill_prompts, vocab, args.prompt_len, args.prompt_len, seed=1)
     decode = make_prompts(args.decode_batch, vocab, 16, 16, seed=2)
-    settings = [("top_k (k=2)", RoutingConfig())] + [
+    top_k = llm.engine.model_config.top_k
+    settings = [(f"top_k (k={top_k}, checkpoint)", RoutingConfig())] + [
         (f"top_p p={p}", RoutingConfig(policy="top_p", p=p)) for p in args.p
     ]
     run_setting(llm, timer, settings[0][1], prefill[:2], decode[:1], 4)  # warm-up
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"decode batch {args.decode_batch} x {args.new_tokens} tokens"
     )
     print(
-        "| setting | experts/token | x top-2 | prefill MoE ms | x top-2 | cost/experts | decode tok/s | "
-        "decode MoE ms/step | x top-2 |"
+        "| setting | experts/token | x top-k | prefill MoE ms | x top-k | cost/experts | decode tok/s | "
+        "decode MoE ms/step | x top-k |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
