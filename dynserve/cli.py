@@ -46,6 +46,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--routing-entropy-k", type=int, nargs="+", default=[1, 2, 4], help="entropy: k per H bin")
     p.add_argument(
+        "--expert-budget",
+        default="off",
+        choices=["off", "auto"],
+        help="auto: under load, admit requests with fewer experts per token (load-adaptive expert budget)",
+    )
+    p.add_argument("--expert-budget-floor", type=float, default=0.5, help="smallest budget factor (0.5: halve)")
+    p.add_argument("--target-itl-ms", type=float, default=None, help="expert budget: decode step time target")
+    p.add_argument(
         "--routing-config", default=None, help="routing file (calibrate-routing --out): replaces the --routing flags"
     )
     p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
@@ -109,6 +117,9 @@ def _engine_config(args: argparse.Namespace, routing: RoutingConfig, **extra: An
         node_rank=args.node_rank,
         dist_init_addr=args.dist_init_addr,
         expert_parallel_heartbeat_timeout=args.expert_parallel_heartbeat_timeout,
+        expert_budget=args.expert_budget,
+        expert_budget_floor=args.expert_budget_floor,
+        target_itl_ms=args.target_itl_ms,
         **extra,
     )
 

@@ -99,6 +99,9 @@ class RoutingConfig:
     renormalize: bool | None = None
     entropy_thresholds: tuple[float, ...] = (0.6, 1.2)
     entropy_k: tuple[int, ...] = (1, 2, 4)
+    # "auto": follow the server's load-adaptive expert budget (when it runs one); "fixed": never reduced.
+    # Not in the repr: the KV a request computes depends on its effective routing, not on this flag.
+    budget: str = field(default="auto", repr=False)
     exclude_experts: SteeringValue | None = None
     expert_bias: SteeringValue | None = None
 
@@ -115,6 +118,7 @@ class RoutingConfig:
         entropy_k: Sequence[int] = _UNSET,  # type: ignore[assignment]
         exclude_experts: Any = _UNSET,
         expert_bias: Any = _UNSET,
+        budget: str = _UNSET,  # type: ignore[assignment]
     ) -> None:
         if exclude_experts is not _UNSET:
             exclude_experts = _normalise_steering(exclude_experts, "routing.exclude_experts", int)
@@ -123,7 +127,7 @@ class RoutingConfig:
         given = dict(
             policy=policy, p=p, threshold=threshold, k=k, min_experts=min_experts,
             max_experts=max_experts, renormalize=renormalize, entropy_thresholds=entropy_thresholds,
-            entropy_k=entropy_k, exclude_experts=exclude_experts, expert_bias=expert_bias,
+            entropy_k=entropy_k, exclude_experts=exclude_experts, expert_bias=expert_bias, budget=budget,
         )  # fmt: skip
         explicit = frozenset(name for name, v in given.items() if v is not _UNSET)
         for f in fields(self):
@@ -161,6 +165,8 @@ class RoutingConfig:
             for v in _layer_values(self.k, "k"):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"routing.k must be a positive integer (or a list of them), got {self.k!r}")
+        if self.budget not in ("auto", "fixed"):
+            raise ValueError(f"routing.budget must be 'auto' or 'fixed', got {self.budget!r}")
         thr, ks = self.entropy_thresholds, self.entropy_k
         if (
             not isinstance(thr, tuple)
@@ -451,6 +457,38 @@ class SchedulerConfig:
     max_queued_requests: int | None = None
 
 
+BUDGET_MODES: tuple[str, ...] = ("off", "auto")  # --expert-budget (dynserve/engine/budget.py)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """`mode` "off" (default) or "auto"; `floor`: the smallest b (0.5 = at most halve the experts);
+    `target_itl_ms`: optional decode-step-time target that also counts as overload when exceeded."""
+
+    mode: str = "off"
+    floor: float = 0.5
+    target_itl_ms: float | None = None
+    waiting_high: int = 0
+    hold_steps: int = 4
+    step_down: float = 0.1
+    step_up: float = 0.05
+    under_itl_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.mode not in BUDGET_MODES:
+            raise ValueError(f"expert budget must be one of {list(BUDGET_MODES)}, got {self.mode!r}")
+        if not (0.0 < self.floor <= 1.0):
+            raise ValueError(f"expert budget floor must be in (0, 1], got {self.floor}")
+        if self.target_itl_ms is not None and not (0.0 < self.target_itl_ms < math.inf):
+            raise ValueError(f"target ITL must be a positive number of milliseconds, got {self.target_itl_ms}")
+        if self.hold_steps < 1 or not (0 < self.step_down <= 1) or not (0 < self.step_up <= 1):
+            raise ValueError("hold_steps must be >= 1 and the budget steps in (0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "auto"
+
+
 @dataclass
 class EngineConfig:
     """Everything an engine instance is built from."""
@@ -472,6 +510,7 @@ class EngineConfig:
     # a worker rank whose heartbeat is older than this (died, frozen) fails the engine; workers exit when
     # rank 0's is (every node must use the same value)
     expert_parallel_heartbeat_timeout: float = 10.0
+    expert_budget: BudgetConfig = field(default_factory=BudgetConfig)  # load-adaptive expert budget
 
     @classmethod
     def create(
@@ -499,6 +538,9 @@ class EngineConfig:
         node_rank: int = 0,
         dist_init_addr: str | None = None,
         expert_parallel_heartbeat_timeout: float = 10.0,
+        expert_budget: str = "off",
+        expert_budget_floor: float = 0.5,
+        target_itl_ms: float | None = None,
     ) -> EngineConfig:
         """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
         if model_dir is None:
@@ -545,6 +587,7 @@ class EngineConfig:
             node_rank=node_rank,
             dist_init_addr=dist_init_addr,
             expert_parallel_heartbeat_timeout=float(expert_parallel_heartbeat_timeout),
+            expert_budget=BudgetConfig(expert_budget, float(expert_budget_floor), target_itl_ms),
         )
 
     @property

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from dynserve.config import EngineConfig
 from dynserve.engine.block_manager import BlockManager
+from dynserve.engine.budget import ExpertBudgetController, apply_budget
 from dynserve.engine.detokenizer import IncrementalDetokenizer
 from dynserve.engine.model_runner import ModelRunner
 from dynserve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -89,6 +90,7 @@ class LLMEngine:
             self.runner.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.budget = ExpertBudgetController(config.expert_budget)
         self.requests: dict[str, _Request] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborted requests to report
         self._prompt_tokens = 0
@@ -197,7 +199,7 @@ class LLMEngine:
     # -------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(admit=self._admit if self.budget.config.enabled else None)
         if not sched.scheduled:
             return outputs
         now = time.monotonic()
@@ -206,9 +208,14 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         starts = [seq.num_computed_tokens for seq, _ in scheduled]
+        t0 = time.perf_counter()
         result = self.runner.execute(scheduled)
+        step_s = time.perf_counter() - t0
         self.scheduler.postprocess(sched)
         self._num_steps += 1
+        if self.budget.config.enabled:  # the load after this step sets the budget of the next admissions
+            decode = all(n == 1 for _, n in scheduled)
+            self.budget.update(self.scheduler.num_waiting, step_s if decode else None)
         touched: dict[str, _Request] = {}
         for (seq, n), start, usage in zip(scheduled, starts, result.usage, strict=True):
             seq.expert_usage.add(start, n, usage)
@@ -245,6 +252,12 @@ class LLMEngine:
                 del self.requests[req.request_id]
             outputs.append(self._safe_output(req))
         return outputs
+
+    def _admit(self, seq: Sequence) -> None:
+        """Scheduler hook before a sequence's first admission: its routing under the current expert budget."""
+        b = self.budget.budget
+        seq.routing = apply_budget(seq.requested_routing, b, self.model_config.top_k)
+        seq.expert_budget = b if seq.routing is not seq.requested_routing else 1.0
 
     def _accept_token(self, req: _Request, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float) -> None:
         state = req.samples[seq.sample_index]
@@ -323,6 +336,7 @@ class LLMEngine:
             st.sent_text, st.sent_tokens = len(text), len(out_ids)
             st.sent_logprobs = len(st.logprobs) if st.logprobs is not None else 0
         usage = ExpertUsage.merge([s.seq.expert_usage.report() for s in req.samples])
+        usage.expert_budget_min = min(s.seq.expert_budget for s in req.samples)
         first = req.samples[0].seq
         prompt_lps: list[TokenLogprobs | None] | None = None
         if req.params.prompt_logprobs is not None:
@@ -395,6 +409,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
+            expert_budget=self.budget.budget,
             num_moe_layers=self.runner.num_moe_layers,
             num_experts=self.runner.num_experts,
             expert_k_histogram=usage.histogram.tolist(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynserve.config import SchedulerConfig
@@ -100,8 +101,10 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     # ------------------------------------------------------------------ step
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's sequences and token counts; allocate their KV blocks."""
+    def schedule(self, admit: Callable[[Sequence], None] | None = None) -> SchedulerOutput:
+        """Pick this step's sequences and token counts; allocate their KV blocks. `admit` is called on a
+        waiting sequence about to be admitted for the first time (before its prefix-cache lookup): the
+        engine sets its routing there (the load-adaptive expert budget)."""
         bm = self.block_manager
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -140,6 +143,8 @@ class Scheduler:
                 if self._waits_for_sibling(seq):
                     i += 1
                     continue
+                if admit is not None and seq.first_scheduled_time is None and seq.num_computed_tokens == 0:
+                    admit(seq)
                 n = self._try_admit(seq, budget)
                 if n == 0:
                     break

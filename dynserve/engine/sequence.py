@@ -66,10 +66,16 @@ class Sequence:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     # with sampling_params.return_routed_experts: the experts its positions were routed to
     routed_experts: RoutedExpertsBuilder | None = None
+    # the routing the request asked for (the engine default overlaid with its own); `routing` is what it
+    # runs with: the same, or, under a load-adaptive expert budget, reduced at its first admission
+    requested_routing: RoutingConfig | None = None
+    expert_budget: float = 1.0  # the budget factor applied at admission (1.0: not reduced)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.requested_routing is None:
+            self.requested_routing = self.routing
 
     def __len__(self) -> int:
         return len(self.token_ids)

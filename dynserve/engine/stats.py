@@ -19,6 +19,7 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    expert_budget: float = 1.0  # the load-adaptive expert budget factor b (1.0 when off)
     num_moe_layers: int = 0
     num_experts: int = 0
     # per MoE layer: number of token positions that used k FFN experts, k = 0..E

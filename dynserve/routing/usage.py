@@ -31,6 +31,9 @@ class ExpertUsage:
     avg_experts_per_token: float = 0.0
     per_layer: list[int] = field(default_factory=list)
     num_tokens: int = 0  # token positions routed (per layer)
+    # the smallest load-adaptive expert budget factor applied to the request's sequences (1.0: never
+    # reduced; see dynserve/engine/budget.py)
+    expert_budget_min: float = 1.0
 
     @classmethod
     def from_counts(cls, per_layer: list[int], num_tokens: int) -> ExpertUsage:
@@ -44,7 +47,9 @@ class ExpertUsage:
             return cls()
         n_layers = max(len(u.per_layer) for u in usages)
         per_layer = [sum(u.per_layer[i] if i < len(u.per_layer) else 0 for u in usages) for i in range(n_layers)]
-        return cls.from_counts(per_layer, sum(u.num_tokens for u in usages))
+        merged = cls.from_counts(per_layer, sum(u.num_tokens for u in usages))
+        merged.expert_budget_min = min(u.expert_budget_min for u in usages)
+        return merged
 
 
 @dataclass

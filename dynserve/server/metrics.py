@@ -55,6 +55,11 @@ class EngineStatsCollector(Collector):
         )
         yield _gauge("dynserve_kv_cache_blocks", "Blocks in the KV cache pool.", s.num_kv_blocks_total)
         yield _gauge(
+            "dynserve_expert_budget",
+            "Load-adaptive expert budget factor b applied to new requests (1 = unreduced; --expert-budget auto).",
+            s.expert_budget,
+        )
+        yield _gauge(
             "dynserve_kv_cache_free_blocks",
             "KV blocks free for allocation (incl. evictable cached).",
             s.num_kv_blocks_free,

@@ -200,6 +200,7 @@ class RoutingParams(BaseModel):
     min_experts: Int | None = Field(default=None, ge=0)
     max_experts: Int | None = Field(default=None, ge=1)
     renormalize: Bool | None = None
+    budget: Literal["auto", "fixed"] | None = None  # "fixed": never reduced by the server's expert budget
     entropy_thresholds: list[Annotated[Float, Field(ge=0.0)]] | None = Field(default=None, max_length=MAX_ENTROPY_BINS)
     entropy_k: list[Annotated[Int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_ENTROPY_BINS + 1)
     # steering: ids / one bias per expert for every MoE layer, or per MoE layer ({"0": [...]}); checked
@@ -212,7 +213,15 @@ class RoutingParams(BaseModel):
         (`RoutingConfig.overlay`, the one rule for Python and HTTP); checked against `default` here so
         that a combination that cannot work (min_experts above the default's max_experts) is a 400."""
         changes = {name: getattr(self, name) for name in self.model_fields_set}
-        for name in ("policy", "p", "threshold", "min_experts", "entropy_thresholds", "entropy_k"):  # not nullable
+        for name in (
+            "policy",
+            "p",
+            "threshold",
+            "min_experts",
+            "entropy_thresholds",
+            "entropy_k",
+            "budget",
+        ):  # not nullable
             if name in changes and changes[name] is None:
                 del changes[name]
         try:

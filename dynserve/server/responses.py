@@ -17,6 +17,8 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
     expert_activations: int = 0
     avg_experts_per_token: float = 0.0
+    # the load-adaptive expert budget applied to the request (1.0: its routing was not reduced)
+    expert_budget_min: float = 1.0
     prompt_tokens_details: dict[str, int] | None = None
 
 

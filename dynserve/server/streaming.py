@@ -43,6 +43,7 @@ def usage_body(finals: list[RequestOutput]) -> dict[str, Any]:
         total_tokens=prompt + completion,
         expert_activations=expert.expert_activations,
         avg_experts_per_token=expert.avg_experts_per_token,
+        expert_budget_min=expert.expert_budget_min,
         prompt_tokens_details={"cached_tokens": sum(o.num_cached_tokens for o in finals)},
     ).model_dump()
 
