@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,6 +146,22 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
         fn.restype = None
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+    fn = lib.dyn_route
+    fn.restype = _i64
+    fn.argtypes = [
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        ctypes.c_int32,
+        ctypes.c_int32,
+        _ptr,
+        *[_ptr] * 10,
+        _f32,
+        *[_ptr] * 4,
+    ]
     return lib
 
 
@@ -543,3 +560,108 @@ def write_kv(
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"slots must lie below the cache's {num_slots} slots")
+
+
+# ------------------------------------------------------------------------------------------- routing
+MAX_ROUTE_EXPERTS = 4096
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Per-config parameters of `route_select`, one entry per config (build once, reuse: `route_table`).
+
+    policy: 0 top_k, 1 top_p, 2 threshold, 3 relative, 4 entropy; k, p, threshold, lo, hi, renorm as
+    resolved for one MoE layer; entropy thresholds / k values per config, concatenated."""
+
+    policy: torch.Tensor  # [C] int32
+    k: torch.Tensor  # [C] int64
+    p: torch.Tensor  # [C] float32
+    threshold: torch.Tensor  # [C] float32
+    lo: torch.Tensor  # [C] int64
+    hi: torch.Tensor  # [C] int64
+    renorm: torch.Tensor  # [C] int32
+    ent_off: torch.Tensor  # [C+1] int64: config c's thresholds are ent_thr[ent_off[c]:ent_off[c+1]]
+    ent_thr: torch.Tensor  # [sum n_c] float32
+    ent_k: torch.Tensor  # [sum (n_c + 1)] int64: config c's k values start at ent_off[c] + c
+
+
+def route_table(rows: tuple[tuple, ...]) -> RouteTable:
+    """rows: per config (policy, k, p, threshold, lo, hi, renorm, entropy_thresholds, entropy_k)."""
+    off = [0]
+    thr: list[float] = []
+    ks: list[int] = []
+    for r in rows:
+        thr += list(r[7])
+        ks += list(r[8])
+        off.append(len(thr))
+    col = list(zip(*rows, strict=True)) if rows else [()] * 9
+    return RouteTable(
+        torch.tensor(col[0], dtype=torch.int32), torch.tensor(col[1], dtype=torch.int64),
+        torch.tensor(col[2], dtype=torch.float32), torch.tensor(col[3], dtype=torch.float32),
+        torch.tensor(col[4], dtype=torch.int64), torch.tensor(col[5], dtype=torch.int64),
+        torch.tensor(col[6], dtype=torch.int32), torch.tensor(off, dtype=torch.int64),
+        torch.tensor(thr, dtype=torch.float32), torch.tensor(ks or [0], dtype=torch.int64),
+    )  # fmt: skip
+
+
+def takes_route(scores: torch.Tensor) -> bool:
+    """Whether `route_select` should route these scores: a float32 [T, E] CPU tensor, E <= 4096."""
+    return (
+        scores.dtype is torch.float32
+        and scores.device.type == "cpu"
+        and scores.dim() == 2
+        and scores.shape[1] <= MAX_ROUTE_EXPERTS
+        and available()
+    )
+
+
+def route_select(
+    scores: torch.Tensor,
+    choice: torch.Tensor | None,
+    table: RouteTable,
+    config_index: torch.Tensor | None,
+    *,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_sigmoid: bool = False,
+    grouped: bool = False,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The general routing pass natively (`dyn_route` in csrc/cpu_kernels.c documents the rule): scores
+    [T, E] (and the ranking `choice` [T, E]) -> (token_offsets [T+1], token_ids [P], expert_ids [P],
+    weights [P] float32), token-major, each token's experts in rank order."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    if not takes_route(scores):
+        raise ValueError(f"route_select takes float32 [T, E<={MAX_ROUTE_EXPERTS}] CPU scores, got {scores.dtype}")
+    T, E = scores.shape
+    scores = scores.contiguous()
+    if choice is not None:
+        choice = choice.contiguous().float()
+        if choice.shape != scores.shape:
+            raise ValueError(f"choice {tuple(choice.shape)} must match scores {tuple(scores.shape)}")
+    C = table.policy.numel()
+    if config_index is not None:
+        config_index = config_index.to(torch.int64).contiguous()
+        if config_index.shape != (T,) or not lib.dyn_in_range(config_index.data_ptr(), T, 0, C):
+            raise ValueError(f"config_index must be [T] ids in [0, {C})")
+    elif C < 1:
+        raise ValueError("route_select needs at least one config")
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or n_group > 256:
+        raise ValueError(f"bad group limit: n_group {n_group}, topk_group {topk_group}, E {E}")
+    offsets = torch.zeros(T + 1, dtype=torch.int64)
+    tok = torch.empty(T * E, dtype=torch.int64)
+    ids = torch.empty(T * E, dtype=torch.int64)
+    w = torch.empty(T * E, dtype=torch.float32)
+    t = table
+    P = lib.dyn_route(
+        scores.data_ptr(), choice.data_ptr() if choice is not None else None, T, E, n_group, topk_group,
+        int(group_sigmoid), int(grouped), config_index.data_ptr() if config_index is not None else None,
+        t.policy.data_ptr(), t.k.data_ptr(), t.p.data_ptr(), t.threshold.data_ptr(), t.lo.data_ptr(),
+        t.hi.data_ptr(), t.renorm.data_ptr(), t.ent_off.data_ptr(), t.ent_thr.data_ptr(), t.ent_k.data_ptr(),
+        float(scale), offsets.data_ptr(), tok.data_ptr(), ids.data_ptr(), w.data_ptr(),
+    )  # fmt: skip
+    if P < 0:
+        raise ValueError("route_select: too many experts or groups")
+    return offsets, tok[:P], ids[:P], w[:P]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from dynserve_kernels import cpu_native
 from starlette.testclient import TestClient
 
 from dynserve import LLM, SamplingParams
@@ -237,3 +238,62 @@ def test_http_relative_entropy_and_per_layer(client):
         assert r.status_code == 400, (routing, r.text)
         err = r.json()["error"]
         assert field in (err.get("param") or "") + err["message"], err
+
+
+# ---------------------------------------------------------------- native pass vs torch pass
+
+NATIVE_CONFIGS = [
+    RoutingConfig(policy="top_p", p=0.5),
+    RoutingConfig(policy="top_p", p=[0.3, 0.9], renormalize=True, max_experts=5),
+    RoutingConfig(policy="threshold", threshold=0.12, min_experts=0),
+    RoutingConfig(policy="relative", threshold=0.4),
+    RoutingConfig(policy="entropy", entropy_thresholds=[0.8, 1.6], entropy_k=[1, 3, 6], min_experts=2),
+    RoutingConfig(policy="top_k", k=3),
+    RoutingConfig(policy="top_k", renormalize=True),
+]
+GROUPED_RULES = {
+    "softmax": CheckpointRule(num_experts=13, top_k=2, renormalize=True),
+    "softmax_raw": CheckpointRule(num_experts=8, top_k=2),
+    "v3": CheckpointRule(
+        num_experts=16,
+        top_k=4,
+        renormalize=True,
+        scoring="sigmoid",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        selection_bias=True,
+    ),  # fmt: skip
+    "v2": CheckpointRule(num_experts=12, top_k=3, n_group=3, topk_group=2, routed_scaling_factor=1.5),
+}
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="native CPU kernels unavailable")
+@pytest.mark.parametrize("rule_name", list(GROUPED_RULES))
+@pytest.mark.parametrize("mixed", [False, True])
+def test_native_routing_pass_equals_the_torch_pass(rule_name, mixed, monkeypatch):
+    rule = GROUPED_RULES[rule_name]
+    E, T = rule.num_experts, 50
+    torch.manual_seed(E)
+    logits = torch.randn(T, E) * torch.rand(T, 1) * 4
+    logits[2] = float("nan")  # a NaN router row (never a top_k row here: tie order differs by design)
+    bias = torch.randn(E) * 0.1 if rule.selection_bias else None
+    steer = RoutingConfig(policy="top_p", p=0.7, exclude_experts=[0, 1], min_experts=1)
+    configs = [*NATIVE_CONFIGS, steer]
+    pairs_with_top_k = [c for c in configs if c.policy != "top_k"]
+    cases = [RoutingBatch([c, NATIVE_CONFIGS[5]], (torch.arange(T) % 2)) for c in pairs_with_top_k] if mixed else []
+    cases += [RoutingBatch.single(c) for c in configs] if not mixed else []
+    if mixed:
+        cases.append(RoutingBatch(list(configs), torch.arange(T) % len(configs)))
+    for batch in cases:
+        for layer in (0, 1):
+            native = route(logits, batch, rule, bias, layer=layer)
+            with monkeypatch.context() as m:
+                m.setattr(cpu_native, "takes_route", lambda s: False)
+                ref = route(logits, batch, rule, bias, layer=layer)
+            assert torch.equal(native.token_offsets, ref.token_offsets), (rule_name, batch.configs)
+            assert torch.equal(native.token_ids, ref.token_ids)
+            assert torch.equal(native.expert_ids, ref.expert_ids), (rule_name, batch.configs)
+            torch.testing.assert_close(native.weights, ref.weights, rtol=2e-6, atol=1e-7)
+    empty = route(torch.zeros(0, E), RoutingBatch.single(NATIVE_CONFIGS[0]), rule, bias)
+    assert empty.num_pairs == 0 and empty.token_offsets.tolist() == [0]

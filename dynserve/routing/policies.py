@@ -22,10 +22,13 @@ Native dynamic routing for architectures that define their own rule (no RoutingC
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+from dynserve_kernels import cpu_native
 
 from dynserve.config import RoutingConfig
 from dynserve.routing.base import Assignment, CheckpointRule, RoutingBatch
@@ -211,6 +214,45 @@ def _clamped_counts(
     return torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
 
 
+@functools.lru_cache(maxsize=512)
+def _route_table(rows: tuple[_ConfigRow, ...]) -> cpu_native.RouteTable:
+    """The native pass's parameter table of these resolved configs (built once per distinct set)."""
+    return cpu_native.route_table(
+        tuple(
+            (r.policy, r.k, r.p, r.threshold, r.lo, r.hi, int(r.renormalize), r.entropy_thresholds, r.entropy_k)
+            for r in rows
+        )
+    )
+
+
+def _route_native(
+    scores: torch.Tensor,
+    choice: torch.Tensor | None,
+    rows: list[_ConfigRow],
+    batch: RoutingBatch,
+    top_k_picks: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]],
+    **group: Any,
+) -> Assignment:
+    """The general pass in one native call (`cpu_native.route_select`, the same rules as the torch
+    code below it); then the tokens of top_k configs in a mixed batch take the checkpoint's own picks
+    and arithmetic (`top_k_picks(tokens, k, renormalize)` -> ids, weights [n, k]), as the torch path
+    does, so a request's pairs do not depend on what it is batched with."""
+    T, E = scores.shape
+    index = None if batch.uniform else batch.config_index
+    offsets, tok, ids, w = cpu_native.route_select(scores, choice, _route_table(tuple(rows)), index, **group)
+    if index is not None:
+        for k, renorm in sorted({(r.k, r.renormalize) for r in rows if r.policy == TOP_K}):
+            cfgs = [c for c, r in enumerate(rows) if r.policy == TOP_K and (r.k, r.renormalize) == (k, renorm)]
+            tokens = torch.isin(index, torch.tensor(cfgs, dtype=index.dtype)).nonzero().flatten()  # [n]
+            if tokens.numel() == 0:
+                continue
+            ids_k, w_k = top_k_picks(tokens, k, renorm)  # [n, k] each
+            pos = (offsets[tokens][:, None] + torch.arange(k)).flatten()  # [n k] their pairs
+            ids[pos] = ids_k.reshape(-1).long()
+            w[pos] = w_k.reshape(-1).float()
+    return Assignment(T, E, tok, ids, w, offsets)
+
+
 def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule, layer: int = 0) -> Assignment:
     """Route tokens from their routing probabilities `probs` [T, E] (float32, rows sum to 1).
 
@@ -245,6 +287,13 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule, 
     rows = [_resolve(c, rule, E, layer) for c in batch.configs]
     if batch.uniform and rows[0].policy == TOP_K:
         return _top_k_fast(probs, rows[0], E)
+    if cpu_native.takes_route(probs):
+
+        def top_k_picks(tokens: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            a = _top_k_fast(probs[tokens], replace(rows[0], k=k, renormalize=renorm), E)
+            return a.expert_ids.view(-1, k), a.weights.view(-1, k)
+
+        return _route_native(probs, None, rows, batch, top_k_picks)
 
     per_token = _PerToken(batch, device)
 
@@ -314,6 +363,16 @@ def _allowed_mask(choice: torch.Tensor, rule: CheckpointRule) -> torch.Tensor | 
     return group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E).bool()  # [T, E]
 
 
+def _masked_choice(choice: torch.Tensor, rule: CheckpointRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ranking: choice with -inf outside the allowed groups, what the checkpoint's top-k runs on:
+    the same for sigmoid rules, 0.0 outside the allowed groups for softmax rules, as transformers)."""
+    allowed_mask = _allowed_mask(choice, rule)  # [T, E] or None
+    if allowed_mask is None:
+        return choice, choice
+    masked = choice.masked_fill(~allowed_mask, float("-inf"))
+    return masked, masked if rule.scoring == "sigmoid" else choice.masked_fill(~allowed_mask, 0.0)
+
+
 def _checkpoint_top_k(
     scores: torch.Tensor, masked_choice: torch.Tensor, k: int, renormalize: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,16 +429,20 @@ def route_grouped(
     choice = scores if score_bias is None else scores + score_bias.float()  # [T, E]
     if excluded is not None:  # steering: excluded experts are never chosen (`route`)
         choice = choice.masked_fill(excluded, float("-inf"))  # [T, E]
-    allowed_mask = _allowed_mask(choice, rule)  # [T, E] or None
-    masked = choice  # [T, E], -inf outside the allowed groups: the ranking
-    checkpoint_masked = choice  # [T, E] what the checkpoint's top-k runs on
-    if allowed_mask is not None:
-        masked = choice.masked_fill(~allowed_mask, float("-inf"))
-        checkpoint_masked = masked if rule.scoring == "sigmoid" else choice.masked_fill(~allowed_mask, 0.0)
     A = rule.allowed_experts
     scale = float(rule.routed_scaling_factor)
     rows = [_resolve(c, rule, A, layer) for c in batch.configs]
-    if batch.uniform and rows[0].policy == TOP_K:
+    uniform_top_k = batch.uniform and rows[0].policy == TOP_K
+    if not uniform_top_k and cpu_native.takes_route(scores):
+
+        def top_k_picks(tokens: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            sub = choice[tokens]  # [n, E]
+            return _checkpoint_top_k(scores[tokens], _masked_choice(sub, rule)[1], k, renorm, scale)
+
+        group = dict(n_group=rule.n_group, topk_group=rule.topk_group, group_sigmoid=rule.scoring == "sigmoid")
+        return _route_native(scores, choice, rows, batch, top_k_picks, grouped=True, scale=scale, **group)
+    masked, checkpoint_masked = _masked_choice(choice, rule)  # [T, E] each
+    if uniform_top_k:
         ids, w = _checkpoint_top_k(scores, checkpoint_masked, rows[0].k, rows[0].renormalize, scale)
         return Assignment.from_topk(ids, w, E)
 

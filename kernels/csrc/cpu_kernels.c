@@ -4,6 +4,7 @@
  * loops vectorise for whatever SIMD the host has. Each kernel has a plain-torch reference in
  * kernels/attention_ref.py or kernels/moe_ref.py and is compared against it in tests/test_cpu_native.py.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -819,4 +820,143 @@ int dyn_write_kv(const char *key, int64_t ldk, const char *value, int64_t ldv, c
         memcpy(vc + slots[t] * (int64_t)bytes, value + t * ldv * esize, bytes);
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Routing selection (dynserve/routing/policies.py's general path, for CPU tensors): per token, the
+ * experts a RoutingConfig keeps and their weights, as token-major (token, expert, weight) pairs.
+ *
+ * scores [T, E]: probabilities (softmax routers) or unbiased scores (group-limited routers); choice
+ * [T, E] (NULL: scores) ranks the experts (group-limited: scores + selection bias, -inf for steered-out
+ * experts). With n_group > 1 and topk_group < n_group only the best topk_group groups are allowed (a
+ * group scores the sum of its two best choices when group_sigmoid, else its best). Experts are taken
+ * in rank order (choice descending, ties by lower id) while the token's policy keeps them, clamped to
+ * [lo, hi] of its config (cfg_index [T], NULL: config 0 for all):
+ *   0 top_k: k;  1 top_p: rank i while the sum of the q ranked before it < p;  2 threshold: q >= thr;
+ *   3 relative: q >= thr * q_max;  4 entropy: k = ent_k[#(ent_thr <= H)], H = -sum q log q.
+ * q = scores (grouped == 0), or scores / (sum over the allowed experts) (grouped == 1, whose top_p
+ * "before" is cumsum(q) - q as the torch path computes it). Weights: grouped == 0: s, divided by
+ * max(sum of kept s, FLT_MIN) when renorm; grouped == 1: s / (renorm ? sum of kept s + 1e-20 : 1) *
+ * scale. Outputs offsets [T+1], tok/ids/w [T*E] (compacted to the first P); returns P.
+ * ------------------------------------------------------------------------------------------- */
+static int64_t route_token(const float *s, const float *c, int64_t E, int64_t n_group, int64_t topk_group,
+                           int group_sigmoid, int grouped, int32_t policy, int64_t k, float p, float thr,
+                           int64_t lo, int64_t hi, int32_t renorm, const float *e_thr, const int64_t *e_k,
+                           int64_t e_n, float scale, int64_t *ids, float *w, unsigned char *avail) {
+    for (int64_t e = 0; e < E; e++) avail[e] = 1;
+    if (n_group > 1 && topk_group < n_group) {
+        int64_t gs = E / n_group;
+        float gscore[256];
+        unsigned char gtaken[256];
+        for (int64_t g = 0; g < n_group; g++) {
+            const float *cg = c + g * gs;
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int64_t j = 0; j < gs; j++) {
+                float v = cg[j];
+                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+            }
+            gscore[g] = group_sigmoid ? (gs >= 2 ? b1 + b2 : b1) : b1;
+            gtaken[g] = 0;
+        }
+        for (int64_t r = 0; r < topk_group; r++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < n_group; g++)
+                if (!gtaken[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+            gtaken[best] = 1;
+        }
+        for (int64_t g = 0; g < n_group; g++)
+            if (!gtaken[g]) for (int64_t j = 0; j < gs; j++) avail[g * gs + j] = 0;
+    }
+    int64_t A = 0;
+    float total = 0.0f;  /* grouped: sum of the allowed scores */
+    for (int64_t e = 0; e < E; e++) if (avail[e]) { A++; if (grouped) total += s[e]; }
+    float inv_den = 1.0f;
+    if (grouped) inv_den = total > FLT_MIN ? total : FLT_MIN;
+    /* threshold / relative count the allowed experts that pass (the torch path's count, which then
+       keeps that many best-ranked: not the same experts when a selection bias reorders them) */
+    if (policy >= 2) {
+        float qmax = 0.0f, H = 0.0f;
+        for (int64_t e = 0; e < E; e++) {
+            if (!avail[e]) continue;
+            float q = grouped ? s[e] / inv_den : s[e];
+            if (q > qmax) qmax = q;
+            if (q > 0.0f) H -= q * logf(q > FLT_MIN ? q : FLT_MIN);
+        }
+        if (policy == 4) {
+            int64_t i = 0;
+            while (i < e_n && e_thr[i] <= H) i++;
+            k = e_k[i];
+        } else {
+            float bound = policy == 2 ? thr : thr * qmax;
+            k = 0;
+            for (int64_t e = 0; e < E; e++)
+                if (avail[e] && (grouped ? s[e] / inv_den : s[e]) >= bound) k++;
+        }
+    }
+    if (hi > A) hi = A;
+    if (lo > hi) lo = hi;
+    int64_t n = 0;
+    float before = 0.0f, csum = 0.0f;
+    while (n < hi) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (avail[e] && (best < 0 || c[e] > c[best])) best = e;
+        if (best < 0) break;
+        float q = grouped ? s[best] / inv_den : s[best];
+        int keep;
+        if (policy == 1) {
+            if (grouped) { csum += q; before = csum - q; }
+            keep = before < p;
+            if (!grouped) before += q;
+        } else {
+            keep = n < k;
+        }
+        if (!keep && n >= lo) break;
+        avail[best] = 0;
+        ids[n] = best;
+        w[n] = s[best];
+        n++;
+    }
+    if (grouped) {
+        float den = 1.0f;
+        if (renorm) { float sum = 0.0f; for (int64_t i = 0; i < n; i++) sum += w[i]; den = sum + 1e-20f; }
+        for (int64_t i = 0; i < n; i++) w[i] = (w[i] / den) * scale;
+    } else if (renorm) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) sum += w[i];
+        if (sum < FLT_MIN) sum = FLT_MIN;
+        for (int64_t i = 0; i < n; i++) w[i] = w[i] / sum;
+    }
+    return n;
+}
+
+int64_t dyn_route(const float *scores, const float *choice, int64_t T, int64_t E, int64_t n_group,
+                  int64_t topk_group, int32_t group_sigmoid, int32_t grouped, const int64_t *cfg_index,
+                  const int32_t *policy, const int64_t *kk, const float *pp, const float *thr, const int64_t *lo,
+                  const int64_t *hi, const int32_t *renorm, const int64_t *ent_off, const float *ent_thr,
+                  const int64_t *ent_k, float scale, int64_t *offsets, int64_t *tok, int64_t *ids, float *w) {
+    if (E > 4096 || n_group > 256) return -1;
+    int64_t *counts = offsets + 1;
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        unsigned char avail[4096];
+        int64_t ci = cfg_index ? cfg_index[t] : 0;
+        const float *s = scores + t * E;
+        const float *c = choice ? choice + t * E : s;
+        int64_t o = ent_off[ci];
+        counts[t] = route_token(s, c, E, n_group, topk_group, group_sigmoid, grouped, policy[ci], kk[ci], pp[ci],
+                                thr[ci], lo[ci], hi[ci], renorm[ci], ent_thr + o, ent_k + o + ci,
+                                ent_off[ci + 1] - o, scale, ids + t * E, w + t * E, avail);
+    }
+    offsets[0] = 0;
+    for (int64_t t = 0; t < T; t++) offsets[t + 1] += offsets[t];
+    for (int64_t t = 0; t < T; t++) {  /* compact token-major (in place: destinations never pass sources) */
+        int64_t n = offsets[t + 1] - offsets[t], dst = offsets[t], src = t * E;
+        for (int64_t j = 0; j < n; j++) {
+            ids[dst + j] = ids[src + j];
+            w[dst + j] = w[src + j];
+            tok[dst + j] = t;
+        }
+    }
+    return offsets[T];
 }
