@@ -180,3 +180,11 @@ def paged_attention(
     from dynserve_kernels.attention_ref import paged_attention_ref
 
     return paged_attention_ref(q, kv_cache, batch, scale, sinks, window)
+
+
+def route_selector(backend: str) -> object | None:
+    """The native routing pass for `backend` (`dynserve.routing.policies.route(..., select=...)`): the
+    CPU one on the "cpu" backend when the native kernels are built, else None (torch routing)."""
+    if backend == "cpu" and cpu_native.available():
+        return cpu_native.ROUTE_SELECTOR
+    return None

@@ -21,6 +21,7 @@ back to the torch references; the reason is in `unavailable_reason()`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -31,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from dynserve_kernels.metadata import kv_halves_dense
@@ -665,3 +666,25 @@ def route_select(
     if P < 0:
         raise ValueError("route_select: too many experts or groups")
     return offsets, tok[:P], ids[:P], w[:P]
+
+
+class _CpuRouteSelector:
+    """`route_select` as a `dynserve.routing.base.RouteSelector`: parameter tables cached per set of
+    resolved configs (they repeat across layers and steps)."""
+
+    def takes(self, scores: torch.Tensor) -> bool:
+        return takes_route(scores)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=512)
+    def _table(rows: tuple[tuple, ...]) -> RouteTable:
+        return route_table(rows)
+
+    def __call__(
+        self, scores: torch.Tensor, choice: torch.Tensor | None, rows: tuple[tuple, ...],
+        config_index: torch.Tensor | None, **group: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return route_select(scores, choice, self._table(rows), config_index, **group)
+
+
+ROUTE_SELECTOR = _CpuRouteSelector()

@@ -516,3 +516,21 @@ def test_soak_with_disconnects_returns_to_rest(live):
     assert r["server_aborted_requests"] > 0  # the disconnects reached the engine as aborts
     after = scrape(live.base_url)
     assert after["dynserve_generation_tokens_total"] > before["dynserve_generation_tokens_total"]
+
+
+def test_overload_table_and_plot(tmp_path):
+    from loadtests import overload
+
+    def mode(name: str, b: float, waiting: list[float]) -> dict:
+        s = dict(request_throughput=2.0, output_throughput=120.0, median_ttft_ms=50.0, p99_ttft_ms=900.0)
+        s.update(median_itl_ms=20.0, p99_itl_ms=80.0, avg_experts_per_token=1.5)
+        samples = [{"t": 0.5 * i, "waiting": w, "running": 4.0, "budget": b} for i, w in enumerate(waiting)]
+        return dict(mode=name, overload=s, unloaded={"p99_ttft_ms": 40.0}, samples=samples)
+
+    results = [mode("static", 1.0, [0, 3, 9]), mode("auto", 0.6, [0, 2, 1])]
+    lines = overload.table(results).splitlines()
+    assert lines[2] == "| static | 2.00 | 120.0 | 50 / 900 (40) | 20 / 80 | 1.50 | 9 | 1.00 |"
+    assert lines[3].endswith("| 2 | 0.60 |")
+    png = overload.plot(results, tmp_path / "o.png")
+    if png is not None:  # matplotlib installed
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -271,7 +271,7 @@ GROUPED_RULES = {
 @pytest.mark.skipif(not cpu_native.available(), reason="native CPU kernels unavailable")
 @pytest.mark.parametrize("rule_name", list(GROUPED_RULES))
 @pytest.mark.parametrize("mixed", [False, True])
-def test_native_routing_pass_equals_the_torch_pass(rule_name, mixed, monkeypatch):
+def test_native_routing_pass_equals_the_torch_pass(rule_name, mixed):
     rule = GROUPED_RULES[rule_name]
     E, T = rule.num_experts, 50
     torch.manual_seed(E)
@@ -287,13 +287,13 @@ def test_native_routing_pass_equals_the_torch_pass(rule_name, mixed, monkeypatch
         cases.append(RoutingBatch(list(configs), torch.arange(T) % len(configs)))
     for batch in cases:
         for layer in (0, 1):
-            native = route(logits, batch, rule, bias, layer=layer)
-            with monkeypatch.context() as m:
-                m.setattr(cpu_native, "takes_route", lambda s: False)
-                ref = route(logits, batch, rule, bias, layer=layer)
+            native = route(logits, batch, rule, bias, layer=layer, select=cpu_native.ROUTE_SELECTOR)
+            ref = route(logits, batch, rule, bias, layer=layer)  # torch ops throughout
             assert torch.equal(native.token_offsets, ref.token_offsets), (rule_name, batch.configs)
             assert torch.equal(native.token_ids, ref.token_ids)
             assert torch.equal(native.expert_ids, ref.expert_ids), (rule_name, batch.configs)
             torch.testing.assert_close(native.weights, ref.weights, rtol=2e-6, atol=1e-7)
-    empty = route(torch.zeros(0, E), RoutingBatch.single(NATIVE_CONFIGS[0]), rule, bias)
+    empty = route(
+        torch.zeros(0, E), RoutingBatch.single(NATIVE_CONFIGS[0]), rule, bias, select=cpu_native.ROUTE_SELECTOR
+    )
     assert empty.num_pairs == 0 and empty.token_offsets.tolist() == [0]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import dynserve_kernels
 import torch
 
 from dynserve.config import EngineConfig, RoutingConfig
@@ -65,8 +66,9 @@ def layer_experts(records: list[RouterRecord], rc: RoutingConfig) -> dict[int, f
     pairs: dict[int, int] = {}
     tokens: dict[int, int] = {}
     batch = RoutingBatch.single(rc)
+    select = dynserve_kernels.route_selector("cpu")  # the native pass where it takes the logits
     for r in records:
-        a = route(r.logits, batch, r.rule, r.score_bias, layer=r.moe_layer)
+        a = route(r.logits, batch, r.rule, r.score_bias, layer=r.moe_layer, select=select)
         pairs[r.moe_layer] = pairs.get(r.moe_layer, 0) + int(a.num_pairs)
         tokens[r.moe_layer] = tokens.get(r.moe_layer, 0) + int(a.num_tokens)
     return {layer: pairs[layer] / max(tokens[layer], 1) for layer in sorted(pairs)}

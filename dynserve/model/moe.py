@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dynserve_kernels
 import torch
 import torch.nn.functional as F
 from dynserve_kernels.moe_ref import ClampedSwiGLU
@@ -122,7 +123,8 @@ class MoEBlock(nn.Module):
         bias = self.e_score_correction_bias
         if batch.router_records is not None:
             batch.router_records.append(RouterRecord(layer, logits, self.rule, bias))
-        return route(logits, batch.routing, self.rule, bias, layer=layer)
+        select = dynserve_kernels.route_selector(self.backend)
+        return route(logits, batch.routing, self.rule, bias, layer=layer, select=select)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)

@@ -8,6 +8,7 @@ configuration of one forward pass, so requests with different policies share a b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -197,3 +198,20 @@ class RouterRecord:
     logits: torch.Tensor  # [T, E] as the layer's `route` receives them
     rule: CheckpointRule
     score_bias: torch.Tensor | None = None  # [E] sigmoid routers' selection bias
+
+
+class RouteSelector(Protocol):
+    """A native implementation of the general routing pass (`policies.route(..., select=...)`): the
+    kernels package provides one for CPU tensors (`dynserve_kernels.route_selector`). `rows` holds per
+    config (policy code, k, p, threshold, min, max, renormalize, entropy thresholds, entropy k)."""
+
+    def takes(self, scores: torch.Tensor) -> bool: ...
+
+    def __call__(
+        self,
+        scores: torch.Tensor,
+        choice: torch.Tensor | None,
+        rows: tuple[tuple, ...],
+        config_index: torch.Tensor | None,
+        **group: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...

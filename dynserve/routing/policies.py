@@ -22,16 +22,14 @@ Native dynamic routing for architectures that define their own rule (no RoutingC
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from dynserve_kernels import cpu_native
 
 from dynserve.config import RoutingConfig
-from dynserve.routing.base import Assignment, CheckpointRule, RoutingBatch
+from dynserve.routing.base import Assignment, CheckpointRule, RouteSelector, RoutingBatch
 
 TOP_K, TOP_P, THRESHOLD, RELATIVE, ENTROPY = 0, 1, 2, 3, 4
 _POLICY_CODE = {"top_k": TOP_K, "top_p": TOP_P, "threshold": THRESHOLD, "relative": RELATIVE, "entropy": ENTROPY}
@@ -71,10 +69,14 @@ def route(
     rule: CheckpointRule,
     score_bias: torch.Tensor | None = None,
     layer: int = 0,
+    select: RouteSelector | None = None,
 ) -> Assignment:
     """Route every token of a batch by its own RoutingConfig (its values for MoE layer `layer`):
     plain softmax rules by `route_probs`, group-limited rules (DeepSeek-V3 / GLM-4.5 sigmoid with the
     layer's `score_bias` [E]; DeepSeek-V2 softmax with groups or routed scaling) by `route_grouped`.
+    `select`: a native implementation of the general pass (the kernels' CPU one), used where it
+    `takes` the scores; None: torch ops throughout (the reference). The checkpoint's own top_k on a
+    uniform batch is torch either way (bit for bit with transformers' routers).
 
     Steering (`RoutingConfig.exclude_experts` / `expert_bias` of MoE layer `layer`): each token's bias
     is added to its router logits (float32) before the policy, its excluded experts get -inf logits (and
@@ -86,13 +88,14 @@ def route(
     steer = batch.steering(layer, router_logits.shape[-1], router_logits.device)  # [T|1, E] or None
     if steer is None:
         if rule.group_limited:
-            return route_grouped(router_logits, batch, rule, score_bias, layer=layer)
-        return route_probs(router_probs(router_logits, rule), batch, rule, layer=layer)
+            return route_grouped(router_logits, batch, rule, score_bias, layer=layer, select=select)
+        return route_probs(router_probs(router_logits, rule), batch, rule, layer=layer, select=select)
     logits = router_logits.float() + steer  # [T, E]
     excluded = torch.isneginf(steer)  # [T|1, E]
     if rule.group_limited:
-        return drop_excluded(route_grouped(logits, batch, rule, score_bias, excluded, layer=layer), excluded)
-    return drop_excluded(route_probs(router_probs(logits, rule), batch, rule, layer=layer), excluded)
+        grouped = route_grouped(logits, batch, rule, score_bias, excluded, layer=layer, select=select)
+        return drop_excluded(grouped, excluded)
+    return drop_excluded(route_probs(router_probs(logits, rule), batch, rule, layer=layer, select=select), excluded)
 
 
 def drop_excluded(a: Assignment, excluded: torch.Tensor) -> Assignment:
@@ -214,18 +217,16 @@ def _clamped_counts(
     return torch.clamp(n, min=lo_t, max=hi_t).expand(T)  # [T]
 
 
-@functools.lru_cache(maxsize=512)
-def _route_table(rows: tuple[_ConfigRow, ...]) -> cpu_native.RouteTable:
-    """The native pass's parameter table of these resolved configs (built once per distinct set)."""
-    return cpu_native.route_table(
-        tuple(
-            (r.policy, r.k, r.p, r.threshold, r.lo, r.hi, int(r.renormalize), r.entropy_thresholds, r.entropy_k)
-            for r in rows
-        )
+def _rows_key(rows: list[_ConfigRow]) -> tuple[tuple, ...]:
+    """The resolved configs as the plain tuples a RouteSelector takes."""
+    return tuple(
+        (r.policy, r.k, r.p, r.threshold, r.lo, r.hi, int(r.renormalize), r.entropy_thresholds, r.entropy_k)
+        for r in rows
     )
 
 
 def _route_native(
+    select: RouteSelector,
     scores: torch.Tensor,
     choice: torch.Tensor | None,
     rows: list[_ConfigRow],
@@ -233,13 +234,13 @@ def _route_native(
     top_k_picks: Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]],
     **group: Any,
 ) -> Assignment:
-    """The general pass in one native call (`cpu_native.route_select`, the same rules as the torch
-    code below it); then the tokens of top_k configs in a mixed batch take the checkpoint's own picks
-    and arithmetic (`top_k_picks(tokens, k, renormalize)` -> ids, weights [n, k]), as the torch path
-    does, so a request's pairs do not depend on what it is batched with."""
+    """The general pass in one native call (`select`, the same rules as the torch code); then the
+    tokens of top_k configs in a mixed batch take the checkpoint's own picks and arithmetic
+    (`top_k_picks(tokens, k, renormalize)` -> ids, weights [n, k]), as the torch path does, so a
+    request's pairs do not depend on what it is batched with."""
     T, E = scores.shape
     index = None if batch.uniform else batch.config_index
-    offsets, tok, ids, w = cpu_native.route_select(scores, choice, _route_table(tuple(rows)), index, **group)
+    offsets, tok, ids, w = select(scores, choice, _rows_key(rows), index, **group)
     if index is not None:
         for k, renorm in sorted({(r.k, r.renormalize) for r in rows if r.policy == TOP_K}):
             cfgs = [c for c, r in enumerate(rows) if r.policy == TOP_K and (r.k, r.renormalize) == (k, renorm)]
@@ -253,7 +254,13 @@ def _route_native(
     return Assignment(T, E, tok, ids, w, offsets)
 
 
-def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule, layer: int = 0) -> Assignment:
+def route_probs(
+    probs: torch.Tensor,
+    batch: RoutingBatch,
+    rule: CheckpointRule,
+    layer: int = 0,
+    select: RouteSelector | None = None,
+) -> Assignment:
     """Route tokens from their routing probabilities `probs` [T, E] (float32, rows sum to 1).
 
     Each token t follows `batch.configs[batch.config_index[t]]` (or `batch.configs[0]` when the
@@ -287,13 +294,13 @@ def route_probs(probs: torch.Tensor, batch: RoutingBatch, rule: CheckpointRule, 
     rows = [_resolve(c, rule, E, layer) for c in batch.configs]
     if batch.uniform and rows[0].policy == TOP_K:
         return _top_k_fast(probs, rows[0], E)
-    if cpu_native.takes_route(probs):
+    if select is not None and select.takes(probs):
 
         def top_k_picks(tokens: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
             a = _top_k_fast(probs[tokens], replace(rows[0], k=k, renormalize=renorm), E)
             return a.expert_ids.view(-1, k), a.weights.view(-1, k)
 
-        return _route_native(probs, None, rows, batch, top_k_picks)
+        return _route_native(select, probs, None, rows, batch, top_k_picks)
 
     per_token = _PerToken(batch, device)
 
@@ -392,6 +399,7 @@ def route_grouped(
     score_bias: torch.Tensor | None = None,
     excluded: torch.Tensor | None = None,
     layer: int = 0,
+    select: RouteSelector | None = None,
 ) -> Assignment:
     """Route a group-limited router (DeepSeek-V3 / GLM-4.5 sigmoid, DeepSeek-V2 softmax); every
     token by its own RoutingConfig.
@@ -433,14 +441,14 @@ def route_grouped(
     scale = float(rule.routed_scaling_factor)
     rows = [_resolve(c, rule, A, layer) for c in batch.configs]
     uniform_top_k = batch.uniform and rows[0].policy == TOP_K
-    if not uniform_top_k and cpu_native.takes_route(scores):
+    if not uniform_top_k and select is not None and select.takes(scores):
 
         def top_k_picks(tokens: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
             sub = choice[tokens]  # [n, E]
             return _checkpoint_top_k(scores[tokens], _masked_choice(sub, rule)[1], k, renorm, scale)
 
         group = dict(n_group=rule.n_group, topk_group=rule.topk_group, group_sigmoid=rule.scoring == "sigmoid")
-        return _route_native(scores, choice, rows, batch, top_k_picks, grouped=True, scale=scale, **group)
+        return _route_native(select, scores, choice, rows, batch, top_k_picks, grouped=True, scale=scale, **group)
     masked, checkpoint_masked = _masked_choice(choice, rule)  # [T, E] each
     if uniform_top_k:
         ids, w = _checkpoint_top_k(scores, checkpoint_masked, rows[0].k, rows[0].renormalize, scale)
