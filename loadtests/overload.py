@@ -2,6 +2,7 @@
 the load-adaptive expert budget (`--expert-budget auto`), one server after the other.
 
     python -m loadtests.overload [--model DIR] [--overload 1.5] [--duration 60] [--out-dir overload]
+    python -m loadtests.overload --model /tmp/dynserve-bench/mixtral-100m --prompt-format token-ids
 
 Steps, per mode (static, then auto), each on a fresh server with the same flags otherwise:
   1. unloaded: `--probe-requests` requests one at a time (the unloaded TTFT);
@@ -77,6 +78,8 @@ def run_mode(args: argparse.Namespace, mode: str, capacity: float | None) -> dic
             input_len=args.input_len,
             output_len=args.output_len,
             seed=args.seed,
+            prompt_format=args.prompt_format,
+            token_id_range=(100, 1000),
             max_duration=args.duration * 3,
             warmup_requests=2,
         )
@@ -109,13 +112,13 @@ def run_mode(args: argparse.Namespace, mode: str, capacity: float | None) -> dic
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| mode | req/s | output tok/s | TTFT p50 / p99 ms (unloaded p99) | ITL p50 / p99 ms | experts/token | "
-        "max waiting | final b |"
+        "max waiting | min b |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, u = r["overload"], r["unloaded"]
         waits = [x["waiting"] for x in r["samples"]] or [0.0]
-        b = r["samples"][-1]["budget"] if r["samples"] else 1.0
+        b = min((x["budget"] for x in r["samples"]), default=1.0)
         lines.append(
             f"| {r['mode']} | {s['request_throughput']:.2f} | {s['output_throughput']:.1f} | "
             f"{s['median_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f} ({u['p99_ttft_ms']:.0f}) | "
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--probe-requests", type=int, default=8)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompt-format", default="text", choices=["text", "token-ids"], help="token-ids: no tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="overload")
     args = p.parse_args(argv)
