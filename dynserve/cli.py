@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--policy", nargs="+", default=list(CALIBRATED_POLICIES), choices=list(CALIBRATED_POLICIES))
     cal.add_argument("--per-layer", action="store_true", help="also search one value per MoE layer")
     cal.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
+    cal.add_argument("--eval-text-file", default=None, help="other text to check the settings on (not searched)")
     cal.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score")
     cal.add_argument("--out", default="routing.json", help="the RoutingConfig file to write")
 

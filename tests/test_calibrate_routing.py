@@ -20,7 +20,10 @@ def calibrated(mixtral_dir, tmp_path_factory):
     text.write_text("def hello(name):\n    return 'hello ' + name\n# a comment about greetings\n" * 20)
     out = tmp / "routing.json"
     cmd = [sys.executable, "-m", "dynserve.cli", "calibrate-routing", str(mixtral_dir), "--target-experts", "1.5"]
-    cmd += ["--text-file", str(text), "--max-tokens", "400", "--per-layer", "--out", str(out)]
+    other = tmp / "other.txt"
+    other.write_text("class Greeter:\n    def greet(self, who):\n        return f'hi {who}'\n" * 20)
+    cmd += ["--text-file", str(text), "--eval-text-file", str(other), "--max-tokens", "400", "--per-layer"]
+    cmd += ["--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout, json.loads(out.read_text()), out
@@ -38,6 +41,9 @@ def test_table_searched_and_the_target_reached(calibrated):
     ok = [row.split("|") for row in table if row.split("|")[6].strip() == "yes"]
     assert cal["perplexity"] == pytest.approx(min(float(r[7]) for r in ok), rel=1e-3)
     assert cal["checkpoint_experts_per_token"] == 2.0  # the tiny Mixtral is top-2
+    # every candidate was also scored on the unseen text; the file records the chosen one's figures
+    assert "unseen text: experts" in stdout and all(len(row.split("|")) == 13 for row in table)
+    assert 1.0 <= cal["eval_experts_per_token"] <= 2.0 and cal["eval_perplexity"] > 1.0
 
 
 def test_routing_file_loads_and_serves_at_the_calibrated_compute(calibrated, mixtral_dir):

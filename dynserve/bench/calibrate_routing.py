@@ -10,7 +10,8 @@ that misses the target by more than 2% is re-recorded under its own routing and 
 (at most `ROUNDS` times).
 
     dynserve calibrate-routing [MODEL_DIR] --target-experts 1.5 [--policy top_p threshold relative entropy]
-                               [--per-layer] [--text-file F] [--max-tokens 4096] [--out routing.json]
+                               [--per-layer] [--text-file F] [--eval-text-file G] [--max-tokens 4096]
+                               [--out routing.json]
 
 Load the result with `dynserve serve --routing-config routing.json` or `RoutingConfig.from_file`.
 """
@@ -124,6 +125,8 @@ class Candidate:
     measured: float  # experts per token of the real pass
     perplexity: float
     rounds: int
+    eval_measured: float | None = None  # experts per token on the --eval-text-file text
+    eval_perplexity: float | None = None
 
     def reached(self, target: float) -> bool:
         return abs(self.measured - target) <= TOLERANCE * target
@@ -163,19 +166,24 @@ def calibrate(
 
 
 def format_table(cands: list[Candidate], target: float, ref_ppl: float, ref_experts: float) -> str:
+    held = any(c.eval_measured is not None for c in cands)
     lines = [
         f"target {target:g} experts/token (checkpoint: {ref_experts:.3f}, perplexity {ref_ppl:.3f})",
         "",
         "| policy | per layer | setting | predicted experts | measured experts | within 2% | perplexity "
-        "| x checkpoint ppl |",
-        "|---|---|---|---|---|---|---|---|",
+        "| x checkpoint ppl |" + (" unseen text: experts | off target | perplexity |" if held else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if held else ""),
     ]
     for c in cands:
-        lines.append(
+        row = (
             f"| {c.policy} | {'yes' if c.per_layer else 'no'} | {c.param_text()} | {c.predicted:.3f} | "
             f"{c.measured:.3f} | {'yes' if c.reached(target) else 'no'} | {c.perplexity:.3f} | "
             f"{c.perplexity / ref_ppl:.3f} |"
         )
+        if held and c.eval_measured is not None:
+            off = (c.eval_measured - target) / target
+            row += f" {c.eval_measured:.3f} | {off:+.1%} | {c.eval_perplexity:.3f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -204,9 +212,19 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
     cands, ref_ppl, ref_experts = calibrate(
         scorer, config.routing, args.target_experts, list(args.policy), args.per_layer, lambda m: print(m, flush=True)
     )
+    held: dict[str, object] = {}
+    if args.eval_text_file:  # how the settings hold on text the search never saw
+        eval_ids = tok.encode(Path(args.eval_text_file).read_text(errors="replace"), add_special_tokens=False)
+        unseen = Scorer(config, eval_ids[: args.max_tokens])
+        print(f"scoring every candidate on {unseen.num_tokens} unseen tokens from {args.eval_text_file}", flush=True)
+        for c in cands:
+            c.eval_perplexity, c.eval_measured, _ = unseen.score(c.routing)
+        held = {"eval_text_file": str(args.eval_text_file), "eval_tokens": unseen.num_tokens}
     print()
     print(format_table(cands, args.target_experts, ref_ppl, ref_experts))
     chosen = best(cands, args.target_experts)
+    if chosen.eval_measured is not None:
+        held.update(eval_experts_per_token=chosen.eval_measured, eval_perplexity=chosen.eval_perplexity)
     out = Path(args.out)
     out.write_text(
         json.dumps(
@@ -222,6 +240,7 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
                     "checkpoint_perplexity": ref_ppl,
                     "checkpoint_experts_per_token": ref_experts,
                     "within_tolerance": chosen.reached(args.target_experts),
+                    **held,
                 },
             },
             indent=2,
