@@ -54,6 +54,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-budget-floor", type=float, default=0.5, help="smallest budget factor (0.5: halve)")
     p.add_argument("--target-itl-ms", type=float, default=None, help="expert budget: decode step time target")
     p.add_argument(
+        "--max-active-experts", type=int, default=None, help="at most N distinct experts per MoE layer per step"
+    )
+    p.add_argument(
         "--routing-config", default=None, help="routing file (calibrate-routing --out): replaces the --routing flags"
     )
     p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
@@ -120,6 +123,7 @@ def _engine_config(args: argparse.Namespace, routing: RoutingConfig, **extra: An
         expert_budget=args.expert_budget,
         expert_budget_floor=args.expert_budget_floor,
         target_itl_ms=args.target_itl_ms,
+        max_active_experts=args.max_active_experts,
         **extra,
     )
 

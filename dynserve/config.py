@@ -511,6 +511,7 @@ class EngineConfig:
     # rank 0's is (every node must use the same value)
     expert_parallel_heartbeat_timeout: float = 10.0
     expert_budget: BudgetConfig = field(default_factory=BudgetConfig)  # load-adaptive expert budget
+    max_active_experts: int | None = None  # batch-aware expert selection: distinct experts per MoE layer per step
 
     @classmethod
     def create(
@@ -541,6 +542,7 @@ class EngineConfig:
         expert_budget: str = "off",
         expert_budget_floor: float = 0.5,
         target_itl_ms: float | None = None,
+        max_active_experts: int | None = None,
     ) -> EngineConfig:
         """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
         if model_dir is None:
@@ -562,6 +564,8 @@ class EngineConfig:
             raise ValueError(
                 f"expert_parallel_heartbeat_timeout must be > 0 seconds, got {expert_parallel_heartbeat_timeout}"
             )
+        if max_active_experts is not None and (isinstance(max_active_experts, bool) or max_active_experts < 1):
+            raise ValueError(f"max_active_experts must be an integer >= 1, got {max_active_experts!r}")
         model = ModelConfig.from_dir(model_dir, dtype=dtype, max_model_len=max_model_len)
         if expert_parallel_size > 1 and model.num_experts < expert_parallel_size:
             raise ValueError(
@@ -588,6 +592,7 @@ class EngineConfig:
             dist_init_addr=dist_init_addr,
             expert_parallel_heartbeat_timeout=float(expert_parallel_heartbeat_timeout),
             expert_budget=BudgetConfig(expert_budget, float(expert_budget_floor), target_itl_ms),
+            max_active_experts=max_active_experts,
         )
 
     @property

@@ -132,6 +132,7 @@ class ModelRunner:
             query_start_loc_host=qsl,
             seq_lens_host=seq_lens,
         )
+        batch.routing.max_active_experts = self.config.max_active_experts
         return batch, sample_rows
 
     @torch.inference_mode()

@@ -142,6 +142,9 @@ class RoutingBatch:
 
     configs: list[RoutingConfig] = field(default_factory=lambda: [RoutingConfig()])
     config_index: torch.Tensor | None = None  # [T] int64
+    # batch-aware expert selection (`--max-active-experts N`): at most N distinct experts per MoE layer
+    # per step, except tokens' top-1 picks (see policies.limit_active_experts); None: off
+    max_active_experts: int | None = None
 
     def __post_init__(self) -> None:
         self._steers = any(c.steers for c in self.configs)

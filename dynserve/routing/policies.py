@@ -83,6 +83,24 @@ def route(
     -inf selection scores under a selection bias), and any excluded expert a policy still picked (a
     top-k larger than the experts left) is removed from the Assignment, so excluded experts never
     appear. Tokens with different steering share the pass (a per-token additive table)."""
+    a = _route(router_logits, batch, rule, score_bias, layer, select)
+    N = batch.max_active_experts
+    if N is not None and N < rule.num_experts and not rule.group_limited and a.num_pairs:
+        steer = batch.steering(layer, router_logits.shape[-1], router_logits.device)
+        logits = router_logits if steer is None else router_logits.float() + steer
+        excluded = None if steer is None else torch.isneginf(steer)
+        return limit_active_experts(a, router_probs(logits, rule), batch, rule, N, excluded)
+    return a
+
+
+def _route(
+    router_logits: torch.Tensor,
+    batch: RoutingBatch,
+    rule: CheckpointRule,
+    score_bias: torch.Tensor | None,
+    layer: int,
+    select: RouteSelector | None,
+) -> Assignment:
     if score_bias is not None and rule.scoring != "sigmoid":
         raise ValueError("score_bias applies to sigmoid routers only")
     steer = batch.steering(layer, router_logits.shape[-1], router_logits.device)  # [T|1, E] or None
@@ -96,6 +114,71 @@ def route(
         grouped = route_grouped(logits, batch, rule, score_bias, excluded, layer=layer, select=select)
         return drop_excluded(grouped, excluded)
     return drop_excluded(route_probs(router_probs(logits, rule), batch, rule, layer=layer, select=select), excluded)
+
+
+def limit_active_experts(
+    a: Assignment,
+    probs: torch.Tensor,
+    batch: RoutingBatch,
+    rule: CheckpointRule,
+    N: int,
+    excluded: torch.Tensor | None = None,
+) -> Assignment:
+    """Batch-aware expert selection (Lynx-style): at most N distinct experts in this step's MoE layer.
+
+    The N experts with the most pairs form the step's set. Every pair outside it that is not its
+    token's first (top-1) pick moves to the token's most probable expert inside the set that it does
+    not use yet, or is dropped when there is none; top-1 picks never move (so a step may touch more
+    than N experts when tokens' best experts disagree) and tokens of `budget: "fixed"` requests keep
+    their pairs. A moved pair's weight is the new expert's probability; tokens whose config
+    renormalises (the checkpoint's rule or `renormalize`) are renormalised over their final pairs.
+    probs [T, E]: the routing probabilities (softmax rules only); excluded [T|1, E]: steered-out experts,
+    never a destination."""
+    T, E = probs.shape
+    device = probs.device
+    demand = torch.zeros(E, dtype=torch.int64, device=device).index_add_(
+        0, a.expert_ids, torch.ones_like(a.expert_ids)
+    )  # [E] pairs per expert
+    in_set = torch.zeros(E, dtype=torch.bool, device=device)
+    in_set[torch.topk(demand, N).indices] = True  # [E]
+    rank = torch.arange(a.num_pairs, device=device) - a.token_offsets[a.token_ids]  # [P] place within its token
+    per_token = _PerToken(batch, device)
+    fixed = per_token([c.budget == "fixed" for c in batch.configs], torch.bool).expand(T)  # [T]
+    move = ~in_set[a.expert_ids] & (rank > 0) & ~fixed[a.token_ids]  # [P]
+    if not bool(move.any()):
+        return a
+    used = torch.zeros(T, E, dtype=torch.bool, device=device)
+    used[a.token_ids[~move], a.expert_ids[~move]] = True  # [T, E] pairs that stay
+    blocked = used | ~in_set[None, :] if excluded is None else used | ~in_set[None, :] | excluded
+    cand = probs.masked_fill(blocked, float("-inf"))  # [T, E] where a moved pair may go
+    order = torch.argsort(cand, dim=-1, descending=True, stable=True)  # [T, E]
+    moved_tok = a.token_ids[move]  # [M]
+    # the j-th moved pair of a token takes the token's j-th best candidate (pairs are token-major)
+    M = moved_tok.numel()
+    idx = torch.arange(M, device=device)  # [M]
+    starts = torch.ones(M, dtype=torch.bool, device=device)
+    starts[1:] = moved_tok[1:] != moved_tok[:-1]  # [M] first moved pair of its token
+    j = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values  # [M] 0, 1, ... within the token
+    new_e = order[moved_tok, j]  # [M]
+    ok = torch.isfinite(cand[moved_tok, new_e])  # [M] a candidate was left
+    ids = a.expert_ids.clone()
+    w = a.weights.clone()
+    ids[move] = new_e
+    w[move] = probs[moved_tok, new_e].float()
+    keep = torch.ones(a.num_pairs, dtype=torch.bool, device=device)
+    keep[move.nonzero().flatten()[~ok]] = False  # [P]
+    renorm = per_token(
+        [rule.renormalize if c.renormalize is None else c.renormalize for c in batch.configs], torch.bool
+    ).expand(T)  # [T]
+    tok = a.token_ids[keep]  # [P']
+    ids, w = ids[keep], w[keep]
+    counts = torch.zeros(T, dtype=torch.int64, device=device).index_add_(0, tok, torch.ones_like(tok))  # [T]
+    offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(counts, dim=0)
+    if bool(renorm.any()):
+        total = torch.zeros(T, dtype=torch.float32, device=device).index_add_(0, tok, w)  # [T]
+        w = torch.where(renorm[tok], w / total[tok].clamp_min(_TINY), w)
+    return Assignment(T, E, tok, ids, w, offsets, a.identity_weight)
 
 
 def drop_excluded(a: Assignment, excluded: torch.Tensor) -> Assignment:
