@@ -76,3 +76,17 @@ def test_engine_flag_cuts_distinct_experts_and_keeps_serving(checkpoint_factory)
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
     with pytest.raises(ValueError, match="max_active_experts"):
         LLM(str(checkpoint_factory("mixtral")), max_active_experts=0)
+
+
+def test_lockstep_quality_bench_sees_fewer_distinct_experts(checkpoint_factory):
+    from dynserve.bench.active_experts import lockstep_perplexity
+    from dynserve.config import EngineConfig
+
+    ids = [(7 * i) % 300 + 5 for i in range(64)]
+    out = {}
+    for n in (None, 1):
+        cfg = EngineConfig.create(str(checkpoint_factory("mixtral")), max_active_experts=n)
+        out[n] = lockstep_perplexity(cfg, ids, batch=4, window=12)
+    (ppl_off, distinct_off), (ppl_1, distinct_1) = out[None], out[1]
+    assert 1.0 < ppl_off < 1e4 and 1.0 < ppl_1 < 1e4
+    assert distinct_1 < distinct_off <= 4  # the tiny model has 4 experts
