@@ -1,7 +1,7 @@
 """lm-evaluation-harness against a live dynserve server (issue 18): its `local-completions` model sends
 every multiple-choice option as token ids with `echo`, `logprobs: 1`, `max_tokens: 1` and scores the
 prompt logprobs. Runs a tiny local task (tests/lm_eval_task, no network); skipped where lm-eval is not
-installed (`pip install lm-eval`)."""
+installed (`pip install -e ".[lm-eval]"`; the dev extra brings it, so CI runs it)."""
 
 from __future__ import annotations
 
