@@ -89,6 +89,39 @@ static void bf16_row_to_f32(const uint16_t *src, float *dst, int64_t n) {
     }
 }
 
+/* x rows for gemm_nt_bf16, which reads each full block of 16 k as k 0-3, 8-11, 4-7, 12-15 under AVX2
+ * (see tile_nt_bf16) and in natural order otherwise: bf16_row_to_f32_k widens a bfloat16 row into
+ * that order, k_order_row puts a float32 row in natural order into it (in place). */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static void bf16_row_to_f32_k(const uint16_t *src, float *dst, int64_t n) {
+    const int64_t n16 = n & ~(int64_t)15;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t i = 0; i < n16; i += 16) {
+        __m256i r = _mm256_loadu_si256((const __m256i *)(src + i));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, r)));
+        _mm256_storeu_ps(dst + i + 8, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, r)));
+    }
+    for (int64_t i = n16; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+
+static void k_order_row(float *row, int64_t n) {
+    for (int64_t i = 0; i + 16 <= n; i += 16) { /* swap k 4-7 with k 8-11 */
+        __m128 a = _mm_loadu_ps(row + i + 4), b = _mm_loadu_ps(row + i + 8);
+        _mm_storeu_ps(row + i + 4, b);
+        _mm_storeu_ps(row + i + 8, a);
+    }
+}
+#else
+static void bf16_row_to_f32_k(const uint16_t *src, float *dst, int64_t n) { bf16_row_to_f32(src, dst, n); }
+
+static void k_order_row(float *row, int64_t n) {
+    (void)row;
+    (void)n;
+}
+#endif
+
 /* Decode attention over the paged KV cache: one query token per sequence.
  *
  *   q      [B, Hq, D]            float32, contiguous
@@ -190,6 +223,16 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
 #define TILE_M 4 /* input rows per tile (<= 5): TILE_N * TILE_M accumulators + TILE_N weight vectors */
 #endif
 
+/* bfloat16 tiles: 3 weight rows x 3 input rows (9 accumulators, 3 weight vectors, an input vector and
+ * the zero vector of the widening; 3 x 4 needs 17 ymm registers and spilled accumulators, 2.1x
+ * slower; 3 x 3 measured best of 2x4, 2x5, 2x6, 3x3 at 6-64 rows) */
+#ifndef BTILE_N
+#define BTILE_N 3
+#endif
+#ifndef BTILE_M
+#define BTILE_M 3
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -253,6 +296,9 @@ static inline __attribute__((always_inline)) void tile_nt(const float *x, int64_
 #else
 #error "TILE_M must be 3, 4 or 5"
 #endif
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES (256 * 1024) /* weight rows per chunk of the small-M GEMMs: fits L2 */
+#endif
 #ifndef PF_TILES
 #define PF_TILES 8 /* prefetch distance in weight-row tiles (~1.5k cycles ahead: covers DRAM latency) */
 #endif
@@ -261,7 +307,7 @@ static inline __attribute__((always_inline)) void tile_nt(const float *x, int64_
  * tile's TILE_M rows stay in L1 across the chunk), then weight-row tiles. */
 static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int64_t M, int64_t N, float *y,
                     int64_t ldy) {
-    int64_t chunk = (256 * 1024 / (int64_t)sizeof(float)) / (K > 0 ? K : 1); /* 256 KB of weight rows */
+    int64_t chunk = (CHUNK_BYTES / (int64_t)sizeof(float)) / (K > 0 ? K : 1); /* CHUNK_BYTES of weight rows */
     chunk = chunk < TILE_N ? TILE_N : chunk - chunk % TILE_N;
     for (int64_t nc = 0; nc < N; nc += chunk) {
         const int64_t nc_end = nc + chunk < N ? nc + chunk : N;
@@ -292,31 +338,38 @@ static void gemm_nt(const float *x, int64_t ldx, const float *w, int64_t K, int6
     }
 }
 
-/* bfloat16 weights: as tile_nt, with each weight vector widened from 8 bfloat16 (a 16-byte load,
- * zero-extended to 32-bit lanes and shifted into the top half: exact) and FMA'd in float32 against
- * input rows already widened to float32. Results get `bias` (float32, or NULL) added and are stored
- * as float32 into y, or rounded to bfloat16 into yb when yb is not NULL. */
+
+/* bfloat16 weights: as tile_nt, 16 k at a time. A 32-byte load of 16 bfloat16 weights is widened by
+ * interleaving with zeros (vpunpcklwd / vpunpckhwd put each bfloat16 in the top half of a 32-bit lane:
+ * exact), a shuffle-unit op, so the FMA ports do nothing but FMAs (a zero-extend plus shift, as
+ * before, cost a shift on the FMA ports per 8 weights and ran 1.6-1.8x slower than float32 at 16-64
+ * rows). The interleave takes k 0-3 and 8-11 into the low vector, 4-7 and 12-15 into the high one
+ * (per 128-bit lane), so x comes in the same order: widened by bf16_row_to_f32_k, which permutes
+ * each full 16-block alike; a tail of K % 16 stays in natural order. FMA'd in float32.
+ * Results get `bias` (float32, or NULL) added and are stored as float32 into y, or rounded to
+ * bfloat16 into yb when yb is not NULL. */
 static inline __attribute__((always_inline)) void tile_nt_bf16(const float *x, int64_t ldx, const uint16_t *w,
                                                                int64_t K, float *y, uint16_t *yb, int64_t ldy,
                                                                const float *bias, const int nb, const int mb,
                                                                const uint16_t *pf, const uint16_t **cursor,
                                                                const uint16_t *cend) {
-    __m256 acc[TILE_N][TILE_M];
+    __m256 acc[BTILE_N][BTILE_M];
     for (int i = 0; i < nb; i++)
         for (int j = 0; j < mb; j++) acc[i][j] = _mm256_setzero_ps();
-    const int64_t K8 = K & ~(int64_t)7;
-    for (int64_t k = 0; k < K8; k += 8) {
-        if ((k & 31) == 0) { /* one 64-byte line per weight row every 4 k-steps */
+    const int64_t K16 = K & ~(int64_t)15;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K16; k += 16) {
+        if ((k & 31) == 0) { /* one 64-byte line per weight row every 2 k-steps */
             for (int i = 0; i < nb; i++) _mm_prefetch((const char *)(pf + i * K + k), _MM_HINT_T0);
             if (*cursor < cend) {
                 _mm_prefetch((const char *)*cursor, _MM_HINT_T1);
                 *cursor += 32;
             }
         }
-        __m256 wv[TILE_N];
+        __m256 wv[BTILE_N];
         for (int i = 0; i < nb; i++) {
-            __m128i h = _mm_loadu_si128((const __m128i *)(w + i * K + k));
-            wv[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            __m256i r = _mm256_loadu_si256((const __m256i *)(w + i * K + k));
+            wv[i] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, r));
             __asm__("" : "+x"(wv[i]));
         }
         for (int j = 0; j < mb; j++) {
@@ -324,11 +377,21 @@ static inline __attribute__((always_inline)) void tile_nt_bf16(const float *x, i
             __asm__("" : "+x"(xv));
             for (int i = 0; i < nb; i++) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
         }
+        for (int i = 0; i < nb; i++) {
+            __m256i r = _mm256_loadu_si256((const __m256i *)(w + i * K + k));
+            wv[i] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, r));
+            __asm__("" : "+x"(wv[i]));
+        }
+        for (int j = 0; j < mb; j++) {
+            __m256 xv = _mm256_loadu_ps(x + j * ldx + k + 8);
+            __asm__("" : "+x"(xv));
+            for (int i = 0; i < nb; i++) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+        }
     }
     for (int i = 0; i < nb; i++)
         for (int j = 0; j < mb; j++) {
             float s = hsum256(acc[i][j]);
-            for (int64_t k = K8; k < K; k++) s += bf16_to_f32(w[i * K + k]) * x[j * ldx + k];
+            for (int64_t k = K16; k < K; k++) s += bf16_to_f32(w[i * K + k]) * x[j * ldx + k];
             if (bias) s += bias[i];
             if (yb)
                 yb[j * ldy + i] = f32_to_bf16(s);
@@ -342,9 +405,14 @@ static inline __attribute__((always_inline)) void tile_nt_bf16(const float *x, i
         tile_nt_bf16(x + m0 * ldx, ldx, w + n0 * K, K, y ? y + m0 * ldy + n0 : NULL,                             \
                      yb ? yb + m0 * ldy + n0 : NULL, ldy, bias ? bias + n0 : NULL, NB, MB, pf, &cursor, cend); \
         break;
-#if TILE_M == 5
-#define TILE_ROW_BF16(NB) TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3) TILE_CASE_BF16(NB, 4) TILE_CASE_BF16(NB, 5)
-#elif TILE_M == 4
+#if BTILE_M == 6
+#define TILE_ROW_BF16(NB) \
+    TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3) TILE_CASE_BF16(NB, 4) TILE_CASE_BF16(NB, 5) \
+    TILE_CASE_BF16(NB, 6)
+#elif BTILE_M == 5
+#define TILE_ROW_BF16(NB) \
+    TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3) TILE_CASE_BF16(NB, 4) TILE_CASE_BF16(NB, 5)
+#elif BTILE_M == 4
 #define TILE_ROW_BF16(NB) TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3) TILE_CASE_BF16(NB, 4)
 #else
 #define TILE_ROW_BF16(NB) TILE_CASE_BF16(NB, 1) TILE_CASE_BF16(NB, 2) TILE_CASE_BF16(NB, 3)
@@ -355,28 +423,23 @@ static inline __attribute__((always_inline)) void tile_nt_bf16(const float *x, i
  * y (float32 out) and yb (bfloat16 out) is not NULL. */
 static void gemm_nt_bf16(const float *x, int64_t ldx, const uint16_t *w, int64_t K, int64_t M, int64_t N, float *y,
                          uint16_t *yb, int64_t ldy, const float *bias) {
-    int64_t chunk = (256 * 1024 / (int64_t)sizeof(uint16_t)) / (K > 0 ? K : 1);
-    chunk = chunk < TILE_N ? TILE_N : chunk - chunk % TILE_N;
+    int64_t chunk = (CHUNK_BYTES / (int64_t)sizeof(uint16_t)) / (K > 0 ? K : 1);
+    chunk = chunk < BTILE_N ? BTILE_N : chunk - chunk % BTILE_N;
     for (int64_t nc = 0; nc < N; nc += chunk) {
         const int64_t nc_end = nc + chunk < N ? nc + chunk : N;
         const uint16_t *cursor = w + nc_end * K;
         const uint16_t *cend = w + (nc_end + chunk < N ? nc_end + chunk : N) * K;
-        for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
-            const int mb = M - m0 < TILE_M ? (int)(M - m0) : TILE_M;
-            for (int64_t n0 = nc; n0 < nc_end; n0 += TILE_N) {
-                const int nb = nc_end - n0 < TILE_N ? (int)(nc_end - n0) : TILE_N;
+        for (int64_t m0 = 0; m0 < M; m0 += BTILE_M) {
+            const int mb = M - m0 < BTILE_M ? (int)(M - m0) : BTILE_M;
+            for (int64_t n0 = nc; n0 < nc_end; n0 += BTILE_N) {
+                const int nb = nc_end - n0 < BTILE_N ? (int)(nc_end - n0) : BTILE_N;
                 const uint16_t *pf =
-                    w + (nc == 0 && m0 == 0 && n0 + (PF_TILES + 1) * TILE_N <= N ? n0 + PF_TILES * TILE_N : n0) * K;
+                    w + (nc == 0 && m0 == 0 && n0 + (PF_TILES + 1) * BTILE_N <= N ? n0 + PF_TILES * BTILE_N : n0) * K;
                 switch (nb * 8 + mb) {
                     TILE_ROW_BF16(1)
-#if TILE_N >= 2
                     TILE_ROW_BF16(2)
-#endif
-#if TILE_N >= 3
+#if BTILE_N >= 3
                     TILE_ROW_BF16(3)
-#endif
-#if TILE_N >= 4
-                    TILE_ROW_BF16(4)
 #endif
                     default: break;
                 }
@@ -507,13 +570,13 @@ int dyn_gemm_nt_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t 
                      uint16_t *y, int64_t ldy, const float *bias, int64_t num_threads) {
     float *xf = scratch_in((size_t)(M * K > 0 ? M * K : 1)); /* [M, K] float32 */
     if (!xf) return -1;
-    for (int64_t m = 0; m < M; m++) bf16_row_to_f32(x + m * ldx, xf + m * K, K);
+    for (int64_t m = 0; m < M; m++) bf16_row_to_f32_k(x + m * ldx, xf + m * K, K);
     if (num_threads <= 1 || N < 64 * num_threads) {
         gemm_nt_bf16(xf, K, w, K, M, N, NULL, y, ldy, bias);
         return 0;
     }
     int64_t per = (N + num_threads - 1) / num_threads;
-    per += (TILE_N - per % TILE_N) % TILE_N;
+    per += (BTILE_N - per % BTILE_N) % BTILE_N;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < num_threads; t++) {
         const int64_t n0 = t * per, n = N - n0 < per ? N - n0 : per;
@@ -544,7 +607,7 @@ int dyn_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *w13, c
                 continue;
             }
             float *gu = xe + n * H, *h = gu + n * 2 * I, *ye = h + n * I; /* [n, H], [n, 2I], [n, I], [n, H] */
-            for (int64_t r = 0; r < n; r++) bf16_row_to_f32(x + sorted_tok[p0 + r] * H, xe + r * H, H);
+            for (int64_t r = 0; r < n; r++) bf16_row_to_f32_k(x + sorted_tok[p0 + r] * H, xe + r * H, H);
             gemm_nt_bf16(xe, H, w13 + e * 2 * I * H, H, n, 2 * I, gu, NULL, 2 * I, NULL);
             for (int64_t r = 0; r < n; r++) {
                 const float *g = gu + r * 2 * I, *u = g + I;
@@ -554,6 +617,7 @@ int dyn_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *w13, c
                     const float gi = round_bf16(g[i]);
                     hr[i] = round_bf16(round_bf16(gi / (1.0f + fast_expf(-gi))) * round_bf16(u[i]));
                 }
+                k_order_row(hr, I); /* the down GEMM's k order */
             }
             gemm_nt_bf16(h, I, w2 + e * H * I, I, n, H, ye, NULL, H, NULL);
             for (int64_t r = 0; r < n; r++) {
