@@ -39,7 +39,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 SPECS = ("aligned", "unaligned")
 
 # kernel arguments whose values change every step: no specialization (see the kernels' decorators)
-_PER_STEP = {"num_pairs", "num_blocks", "stride_bt"}
+_PER_STEP = {"num_pairs", "num_blocks", "stride_bt", "tiles_per_split", "S"}
 # non-pointer arguments that are divisible by 16 for real model shapes
 _MODEL_DIMS = {"H", "N_INTER", "half_stride", "stride_blk", "stride_pos", "block_size", "D", "ROW"}
 
@@ -122,14 +122,24 @@ def cases(specs: tuple[str, ...] = ("aligned",)) -> list[Case]:
             )  # fmt: skip
         ptrs_a = (("q_ptr", dt), ("cache_ptr", dt), ("out_ptr", dt), ("bt_ptr", "i64"), ("seq_lens_ptr", "i64"))
         ptrs_a += (("sinks_ptr", "fp32"),)
+        # decode: without splits the partial-state pointers are unused (given `out`); with them float32
+        ptrs_d = (*ptrs_a, ("part_ptr", dt), ("ml_ptr", dt))
+        ptrs_ds = (*ptrs_a, ("part_ptr", "fp32"), ("ml_ptr", "fp32"))
         for d in (64, 128):
             # HAS_SINKS (gpt-oss) adds a few scalar ops after the K/V loop: the sink-free build is the one checked
             att = (("BLOCK_D", d), ("UPCAST", False), ("PRECISION", precision), ("HAS_SINKS", False))
             # G in {4, 8} is a runtime int (BLOCK_G = 16 for both): one compile covers both groups
             cfg = decode_config(d, torch_dtype, interpret=False)
+            for split, ptrs in ((False, ptrs_d), (True, ptrs_ds)):
+                out.append(
+                    Case("attention_triton", "_decode_kernel",
+                         f"D{d} G4/8 BN{cfg['BLOCK_N']}{' split' if split else ''}", dt, "aligned", ptrs,
+                         (("BLOCK_G", 16), ("BLOCK_N", cfg["BLOCK_N"]), *att, ("SPLIT", split)), cfg["num_warps"], 3)
+                )  # fmt: skip
+            ptrs_m = (("part_ptr", "fp32"), ("ml_ptr", "fp32"), ("out_ptr", dt), ("sinks_ptr", "fp32"))
             out.append(
-                Case("attention_triton", "_decode_kernel", f"D{d} G4/8 BN{cfg['BLOCK_N']}", dt, "aligned", ptrs_a,
-                     (("BLOCK_G", 16), ("BLOCK_N", cfg["BLOCK_N"]), *att), cfg["num_warps"], 3)
+                Case("attention_triton", "_decode_merge_kernel", f"D{d} BS64", dt, "aligned", ptrs_m,
+                     (("BLOCK_S", 64), ("BLOCK_D", d), ("HAS_SINKS", False)), 4, 3)
             )  # fmt: skip
             cfg = prefill_config(d, torch_dtype, interpret=False)
             out.append(

@@ -6,6 +6,9 @@
   G = Hq // Hkv query heads that share the kv head as the rows of one tile, so each K/V tile is
   read once for all of them (GQA). K/V are read BLOCK_N positions at a time through the block
   table (position p -> block_tables[b, p // bs], offset p % bs), with an online softmax in float32.
+  When (sequence, kv head) programs are too few for the device, each context is split into ranges
+  of tiles, one program each (grid axis 2, SPLIT), that store their partial softmax state;
+  `_decode_merge_kernel` merges them by log-sum-exp (flash-decoding).
 - `_prefill_kernel`: one program per (query tile, sequence, query head). Query row i of a sequence
   with context length L and n new tokens sits at position L - n + i and attends to positions
   0..L - n + i: the cached prefix (chunked prefill / prefix cache) and the causal part of the new
@@ -20,6 +23,7 @@ sink logit joins the online softmax's max and denominator and adds no value).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -90,7 +94,7 @@ def _load_kv_tile(cache_ptr, bt_row_ptr, pos, p_mask, kv_off_h, offs_d, d_mask, 
 
 
 # stride_bt (= max blocks per sequence in the batch) grows with the context: no specialization
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "tiles_per_split"])
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -98,8 +102,11 @@ def _decode_kernel(
     bt_ptr,
     seq_lens_ptr,
     sinks_ptr,
+    part_ptr,
+    ml_ptr,
     qk_scale,
     window,
+    tiles_per_split,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -117,6 +124,7 @@ def _decode_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -139,7 +147,12 @@ def _decode_kernel(
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     lo = tl.where(window > 0, tl.maximum(L - window, 0), 0)  # first visible position
-    for start in range(lo // BLOCK_N * BLOCK_N, L, BLOCK_N):
+    first = lo // BLOCK_N * BLOCK_N
+    end = L
+    if SPLIT:  # this program's share of the tiles: tiles_per_split of them from the split's first
+        first += tl.program_id(2) * tiles_per_split * BLOCK_N
+        end = tl.minimum(L, first + tiles_per_split * BLOCK_N)
+    for start in range(first, end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         p_mask = (pos < L) & (pos >= lo)
         k = _load_kv_tile(cache_ptr, bt_row, pos, p_mask, kv_off_h, offs_d, d_mask, block_size, stride_blk, stride_pos)
@@ -166,19 +179,65 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    if HAS_SINKS:  # the sink logit (log2 domain) joins the denominator, with no value
-        sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # [BG]
-        m_s = tl.maximum(m_i, sink)
-        alpha = tl.exp2(m_i - m_s)
-        l_i = l_i * alpha + tl.exp2(sink - m_s)
-        acc = acc * alpha[:, None]
-    # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
-    tl.store(
-        out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None] & d_mask[None, :],
-    )
+    if SPLIT:  # partial state for _decode_merge_kernel: (m, l) and the unnormalised acc, float32
+        row = (b.to(tl.int64) * tl.num_programs(1) * G + heads) * tl.num_programs(2) + tl.program_id(2)  # [BG]
+        tl.store(ml_ptr + row * 2, m_i, mask=g_mask)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+        tl.store(part_ptr + row[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        if HAS_SINKS:  # the sink logit (log2 domain) joins the denominator, with no value
+            sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # [BG]
+            m_s = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_s)
+            l_i = l_i * alpha + tl.exp2(sink - m_s)
+            acc = acc * alpha[:, None]
+        # l_i == 0 only for an empty context (padding rows, seq_len 0): write zeros, not 0/0 = NaN
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # [rows, BD]
+        tl.store(
+            out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr,
+    ml_ptr,
+    out_ptr,
+    sinks_ptr,
+    stride_ot,
+    stride_oh,
+    S,
+    D,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+):
+    """One program per (sequence, query head): the S partial softmax states of its splits merged by
+    their log-sum-exp (each rescaled to the largest max), the sink joining as in _decode_kernel."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < S
+    d_mask = offs_d < D
+    rows = (b.to(tl.int64) * tl.num_programs(1) + h) * S + offs_s  # [BS]
+    m = tl.load(ml_ptr + rows * 2, mask=s_mask, other=float("-inf"))  # [BS] log2 domain
+    lsum = tl.load(ml_ptr + rows * 2 + 1, mask=s_mask, other=0.0)  # [BS]
+    m_all = tl.max(m, 0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_all, sink)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)  # every split empty: weights 0, not NaN
+    w = tl.exp2(m - m_use)  # [BS]
+    l_all = tl.sum(lsum * w, 0)
+    if HAS_SINKS:
+        l_all += tl.exp2(sink - m_use)
+    acc = tl.load(part_ptr + rows[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_all > 0, l_all, 1.0)  # [BD]; empty context: zeros
+    dst = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -308,6 +367,27 @@ def prefill_config(d: int, dtype: torch.dtype, interpret: bool | None = None) ->
     return dict(BLOCK_M=64 if d <= 128 else 32, BLOCK_N=32, num_warps=4)
 
 
+# a split covers at least this many positions: shorter ranges cost more in the merge than they save
+MIN_SPLIT_LEN = 512
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int | None) -> int:
+    """Splits per context for a decode step (flash-decoding): enough (sequence, kv head, split)
+    programs for two per streaming multiprocessor, each split at least MIN_SPLIT_LEN positions; 1
+    when the batch alone fills the device or `num_sms` is None (no CUDA device, the interpreter)."""
+    programs = num_seqs * num_kv_heads
+    if num_sms is None or programs <= 0 or programs >= num_sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, programs), max_seq_len // MIN_SPLIT_LEN))
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int | None:
+    if _interpreting() or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def paged_attention_triton(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -315,9 +395,14 @@ def paged_attention_triton(
     scale: float,
     sinks: torch.Tensor | None = None,
     window: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_attention_ref` (sinks [Hq] and sliding window included): q [T, Hq, D]
-    -> [T, Hq, D] in q.dtype."""
+    -> [T, Hq, D] in q.dtype.
+
+    Decode steps with few (sequence, kv head) programs for the device split each context into
+    `num_splits` ranges of tiles (flash-decoding: `decode_splits` picks the count, None) computed in
+    parallel and merged by log-sum-exp; 1 = one program per (sequence, kv head)."""
     T, hq, d = q.shape
     _, _, bs, hkv, dc = kv_cache.shape
     if dc != d or hq % hkv:
@@ -352,9 +437,29 @@ def paged_attention_triton(
     if batch.max_query_len == 1 and T == B:
         block_g = max(16, triton.next_power_of_2(g))
         cfg = decode_config(d, q.dtype)
-        LAST_COMPILED["decode"] = _decode_kernel[(B, hkv)](
-            q, kv_cache, out, tables, seq_lens, **common,
-            BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, **cfg,
+        n_tiles = triton.cdiv(max(batch.max_seq_len, 1), cfg["BLOCK_N"])  # per sequence, at most
+        sms = _num_sms(torch.device(device))
+        splits = decode_splits(B, hkv, batch.max_seq_len, sms) if num_splits is None else int(num_splits)
+        if splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {splits}")
+        splits = min(splits, n_tiles)
+        tiles_per_split = triton.cdiv(n_tiles, splits)
+        splits = triton.cdiv(n_tiles, tiles_per_split)  # no split left without a tile
+        if splits == 1:
+            LAST_COMPILED["decode"] = _decode_kernel[(B, hkv)](
+                q, kv_cache, out, tables, seq_lens, part_ptr=out, ml_ptr=out, tiles_per_split=n_tiles, **common,
+                BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, SPLIT=False, **cfg,
+            )  # fmt: skip
+            return out
+        part = torch.empty(B, hq, splits, d, dtype=torch.float32, device=device)  # [B, Hq, S, D] unnormalised
+        ml = torch.empty(B, hq, splits, 2, dtype=torch.float32, device=device)  # [B, Hq, S, (max, sum)]
+        LAST_COMPILED["decode_split"] = _decode_kernel[(B, hkv, splits)](
+            q, kv_cache, out, tables, seq_lens, part_ptr=part, ml_ptr=ml, tiles_per_split=tiles_per_split, **common,
+            BLOCK_G=block_g, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision, SPLIT=True, **cfg,
+        )  # fmt: skip
+        LAST_COMPILED["decode_merge"] = _decode_merge_kernel[(B, hq)](
+            part, ml, out, sinks_arg, out.stride(0), out.stride(1), splits, d,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HAS_SINKS=sinks is not None,
         )  # fmt: skip
         return out
     qsl = batch.query_start_loc.to(device)  # [B+1]

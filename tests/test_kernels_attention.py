@@ -262,3 +262,60 @@ def test_window_hides_positions_before_it():
     torch.testing.assert_close(after, before)
     kv_cache.view(2, -1, 2, 8)[1, seq_slots(batch, 0, 7)[6:]] = 100.0  # position 6: inside
     assert not torch.allclose(dynserve_kernels.paged_attention(q, kv_cache, batch, 0.5, window=4), before)
+
+
+# split-K decode (flash-decoding): contexts that are not tile multiples, one shorter than a tile, one
+# empty (a padding row), splits that leave a sequence's later ranges empty
+SPLIT_SEQS = [(70, 1), (33, 1), (5, 1), (1, 1), (48, 1)]
+
+
+def _triton_decode_split(q, kv_cache, batch, device, splits, sinks=None, window=None):
+    from dynserve_kernels.attention_triton import paged_attention_triton
+
+    dev_sinks = None if sinks is None else sinks.to(device)
+    return paged_attention_triton(
+        q.to(device), kv_cache.to(device), _batch_on(batch, device), 0.3, dev_sinks, window, num_splits=splits
+    ).cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [2, 3, 64])
+@pytest.mark.parametrize(
+    "label,with_sinks,window", [("plain", False, None), ("sinks_window9", True, 9)], ids=["plain", "sinks_window9"]
+)
+def test_triton_split_decode_matches_naive(label, with_sinks, window, splits, dtype, device):
+    hq, hkv, d = 6, 2, 12
+    batch, kv_cache, key, value, q = _setup(SPLIT_SEQS, 4, hq, hkv, d, dtype, seed=7)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    sinks = _sinks(hq, 8) if with_sinks else None
+    out = _triton_decode_split(q, kv_cache, batch, device, splits, sinks, window)
+    _check(out, naive_attention(q, kv_cache, batch, 0.3, sinks, window), dtype)
+    # the split is an implementation detail: one program per (sequence, kv head) gives the same result
+    whole = _triton_decode_split(q, kv_cache, batch, device, 1, sinks, window)
+    torch.testing.assert_close(out.float(), whole.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_triton_split_decode_empty_context_gives_zeros(with_sinks, device):
+    batch, kv_cache, key, value, q = _setup([(40, 1), (30, 1)], 4, 4, 2, 8, torch.float32, seed=9)
+    dynserve_kernels.write_kv(key, value, kv_cache, batch.slot_mapping)
+    sinks = _sinks(4, 10) if with_sinks else None
+    ref = naive_attention(q, kv_cache, batch, 0.3, sinks)
+    batch.seq_lens[1] = 0
+    out = _triton_decode_split(q, kv_cache, batch, device, 4, sinks)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    _check(out[:1], ref[:1], torch.float32)
+
+
+def test_decode_splits_policy():
+    from dynserve_kernels.attention_triton import MIN_SPLIT_LEN, decode_splits
+
+    # batch 1, 8 kv heads, 32K context on 132 SMs: 33 splits (2 programs per SM), each >= MIN_SPLIT_LEN
+    assert decode_splits(1, 8, 32768, 132) == 33
+    assert decode_splits(1, 8, 4 * MIN_SPLIT_LEN, 132) == 4  # short contexts: capped by the split length
+    assert decode_splits(1, 8, MIN_SPLIT_LEN - 1, 132) == 1
+    assert decode_splits(64, 8, 32768, 132) == 1  # the batch alone fills the device
+    assert decode_splits(1, 8, 32768, None) == 1  # no CUDA device (the interpreter)
+    batch, kv_cache, key, value, q = _setup([(5, 1)], 4, 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="num_splits"):
+        _triton_decode_split(q, kv_cache, batch, "cpu", 0)

@@ -60,15 +60,17 @@ def test_kernel_compiles_without_spills_within_shared_memory(compiled, case: aot
 
 def test_bf16_gemms_use_tensor_cores(compiled):
     # the 16-bit MoE GEMMs and attention dots run on mma (sm_80) / mma or wgmma (sm_90), never FMA
+    # (the split-decode merge has no dot: a weighted sum of a few rows)
     for (_, name), r in compiled.items():
-        if not name.endswith("fp32 aligned") and any(k in name for k in ("gate_up", "down", "decode", "prefill")):
+        dots = any(k in name for k in ("gate_up", "down", "decode", "prefill")) and "merge" not in name
+        if not name.endswith("fp32 aligned") and dots:
             assert r["mma"] in ("mma", "wgmma"), (name, r["target"], r["mma"])
     big = [r for (t, n), r in compiled.items() if t == "sm_90" and "BM128" in n and "fp32" not in n]
     assert big and all(r["mma"] == "wgmma" for r in big)
 
 
 def test_per_step_ints_are_not_specialized():
-    # num_pairs / num_blocks / stride_bt change every step: a specialization on them (== 1, % 16)
+    # num_pairs / num_blocks / stride_bt / tiles_per_split change every step: a specialization on them (== 1, % 16)
     # would compile a new kernel in the middle of serving
     code = (
         "from dynserve_kernels import attention_triton as a, moe_triton as m\n"
@@ -78,7 +80,8 @@ def test_per_step_ints_are_not_specialized():
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     moe = "['num_blocks', 'num_pairs']"
-    assert proc.stdout.split() == [*moe.split(), *moe.split(), "['stride_bt']", "['stride_bt']"]
+    decode = "['stride_bt', 'tiles_per_split']"
+    assert proc.stdout.split() == [*moe.split(), *moe.split(), *decode.split(), "['stride_bt']"]
 
 
 def test_select_backend_warns_when_cuda_runs_in_the_interpreter(monkeypatch):

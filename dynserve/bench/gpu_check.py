@@ -648,14 +648,14 @@ def section_moe_bench(rep: Report, ctx: dict, budget: float) -> None:
 
 def section_attn_bench(rep: Report, ctx: dict, budget: float) -> None:
     from dynserve_kernels.attention_ref import paged_attention_ref
-    from dynserve_kernels.attention_triton import paged_attention_triton
+    from dynserve_kernels.attention_triton import _num_sms, decode_splits, paged_attention_triton
     from kernel_utils import make_batch
 
     deadline = time.time() + budget
     copy_bw = ctx.get("copy_GB_s", 1.0) * 1e9
     rows = []
     hq, hkv, d = (32, 8, 128)
-    cases = [(B, L) for B in (1, 8, 64) for L in (1024, 8192)] if DEVICE == "cuda" else [(2, 64)]
+    cases = [(B, L) for B in (1, 8, 64) for L in (1024, 8192)] + [(1, 32768)] if DEVICE == "cuda" else [(2, 64)]
     for B, L in cases:
         if time.time() > deadline:
             break
@@ -664,14 +664,21 @@ def section_attn_bench(rep: Report, ctx: dict, budget: float) -> None:
         q = torch.randn(B, hq, d, device=DEVICE).to(torch.bfloat16)
         db = _batch_on(batch)
         nbytes = B * L * hkv * d * 2 * 2
-        kern = bench_ms(functools.partial(paged_attention_triton, q, cache, db, d**-0.5)) * 1e3
+        kern = bench_ms(functools.partial(paged_attention_triton, q, cache, db, d**-0.5)) * 1e3  # auto splits
+        whole = bench_ms(functools.partial(paged_attention_triton, q, cache, db, d**-0.5, num_splits=1)) * 1e3
         ref = bench_ms(functools.partial(paged_attention_ref, q, cache, db, d**-0.5)) * 1e3
-        rows.append([B, L, f"({hq},{hkv},{d})", nbytes / 1e6, kern, ref, nbytes / copy_bw * 1e6 / kern])
+        splits = decode_splits(B, hkv, L, _num_sms(torch.device(DEVICE)))
+        floor = nbytes / copy_bw * 1e6
+        rows.append([B, L, f"({hq},{hkv},{d})", nbytes / 1e6, splits, kern, whole, ref, floor / kern, floor / whole])
         del cache
         _free()
     rep.table(
-        "decode attention, bf16 (us)", ["B", "context", "heads", "KV MB", "triton_us", "ref_us", "floor/kern"], rows
-    )
+        "decode attention, bf16 (us; splits: flash-decoding ranges per context, `triton_1split_us` the same "
+        "kernel with one program per (sequence, kv head))",
+        ["B", "context", "heads", "KV MB", "splits", "triton_us", "triton_1split_us", "ref_us", "floor/kern",
+         "floor/1split"],
+        rows,
+    )  # fmt: skip
 
 
 def _tag(cfg: dict[str, int]) -> str:
