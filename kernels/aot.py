@@ -39,7 +39,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 SPECS = ("aligned", "unaligned")
 
 # kernel arguments whose values change every step: no specialization (see the kernels' decorators)
-_PER_STEP = {"num_pairs", "num_blocks", "stride_bt", "tiles_per_split", "S"}
+_PER_STEP = {"num_pairs", "num_blocks", "stride_bt", "tiles_per_split", "S", "P", "NB"}
 # non-pointer arguments that are divisible by 16 for real model shapes
 _MODEL_DIMS = {"H", "N_INTER", "half_stride", "stride_blk", "stride_pos", "block_size", "D", "ROW"}
 
@@ -146,6 +146,15 @@ def cases(specs: tuple[str, ...] = ("aligned",)) -> list[Case]:
                 Case("attention_triton", "_prefill_kernel", f"D{d} BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']}", dt,
                      "aligned", (*ptrs_a, ("qsl_ptr", "i64")),
                      (("BLOCK_M", cfg["BLOCK_M"]), ("BLOCK_N", cfg["BLOCK_N"]), *att), cfg["num_warps"], 3)
+            )  # fmt: skip
+    # the one-launch MoE alignment: dtype-free; expert counts of the families (Mixtral 8 ... DeepSeek 256)
+    ptrs_al = (("ids_ptr", "i64"), ("sorted_ptr", "i32"), ("block_expert_ptr", "i32"), ("num_used_ptr", "i32"))
+    for block_e in (16, 64, 128, 256, 512):
+        block_p, warps = (32 if block_e >= 256 else 64), (4 if block_e <= 128 else 8)
+        for bm in (16, 64):
+            out.append(
+                Case("moe_triton", "_align_kernel", f"BE{block_e} BP{block_p} BM{bm}", "i64", "aligned", ptrs_al,
+                     (("BM", bm), ("BLOCK_P", block_p), ("BLOCK_E", block_e)), warps, 3)
             )  # fmt: skip
     return out
 

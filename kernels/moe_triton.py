@@ -49,6 +49,89 @@ def _block_coords(pid, num_blocks, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# Alignment in one launch (decode-sized pair counts): `align.moe_align_bounded` is its reference and
+# the path for larger counts. One program walks the pairs BLOCK_P at a time, three times: counts per
+# expert (one-hot sums), the sentinel fill, then the stable scatter (a pair's destination is its
+# expert's padded start + the pairs of that expert before it: earlier chunks' running count plus
+# its rank within the chunk). ~14 torch launches -> 1, no host sync, capturable in a CUDA graph.
+ALIGN_MAX_PAIRS = 4096  # one program walks the pairs serially: beyond this the torch path is faster
+ALIGN_MAX_EXPERTS = 512  # [BLOCK_P, BLOCK_E] one-hot tiles
+
+
+@triton.jit(do_not_specialize=["P", "NB"])
+def _align_kernel(
+    ids_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_used_ptr,
+    P,
+    E,
+    NB,
+    BM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, P, BLOCK_P):
+        offs = start + tl.arange(0, BLOCK_P)
+        e = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)  # [BP]
+        counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0)  # [BE]
+    padded = (counts + BM - 1) // BM * BM  # [BE]
+    pad_end = tl.cumsum(padded, 0)  # [BE]
+    pad_start = pad_end - padded
+    total = tl.sum(padded, 0)
+    for start in range(0, NB * BM, BLOCK_P):  # every row padding first (sentinel P)
+        offs = start + tl.arange(0, BLOCK_P)
+        tl.store(sorted_ptr + offs, tl.full((BLOCK_P,), P, tl.int32), mask=offs < NB * BM)
+    tl.debug_barrier()  # the fill lands before the scatter overwrites the real rows
+    seen = tl.zeros((BLOCK_E,), dtype=tl.int32)  # pairs of each expert in earlier chunks
+    earlier = tl.arange(0, BLOCK_P)[None, :] < tl.arange(0, BLOCK_P)[:, None]  # [BP, BP]: j < i
+    for start in range(0, P, BLOCK_P):
+        offs = start + tl.arange(0, BLOCK_P)
+        p_mask = offs < P
+        e = tl.load(ids_ptr + offs, mask=p_mask, other=-1).to(tl.int32)  # [BP]
+        onehot = (e[:, None] == offs_e[None, :]).to(tl.int32)  # [BP, BE]
+        base = tl.sum(onehot * (pad_start + seen)[None, :], 1)  # [BP] next free row of the pair's expert
+        rank = tl.sum(((e[:, None] == e[None, :]) & earlier).to(tl.int32), 1)  # [BP] same expert, before it
+        tl.store(sorted_ptr + base + rank, offs.to(tl.int32), mask=p_mask)
+        seen += tl.sum(onehot, 0)
+    blocks_end = pad_end // BM  # [BE] first block after each expert's blocks
+    for start in range(0, NB, BLOCK_P):
+        b = start + tl.arange(0, BLOCK_P)
+        # the block's expert: how many experts end at or before it (searchsorted, right)
+        ex = tl.sum(((blocks_end[None, :] <= b[:, None]) & e_mask[None, :]).to(tl.int32), 1)  # [BP]
+        tl.store(block_expert_ptr + b, tl.minimum(ex, E - 1), mask=b < NB)
+    tl.store(num_used_ptr, total // BM)
+
+
+def moe_align_triton(
+    expert_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """`align.moe_align_bounded` in one launch (same outputs): (sorted_ids [NB * block_m] int32,
+    block_expert [NB] int32, num_used [1] int32, NB). Falls back to the torch version above
+    ALIGN_MAX_PAIRS pairs or ALIGN_MAX_EXPERTS experts."""
+    if block_m <= 0:
+        raise ValueError(f"block_m must be positive, got {block_m}")
+    P = int(expert_ids.numel())  # a shape: no sync
+    if P == 0 or P > ALIGN_MAX_PAIRS or num_experts > ALIGN_MAX_EXPERTS:
+        return moe_align_bounded(expert_ids, block_m, num_experts)
+    device = expert_ids.device
+    nb = P // block_m + min(num_experts, P)
+    ids = expert_ids.contiguous()  # [P]
+    sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=device)  # [NB * bm]
+    block_expert = torch.empty(nb, dtype=torch.int32, device=device)  # [NB]
+    num_used = torch.empty(1, dtype=torch.int32, device=device)  # [1]
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_p = 32 if block_e >= 256 else 64
+    LAST_COMPILED["align"] = _align_kernel[(1,)](
+        ids, sorted_ids, block_expert, num_used, P, num_experts, nb,
+        BM=block_m, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4 if block_e <= 128 else 8,
+    )  # fmt: skip
+    return sorted_ids, block_expert, num_used, nb
+
+
 # num_pairs / num_blocks change every step: specializing on them (== 1, % 16) would recompile while serving
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _gate_up_kernel(
@@ -261,7 +344,7 @@ def fused_moe_triton(
     weights = a.weights.to(device=device, dtype=torch.float32).contiguous()  # [P]
     offsets = a.token_offsets.to(device=device, dtype=torch.int64).contiguous()  # [T+1]
     # no host sync: buffers and grid use a bound on the block count, the kernels skip the excess
-    sorted_ids, block_expert, num_used, num_blocks = moe_align_bounded(a.expert_ids.to(device), bm, E)
+    sorted_ids, block_expert, num_used, num_blocks = moe_align_triton(a.expert_ids.to(device), bm, E)
     p_pad = num_blocks * bm
 
     inter = torch.empty(p_pad, inter_size, dtype=x.dtype, device=device)  # [P_pad, I]

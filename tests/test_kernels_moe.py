@@ -218,3 +218,24 @@ def test_bounded_align_is_the_exact_layout_then_idle_blocks(block_m, device):
         assert s_ids[: n * block_m].cpu().tolist() == exact_ids.tolist()
         assert blocks[:n].cpu().tolist() == exact_blocks.tolist()
         assert bool((s_ids[n * block_m :] == P).all())  # idle blocks hold padding only
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+@pytest.mark.parametrize("E", [3, 8, 40, 256])
+def test_triton_align_matches_torch_align(block_m, E, device):
+    # the one-launch alignment equals its torch reference (moe_align_bounded) exactly: odd pair counts,
+    # chunk boundaries crossed, idle experts, every pair on one expert, one pair
+    from dynserve_kernels.moe_triton import moe_align_triton
+
+    gen = torch.Generator().manual_seed(block_m * 100 + E)
+    sizes = [1, 2, 63, 64, 65, 130]
+    for trial, P in enumerate(sizes):
+        used = torch.randperm(E, generator=gen)[: 1 + trial % E]
+        ids = used[torch.randint(0, len(used), (P,), generator=gen)]  # [P]
+        if trial == 3:
+            ids = torch.full((P,), E - 1)  # all pairs on the last expert
+        ref = moe_align_bounded(ids, block_m, E)
+        got = moe_align_triton(ids.to(device), block_m, E)
+        assert got[3] == ref[3]
+        for g, r in zip(got[:3], ref[:3], strict=True):
+            assert g.dtype == r.dtype and g.cpu().tolist() == r.tolist(), (P, trial)
