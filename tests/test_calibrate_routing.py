@@ -29,12 +29,13 @@ def calibrated(mixtral_dir, tmp_path_factory):
     return r.stdout, json.loads(out.read_text()), out
 
 
-def test_table_searched_and_the_target_reached(calibrated):
+def test_table_searched_and_the_target_reached(calibrated, mixtral_dir):
     stdout, data, _ = calibrated
     table = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     policies = {row.split("|")[1].strip() for row in table}
     assert policies == {"top_p", "threshold", "relative", "entropy"}
     cal = data["calibration"]
+    assert cal["model"] == mixtral_dir.name  # the served id (dynserve-demo for the embedded model)
     assert cal["within_tolerance"] is True
     assert abs(cal["measured_experts_per_token"] - 1.5) <= 0.02 * 1.5
     # the chosen one is the lowest perplexity among the rows within 2%

@@ -405,6 +405,11 @@ def test_the_download_overlay_fills_an_emptydir_before_the_server_starts():
     script = init["command"][-1]
     compile(script, "fetch-model", "exec")
     assert "snapshot_download" in script and 'local_dir="/models"' in script
+    assert env["HF_XET_CHUNK_CACHE_SIZE_BYTES"]["value"] == "0"  # no multi-GB cache in the 2 GiB /tmp
+    # the memory is sized for the bf16 weights (the default dtype is float32: twice that); args is a
+    # list, so the patch repeats the base Deployment's arguments and adds the dtype
+    base = _container()["args"]
+    assert c["args"][: len(base)] == base and _serve_args(c["args"]).dtype == "bfloat16"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")

@@ -71,6 +71,10 @@ def test_each_commands_dependency_comes_with_the_extra_the_readme_names():
     section = README[README.index("## Evaluating routing") :]
     install = section.index('pip install -e ".[eval]"')
     assert install < section.index("dynserve eval-routing")
+    # lm-eval's local-completions with `tokenizer_backend=huggingface` (the README's command) imports
+    # transformers, which lm-eval[api] does not bring
+    assert {"lm-eval", "transformers"} <= _names(extras["lm-eval"]) <= _names(extras["dev"])
+    assert 'pip install -e ".[lm-eval]"' in section and "tokenizer_backend=huggingface" in section
     loadtests = (ROOT / "loadtests" / "README.md").read_text()
     assert loadtests.index('pip install -e ".[loadtest]"') < loadtests.index("python -m loadtests.loadgen --")
 

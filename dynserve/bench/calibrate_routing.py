@@ -231,7 +231,7 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
             {
                 "routing": chosen.routing.to_dict(),
                 "calibration": {
-                    "model": Path(config.model.model_dir).name,
+                    "model": config.model_name,  # the served id: dynserve-demo for the embedded model
                     "text_file": str(text_file),
                     "tokens": scorer.num_tokens,
                     "target_experts_per_token": args.target_experts,
