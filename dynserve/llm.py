@@ -68,7 +68,11 @@ class LLM:
         except BaseException:
             self.engine.abort_request(ids)
             raise
-        return [done[r] for r in ids]
+        outs = [done[r] for r in ids]
+        if self.engine.tokenizer is not None:
+            for out in outs:
+                _decode_logprobs(out, self.engine.tokenizer)
+        return outs
 
     def chat(
         self,
@@ -185,3 +189,15 @@ def _content_text(content: Any, where: str) -> str:
     ):
         return "\n".join(p["text"] for p in content)
     raise TypeError(f'{where} must be a string or a list of {{"type": "text", "text": str}} parts; got {content!r:.80}')
+
+
+def _decode_logprobs(out: RequestOutput, tokenizer) -> None:  # noqa: ANN001
+    """Fill `Logprob.decoded` (vLLM's `decoded_token`) with each alternative's text, for the
+    Python API (the server renders token text itself)."""
+    positions = [lp for c in out.outputs for lp in (c.logprobs or [])] + [lp for lp in out.prompt_logprobs or [] if lp]
+    cache: dict[int, str] = {}
+    for pos in positions:
+        for alt in pos.top:
+            if alt.token_id not in cache:
+                cache[alt.token_id] = tokenizer.decode([alt.token_id], skip_special_tokens=False)
+            alt.decoded = cache[alt.token_id]

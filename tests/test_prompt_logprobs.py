@@ -52,6 +52,18 @@ def test_prompt_logprobs_match_transformers(ckpt, hf_logprobs, chunk):
     assert [lp.logprob if lp else None for lp in again.prompt_logprobs] == [lp.logprob if lp else None for lp in plp]
 
 
+def test_python_logprobs_carry_the_token_text(ckpt):
+    # vLLM's Logprob.decoded_token: each alternative's text, for sampled and prompt positions alike
+    llm = LLM(ckpt, num_kv_blocks=64)
+    out = llm.generate(TEXT, SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2))[0]
+    positions = [*out.outputs[0].logprobs, *out.prompt_logprobs[1:]]
+    assert positions and all(len(p.top) == 2 for p in positions)
+    for p in positions:
+        for alt in p.top:
+            assert alt.decoded == llm.tokenizer.decode([alt.token_id], skip_special_tokens=False)
+    assert any(alt.decoded for p in positions for alt in p.top)
+
+
 def test_max_tokens_zero_returns_the_prompt_alone(ckpt):
     llm = LLM(ckpt, num_kv_blocks=64)
     out = llm.generate(TEXT, SamplingParams(max_tokens=0, prompt_logprobs=0))[0]

@@ -149,6 +149,7 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # label offsets per policy: settings of different policies often land on the same x (e.g. 1.0)
     styles = (("top_k", "s", (4, 4)), ("top_p", "o", (4, -10)), ("threshold", "^", (-14, 6)))
+    labels: list[tuple[str, float, float, tuple[int, int]]] = []
     for policy, marker, offset in styles:
         pts = [r for r in rows if r.policy == policy]
         if pts:
@@ -159,14 +160,14 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
                 linestyle="-" if policy != "top_k" else "none",
                 label=policy,
             )
-            for r in pts:
-                ax.annotate(
-                    str(r.param if r.param is not None else "ckpt"),
-                    (r.avg_experts_per_token, r.perplexity),
-                    fontsize=7,
-                    xytext=offset,
-                    textcoords="offset points",
-                )
+            labels += [(_param_label(r), r.avg_experts_per_token, r.perplexity, offset) for r in pts]
+    others = [r for r in rows if r.policy not in {p for p, _, _ in styles}]  # relative, entropy, calibrated
+    if others:
+        ax.plot([r.avg_experts_per_token for r in others], [r.perplexity for r in others], "D", label="other")
+        labels += [(_param_label(r), r.avg_experts_per_token, r.perplexity, (4, 4)) for r in others]
+    ax.margins(x=0.08, y=0.1)  # labels of the outermost points stay inside the frame
+    fig.canvas.draw()  # fixes the axes limits, so label positions can be compared in display units
+    _place_labels(ax, labels)
     ax.set_xlabel("average FFN experts per token per MoE layer")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Quality vs expert compute")
@@ -177,6 +178,26 @@ def write_outputs(rows: list[EvalRow], out_dir: str | os.PathLike) -> tuple[Path
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return csv_path, png
+
+
+def _param_label(r: EvalRow) -> str:
+    return str(r.param if r.param is not None else "ckpt")
+
+
+def _place_labels(ax, labels: list[tuple[str, float, float, tuple[int, int]]]) -> None:  # noqa: ANN001
+    """Annotate each point, moving a label down (then up) in 9-point steps while its box would
+    overlap a label already placed: settings of several policies often share a point (x = 1.0)."""
+    placed: list[tuple[float, float]] = []  # label anchors in points
+    to_pt = 72.0 / ax.figure.dpi
+    for text, x, y, (dx, dy) in labels:
+        px, py = (v * to_pt for v in ax.transData.transform((x, y)))
+        w = 4.2 * len(text) + 2  # ~7-point font
+        for step in (0, -1, 1, -2, 2, -3, 3, -4, 4):
+            oy = dy + 9 * step
+            if all(abs(px + dx - qx) > w or abs(py + oy - qy) > 8 for qx, qy in placed):
+                break
+        placed.append((px + dx, py + oy))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(dx, oy), textcoords="offset points")
 
 
 def format_table(rows: list[EvalRow]) -> str:
