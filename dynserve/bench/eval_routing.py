@@ -29,7 +29,7 @@ WINDOW = 256
 
 
 ENTROPY_THRESHOLDS = (0.6, 1.2)  # scaled per setting; k = 1, 2, 4 below, between and above them
-ENTROPY_SCALES = (0.5, 0.75, 1.0, 1.5)
+ENTROPY_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def default_settings() -> list[tuple[str, RoutingConfig]]:
