@@ -24,13 +24,11 @@ def plot(models: list[tuple[str, list[EvalRow]]], out: str | Path, title: str = 
 
     fig, ax = plt.subplots(figsize=(9, 6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers_legend = []
     for i, (label, rows) in enumerate(models):
         color = colors[i % len(colors)]
         draw_rows(ax, rows, label_prefix=f"{label}: ", color=color, annotate=False)
         ref = rows[0]
         ax.axhline(ref.perplexity, color=color, linestyle=":", linewidth=0.8)
-        markers_legend.append(label)
     ax.set_xlabel("average FFN experts per token per MoE layer")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(title)
