@@ -17,6 +17,14 @@ rate); ``--steps N`` fixes the count, which is the exactly reproducible form (sa
 library, torch build and thread count -> same weights). TRAINING.md records the N a run reached.
 One thread is the default: for a model this small a second thread gains little on an idle machine
 and loses several times over on a busy one.
+
+``--routing top_p --top-p 0.4 --entropy-coef W`` trains with top-p routing instead, as "Harder Tasks
+Need More Experts" (Huang et al. 2024) does: each MixtralSparseMoeBlock's forward is replaced during
+training (`TopPRouting`: experts run on their selected tokens only, weighted by the raw router
+probabilities), the balancing loss counts the selected pairs, and a router-entropy loss of weight W
+pushes the routers to be confident (fewer experts). The checkpoint stays a standard Mixtral one;
+its ``routing.json`` (top_p, p, renormalize false) makes dynserve serve it with the same rule. The
+progress lines show the average experts per token.
 """
 
 from __future__ import annotations
