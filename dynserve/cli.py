@@ -36,15 +36,29 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="force the Triton kernels on/off (default: Triton on CUDA, torch on CPU)",
     )
-    p.add_argument("--routing", default="top_k", choices=list(ROUTING_POLICIES), help="default expert routing policy")
-    p.add_argument("--routing-p", type=float, default=0.5, help="top_p: cumulative probability to reach")
+    # routing flags default to None = not given: the fields given override the checkpoint's default
+    # routing (its routing.json, else top_k with the checkpoint's k); RoutingConfig's defaults fill the rest
     p.add_argument(
-        "--routing-threshold", type=float, default=0.2, help="threshold: minimum probability; relative: x the top one"
+        "--routing",
+        default=None,
+        choices=list(ROUTING_POLICIES),
+        help="default expert routing policy (default: the checkpoint's routing.json, else top_k)",
+    )
+    p.add_argument("--routing-p", type=float, default=None, help="top_p: cumulative probability to reach (0.5)")
+    p.add_argument(
+        "--routing-threshold",
+        type=float,
+        default=None,
+        help="threshold: minimum probability; relative: x the top one (0.2)",
     )
     p.add_argument(
-        "--routing-entropy-thresholds", type=float, nargs="+", default=[0.6, 1.2], help="entropy: ascending H bounds"
+        "--routing-entropy-thresholds",
+        type=float,
+        nargs="+",
+        default=None,
+        help="entropy: ascending H bounds (0.6 1.2)",
     )
-    p.add_argument("--routing-entropy-k", type=int, nargs="+", default=[1, 2, 4], help="entropy: k per H bin")
+    p.add_argument("--routing-entropy-k", type=int, nargs="+", default=None, help="entropy: k per H bin (1 2 4)")
     p.add_argument(
         "--expert-budget",
         default="off",
@@ -57,10 +71,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-active-experts", type=int, default=None, help="at most N distinct experts per MoE layer per step"
     )
     p.add_argument(
-        "--routing-config", default=None, help="routing file (calibrate-routing --out): replaces the --routing flags"
+        "--routing-config",
+        default=None,
+        help="routing file (calibrate-routing --out): replaces the --routing flags; its fields override the "
+        "checkpoint's routing.json",
     )
     p.add_argument("--routing-k", type=int, default=None, help="top_k: experts per token (default: checkpoint's)")
-    p.add_argument("--min-experts", type=int, default=1)
+    p.add_argument("--min-experts", type=int, default=None, help="at least this many experts per token (1)")
     p.add_argument("--max-experts", type=int, default=None)
     p.add_argument(
         "--expert-parallel-size", type=int, default=1, help="ranks sharing each MoE layer's experts (torch.distributed)"
@@ -87,16 +104,19 @@ def engine_config_from_args(args: argparse.Namespace, **extra: Any) -> EngineCon
 
 
 def _routing_from_flags(args: argparse.Namespace) -> RoutingConfig:
-    return RoutingConfig(
-        policy=args.routing,
-        p=args.routing_p,
-        threshold=args.routing_threshold,
-        k=args.routing_k,
-        min_experts=args.min_experts,
-        max_experts=args.max_experts,
-        entropy_thresholds=args.routing_entropy_thresholds,
-        entropy_k=args.routing_entropy_k,
-    )
+    """A RoutingConfig with the routing flags that were given as its explicit fields (EngineConfig.create
+    overlays them on the checkpoint's routing.json; without one, RoutingConfig's defaults fill the rest)."""
+    given = {
+        "policy": args.routing,
+        "p": args.routing_p,
+        "threshold": args.routing_threshold,
+        "k": args.routing_k,
+        "min_experts": args.min_experts,
+        "max_experts": args.max_experts,
+        "entropy_thresholds": args.routing_entropy_thresholds,
+        "entropy_k": args.routing_entropy_k,
+    }
+    return RoutingConfig(**{name: v for name, v in given.items() if v is not None})
 
 
 def _engine_config(args: argparse.Namespace, routing: RoutingConfig, **extra: Any) -> EngineConfig:
@@ -187,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-file", default=None, help="held-out text (default: the model dir's heldout.txt)")
     ev.add_argument("--out-dir", default="eval_routing", help="where to write results.csv and plot.png")
     ev.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens to score")
+    ev.add_argument(
+        "--calibrate-target",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="X",
+        help="also score the settings calibrate-routing finds for X experts per token (each policy)",
+    )
 
     cal = sub.add_parser(
         "calibrate-routing", help="the routing setting reaching a target experts/token with the lowest perplexity"

@@ -31,6 +31,17 @@ def default_model_dir() -> str:
     return str(Path(__file__).resolve().parent / "assets" / "default_model")
 
 
+CHECKPOINT_ROUTING_FILE = "routing.json"
+
+
+def checkpoint_routing(model_dir: str | os.PathLike) -> RoutingConfig | None:
+    """The default routing a checkpoint carries: `routing.json` in its directory (RoutingConfig file
+    format, `RoutingConfig.from_file`), or None without one. `dynserve.bench.train_demo --routing top_p`
+    writes it, so a model trained with top-p routing is served with the rule it was trained with."""
+    path = Path(model_dir) / CHECKPOINT_ROUTING_FILE
+    return RoutingConfig.from_file(path) if path.is_file() else None
+
+
 def default_served_model_name(model_dir: str | os.PathLike) -> str:
     """The model id served when none is given: the checkpoint directory's name (`/data/Qwen3-30B-A3B/`
     -> `Qwen3-30B-A3B`), `dynserve-demo` for the embedded model; never a machine-specific path."""
@@ -544,11 +555,17 @@ class EngineConfig:
         target_itl_ms: float | None = None,
         max_active_experts: int | None = None,
     ) -> EngineConfig:
-        """Build a config from flat keyword options (the names `LLM(...)` and the CLI use)."""
+        """Build a config from flat keyword options (the names `LLM(...)` and the CLI use).
+
+        The default routing is the checkpoint's `routing.json` (`checkpoint_routing`) when it has one,
+        with the fields `routing` sets overriding it; without one, `routing` (or top_k)."""
         if model_dir is None:
             model_dir = default_model_dir()
         if isinstance(routing, dict):
             routing = RoutingConfig.from_dict(routing)
+        ckpt_routing = checkpoint_routing(model_dir)
+        if ckpt_routing is not None:
+            routing = ckpt_routing.overlay(routing)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if max_num_seqs < 1:

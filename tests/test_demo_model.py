@@ -1,9 +1,11 @@
 """The demo model shipped inside the package (dynserve/assets/default_model): complete, small, and trained.
 
-These tests load the shipped checkpoint with Hugging Face transformers (the reference implementation)
-and check what a user of `dynserve serve` with no MODEL_DIR would notice: the files are there, the
-model is a Mixtral-style MoE, it is small, its tokenizer is lossless on Python source, it predicts
-held-out standard-library code far better than chance, and its greedy output looks like Python.
+These tests load the shipped checkpoint with Hugging Face transformers (the reference implementation),
+routed as the checkpoint says (its routing.json: top-p with raw probabilities, through the training
+script's MoE forward; without one, Mixtral's top-2), and check what a user of `dynserve serve` with no
+MODEL_DIR would notice: the files are there, the model is a Mixtral-style MoE, it is small, its
+tokenizer is lossless on Python source, it predicts held-out standard-library code far better than
+chance, and its greedy output looks like Python.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ MODEL_DIR = Path(dynserve.__file__).parent / "assets" / "default_model"
 REQUIRED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.txt", "TRAINING.md"]
 
 
+def shipped_routing() -> dict | None:
+    """The routing fields of the shipped routing.json (None without one: Mixtral's own top-2)."""
+    path = MODEL_DIR / "routing.json"
+    return json.loads(path.read_text())["routing"] if path.is_file() else None
+
+
 @pytest.fixture(scope="module")
 def hf_model():
     transformers = pytest.importorskip("transformers")
@@ -28,6 +36,12 @@ def hf_model():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    routing = shipped_routing()
+    if routing is not None:
+        from dynserve.bench.train_demo import TopPRouting
+
+        assert routing == {"policy": "top_p", "p": routing["p"], "renormalize": False}, routing
+        model.top_p_routing = TopPRouting(model, routing["p"])  # the rule it was trained with
     return model, tok
 
 
@@ -115,9 +129,13 @@ def test_router_spreads_tokens_over_all_experts(hf_model, heldout_ids):
     with torch.no_grad():
         out = model(input_ids=ids, output_router_logits=True)
     assert len(out.router_logits) == model.config.num_hidden_layers
+    routing = getattr(model, "top_p_routing", None)
     for layer, logits in enumerate(out.router_logits):
-        top2 = logits.reshape(-1, 8).topk(2, dim=-1).indices  # [T, 2]
-        share = torch.bincount(top2.flatten(), minlength=8).float() / top2.numel()  # [8]
+        if routing is not None:  # the experts top-p routing chose
+            share = routing.masks[layer].float().sum(0) / routing.masks[layer].sum()  # [8]
+        else:
+            top2 = logits.reshape(-1, 8).topk(2, dim=-1).indices  # [T, 2]
+            share = torch.bincount(top2.flatten(), minlength=8).float() / top2.numel()  # [8]
         assert share.min() > 0.01, f"layer {layer}: an expert is (almost) never chosen: {share.tolist()}"
 
 

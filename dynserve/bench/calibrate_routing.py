@@ -143,7 +143,10 @@ def calibrate(
     scorer: object, base: RoutingConfig, target: float, policies: list[str], per_layer: bool, log: Callable[[str], None]
 ) -> tuple[list[Candidate], float, float]:
     """Every candidate (policy x global / per layer), and the checkpoint's own (perplexity, experts)."""
-    ref_ppl, ref_experts, records = scorer.score(base if base.policy == "top_k" else RoutingConfig(), record=True)  # type: ignore[attr-defined]
+    # the reference: the checkpoint's top-k, weighted as `base` weights (a top-p-trained checkpoint's
+    # routing.json says renormalize=false)
+    ref = base if base.policy == "top_k" else RoutingConfig(renormalize=base.renormalize)
+    ref_ppl, ref_experts, records = scorer.score(ref, record=True)  # type: ignore[attr-defined]
     if not records:
         raise ValueError("this model routes by its own rule (no RoutingConfig policy applies): nothing to calibrate")
     log(f"checkpoint routing: {ref_experts:.3f} experts/token, perplexity {ref_ppl:.3f} (router logits recorded)")

@@ -1,7 +1,8 @@
-"""Fewer experts must cost less: MoE-layer time and decode tokens/s, the checkpoint's top-k vs top-p, in one run.
+"""Fewer experts must cost less: MoE-layer time and decode tokens/s, the checkpoint's top-k vs top-p,
+relative and entropy routing, in one run.
 
     python -m dynserve.bench.routing                       # ~100M Mixtral bench checkpoint
-    python -m dynserve.bench.routing --model DIR --p 0.3 0.5 0.7
+    python -m dynserve.bench.routing --model DIR --p 0.3 0.5 0.7 --relative 0.5 0.3 --entropy-scale 1 2
     python -m dynserve.bench.routing --family deepseek_v3 --p 0.2 0.4 0.6 0.8
 
 For each routing setting the same prompts run through the engine (prefix caching off, so every
@@ -104,6 +105,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the ~100M bench checkpoint of --family)")
     ap.add_argument("--family", default="mixtral", choices=sorted(FAMILIES), help="the bench checkpoint's architecture")
     ap.add_argument("--p", type=float, nargs="+", default=[0.15, 0.25, 0.35, 0.5])
+    ap.add_argument(
+        "--relative", type=float, nargs="*", default=[], help="relative thresholds (x the token's top probability)"
+    )
+    ap.add_argument(
+        "--entropy-scale",
+        type=float,
+        nargs="*",
+        default=[],
+        help="entropy routing with thresholds s x (0.6, 1.2), k = 1, 2, 4 (larger s: fewer experts)",
+    )
     ap.add_argument("--prefill-prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-batch", type=int, default=1)
@@ -129,6 +140,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     settings = [(f"top_k (k={top_k}, checkpoint)", RoutingConfig())] + [
         (f"top_p p={p}", RoutingConfig(policy="top_p", p=p)) for p in args.p
     ]
+    settings += [(f"relative t={t}", RoutingConfig(policy="relative", threshold=t)) for t in args.relative]
+    for scale in args.entropy_scale:
+        h = (round(0.6 * scale, 4), round(1.2 * scale, 4))
+        settings.append(
+            (
+                f"entropy H<{h[0]}:1 <{h[1]}:2 else 4",
+                RoutingConfig(policy="entropy", entropy_thresholds=h, entropy_k=(1, 2, 4)),
+            )
+        )
     run_setting(llm, timer, settings[0][1], prefill[:2], decode[:1], 4)  # warm-up
     rows = []
     for name, rc in settings:

@@ -17,6 +17,14 @@ rate); ``--steps N`` fixes the count, which is the exactly reproducible form (sa
 library, torch build and thread count -> same weights). TRAINING.md records the N a run reached.
 One thread is the default: for a model this small a second thread gains little on an idle machine
 and loses several times over on a busy one.
+
+``--routing top_p --top-p 0.4 --entropy-coef W`` trains with top-p routing instead, as "Harder Tasks
+Need More Experts" (Huang et al. 2024) does: each MixtralSparseMoeBlock's forward is replaced during
+training (`TopPRouting`: experts run on their selected tokens only, weighted by the raw router
+probabilities), the balancing loss counts the selected pairs, and a router-entropy loss of weight W
+pushes the routers to be confident (fewer experts). The checkpoint stays a standard Mixtral one;
+its ``routing.json`` (top_p, p, renormalize false) makes dynserve serve it with the same rule. The
+progress lines show the average experts per token.
 """
 
 from __future__ import annotations
@@ -185,8 +193,102 @@ def load_balancing_loss(router_logits: tuple, top_k: int):
     return torch.stack(losses).mean()
 
 
-def expert_shares(model, ids, seq_len: int, top_k: int) -> list[list[float]]:
-    """Per layer, the fraction of top-k assignments each expert receives on the first seq_len tokens."""
+def top_p_mask(probs, p: float):
+    """[T, E] bool: the experts top-p routing keeps for each token, from its router probabilities
+    (float32, rows sum to 1). Huang et al. 2024: sort descending, keep rank i while the
+    probabilities ranked before it sum to less than p (the top expert is always kept). The ops
+    are those of dynserve's `top_p` policy (dynserve/routing/policies.py), so a model trained here
+    routes the same when served; the paper's code compares with `<=`, which differs only where
+    a prefix sums to exactly p in float32."""
+    import torch
+
+    sorted_p, sorted_ids = torch.sort(probs, dim=-1, descending=True)  # [T, E]
+    csum = torch.cumsum(sorted_p, dim=-1)  # [T, E]
+    before = torch.cat([torch.zeros_like(csum[:, :1]), csum[:, :-1]], dim=1)  # [T, E]
+    keep_sorted = before < torch.tensor(p, dtype=torch.float32)  # [T, E] over ranks
+    return torch.zeros_like(keep_sorted).scatter_(1, sorted_ids, keep_sorted)  # [T, E] over experts
+
+
+class TopPRouting:
+    """Top-p routing for every MixtralSparseMoeBlock of a model, installed by patching each block's
+    forward (the weights and the saved checkpoint stay standard Mixtral).
+
+    Per MoE layer: softmax router probabilities in float32, `top_p_mask`, then each expert runs on
+    its selected tokens only (index_select, one loop over the experts) and its output is weighted
+    by the token's RAW router probability (not renormalised over the kept experts: the paper's
+    rule, and dynserve's top_p with renormalize=false). The last forward's probabilities and masks
+    are kept in `self.probs` / `self.masks` (one [T, E] per layer) for the losses and the logs."""
+
+    def __init__(self, model, p: float) -> None:
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        self.p = p
+        self.probs: list = []
+        self.masks: list = []
+        self.blocks = [m for m in model.modules() if isinstance(m, MixtralSparseMoeBlock)]
+        for block in self.blocks:
+            block.forward = self._forward_for(block)
+
+    def reset(self) -> None:
+        self.probs, self.masks = [], []
+
+    def _forward_for(self, block):
+        import torch
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            if len(self.probs) == len(self.blocks):  # a new model forward: drop the last one's stats
+                self.reset()
+            B, S, H = hidden_states.shape
+            x = hidden_states.reshape(-1, H)  # [T, H]
+            router_logits, _, _ = block.gate(x)  # [T, E] (through the gate: output_router_logits still works)
+            probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+            with torch.no_grad():
+                mask = top_p_mask(probs, self.p)  # [T, E]
+            experts = block.experts
+            out = torch.zeros_like(x)  # [T, H]
+            for e in range(experts.num_experts):
+                tok = mask[:, e].nonzero().squeeze(1)  # [n_e]
+                if tok.numel() == 0:
+                    continue
+                xs = x.index_select(0, tok)  # [n_e, H]
+                gate, up = torch.nn.functional.linear(xs, experts.gate_up_proj[e]).chunk(2, dim=-1)  # [n_e, I]
+                y = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])  # [n_e, H]
+                w = probs.index_select(0, tok)[:, e : e + 1]  # [n_e, 1] raw probability
+                out.index_add_(0, tok, (y * w).to(out.dtype))
+            self.probs.append(probs)
+            self.masks.append(mask)
+            return out.reshape(B, S, H)
+
+        return forward
+
+
+def load_balancing_loss_masks(probs: list, masks: list):
+    """The per-layer balancing loss for a variable number of experts per token: E * sum_e(fraction
+    of the layer's selected (token, expert) pairs that go to e * mean router probability of e),
+    averaged over layers; 1.0 when balanced."""
+    import torch
+
+    losses = []
+    for pr, m in zip(probs, masks, strict=True):  # each [T, E]
+        counts = m.float().sum(0)  # [E]
+        frac = counts / counts.sum().clamp_min(1.0)  # [E]
+        losses.append(pr.size(-1) * (frac * pr.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def router_entropy_loss(probs: list):
+    """Mean Shannon entropy (nats) of each token's router distribution, per MoE layer, averaged
+    over layers (Huang et al. 2024's dynamic loss: low entropy = confident routers = fewer experts
+    under top-p)."""
+    import torch
+
+    per_layer = [-(pr * torch.log(pr.clamp_min(1e-20))).sum(-1).mean() for pr in probs]  # each scalar
+    return torch.stack(per_layer).mean()
+
+
+def expert_shares(model, ids, seq_len: int, top_k: int, routing: TopPRouting | None = None) -> list[list[float]]:
+    """Per layer, the fraction of the routed (token, expert) pairs each expert receives on the first
+    seq_len tokens (top-k, or the top-p masks when `routing` is given)."""
     import torch
 
     model.eval()
@@ -194,11 +296,36 @@ def expert_shares(model, ids, seq_len: int, top_k: int) -> list[list[float]]:
         out = model(input_ids=ids[:seq_len].unsqueeze(0), output_router_logits=True)
     model.train()
     shares = []
+    if routing is not None:
+        for m in routing.masks:  # each [T, E]
+            counts = m.float().sum(0)  # [E]
+            shares.append((counts / counts.sum()).tolist())
+        return shares
     for logits in out.router_logits:  # each [T, E]
         chosen = logits.topk(top_k, dim=-1).indices  # [T, k]
         counts = torch.bincount(chosen.flatten(), minlength=logits.size(-1)).float()  # [E]
         shares.append((counts / counts.sum()).tolist())
     return shares
+
+
+def experts_per_token(masks: list) -> float:
+    """Average number of experts per token per MoE layer in the masks of one forward."""
+    return sum(float(m.sum()) for m in masks) / max(1, sum(m.size(0) for m in masks))
+
+
+def checkpoint_routing(args: argparse.Namespace) -> dict:
+    """The RoutingConfig file (`RoutingConfig.from_file`) that makes a top-p-trained checkpoint route as
+    it was trained: top_p with this p and raw (not renormalised) weights."""
+    return {
+        "routing": {"policy": "top_p", "p": args.top_p, "renormalize": False},
+        "training": {
+            "script": "dynserve.bench.train_demo",
+            "routing": "top_p",
+            "top_p": args.top_p,
+            "entropy_coef": args.entropy_coef,
+            "aux_coef": args.aux_coef,
+        },
+    }
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor_frac: float = 0.1) -> float:
@@ -209,12 +336,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor_frac: float = 0
     return peak * (floor_frac + (1.0 - floor_frac) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def eval_loss(model, ids, seq_len: int, max_windows: int) -> tuple[float, int]:
-    """Mean next-token cross-entropy over non-overlapping windows of ids; returns (loss, tokens)."""
+def eval_loss(
+    model, ids, seq_len: int, max_windows: int, routing: TopPRouting | None = None
+) -> tuple[float, int, float | None]:
+    """Mean next-token cross-entropy over non-overlapping windows of ids; returns (loss, tokens,
+    average experts per token per MoE layer under `routing`, None without it)."""
     import torch
 
     model.eval()
     total, count = 0.0, 0
+    pairs, routed = 0.0, 0
     n_windows = min(max_windows, (len(ids) - 1) // seq_len)
     with torch.no_grad():
         for w in range(0, n_windows, 8):
@@ -226,8 +357,11 @@ def eval_loss(model, ids, seq_len: int, max_windows: int) -> tuple[float, int]:
             )
             total += loss.item()
             count += batch[:, 1:].numel()
+            if routing is not None:
+                pairs += sum(float(m.sum()) for m in routing.masks)
+                routed += sum(m.size(0) for m in routing.masks)
     model.train()
-    return total / max(1, count), count
+    return total / max(1, count), count, (pairs / routed if routing is not None and routed else None)
 
 
 def heldout_sample(files: list[tuple[str, str]], limit: int) -> str:
@@ -258,7 +392,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=2, help="experts per token with --routing top_k (saved in config.json)")
+    p.add_argument(
+        "--routing",
+        choices=("top_k", "top_p"),
+        default="top_k",
+        help="training routing: top_k (Mixtral's own) or top_p (Huang et al. 2024: raw probabilities, p = --top-p)",
+    )
+    p.add_argument("--top-p", type=float, default=0.4, help="p of --routing top_p")
+    p.add_argument(
+        "--entropy-coef",
+        type=float,
+        default=0.0,
+        help="weight of the router-entropy loss (mean nats per token, layer)",
+    )
     p.add_argument("--max-position", type=int, default=512)
     p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seq-len", type=int, default=256)
@@ -269,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aux-coef", type=float, default=0.02, help="weight of the per-layer balancing loss")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of seq-len tokens")
+    p.add_argument("--no-samples", action="store_true", help="skip the sample generations (quick runs such as a sweep)")
     p.add_argument(
         "--calibrate-every", type=int, default=25, help="with --minutes: re-estimate the step count this often"
     )
@@ -298,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     model = build_model(vocab_size, args, eos_id)
+    routing = TopPRouting(model, args.top_p) if args.routing == "top_p" else None
     n_params = sum(p.numel() for p in model.parameters())
     n_active = n_params - sum(
         p.numel() * (args.experts - args.top_k) // args.experts for n, p in model.named_parameters() if ".experts." in n
@@ -319,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     budget_s = args.minutes * 60.0
     history: list[tuple[int, float, float]] = []  # (step, loss, aux)
     recent: list[float] = []
+    recent_experts: list[float] = []
+    ent = 0.0
     model.train()
     t_train = time.time()
     cpu_train = time.process_time()
@@ -340,11 +491,24 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr
         starts = torch.randint(0, max_start, (args.batch,), generator=gen)  # [B]
         batch = torch.stack([train_ids[s : s + args.seq_len + 1] for s in starts.tolist()])  # [B, S+1]
+        if routing is not None:
+            routing.reset()
         outputs = model(input_ids=batch[:, :-1])
         logits = outputs.logits  # [B, S, V]
         ce_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        aux_loss = load_balancing_loss(outputs.router_logits, args.top_k)
+        if routing is None:
+            aux_loss = load_balancing_loss(outputs.router_logits, args.top_k)
+            probs = [torch.softmax(lg.float(), dim=-1) for lg in outputs.router_logits] if args.entropy_coef else []
+            recent_experts.append(float(args.top_k))
+        else:
+            aux_loss = load_balancing_loss_masks(routing.probs, routing.masks)
+            probs = routing.probs
+            recent_experts.append(experts_per_token(routing.masks))
         loss = ce_loss + args.aux_coef * aux_loss
+        if args.entropy_coef:
+            ent_loss = router_entropy_loss(probs)
+            loss = loss + args.entropy_coef * ent_loss
+            ent = ent_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -354,20 +518,29 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         if step % args.log_every == 0 or step == 1:
             avg = sum(recent) / len(recent)
+            avg_experts = sum(recent_experts) / len(recent_experts)
             history.append((step, avg, aux))
             recent.clear()
+            recent_experts.clear()
             print(
                 f"step {step}/{total_steps or '?'} lr {lr:.2e} loss {avg:.4f} aux {aux:.3f}"
-                f" ({time.time() - t_train:.0f}s wall, {time.process_time() - cpu_train:.0f}s cpu)",
+                f" experts/token {avg_experts:.3f}"
+                + (f" entropy {ent:.3f}" if args.entropy_coef else "")
+                + f" ({time.time() - t_train:.0f}s wall, {time.process_time() - cpu_train:.0f}s cpu)",
                 flush=True,
             )
     train_time = time.time() - t_train
     train_cpu = time.process_time() - cpu_train
 
-    train_loss, train_tokens = eval_loss(model, train_ids, args.seq_len, args.eval_windows)
-    held_loss, held_tokens = eval_loss(model, held_ids, args.seq_len, args.eval_windows)
-    shares = expert_shares(model, held_ids, args.max_position, args.top_k)
-    print(f"final: train loss {train_loss:.4f}, held-out loss {held_loss:.4f} (ln V = {math.log(vocab_size):.3f})")
+    train_loss, train_tokens, _ = eval_loss(model, train_ids, args.seq_len, args.eval_windows, routing)
+    held_loss, held_tokens, held_experts = eval_loss(model, held_ids, args.seq_len, args.eval_windows, routing)
+    held_experts = float(args.top_k) if held_experts is None else held_experts
+    shares = expert_shares(model, held_ids, args.max_position, args.top_k, routing)
+    print(
+        f"final: train loss {train_loss:.4f}, held-out loss {held_loss:.4f} (perplexity {math.exp(held_loss):.3f},"
+        f" {held_experts:.3f} experts/token; ln V = {math.log(vocab_size):.3f})",
+        flush=True,
+    )
 
     model.config.output_router_logits = False
     model.save_pretrained(out)
@@ -376,6 +549,30 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}, indent=2) + "\n"
     )
     (out / "heldout.txt").write_text(heldout_sample(corpus.heldout, HELDOUT_TXT_BYTES), encoding="utf-8")
+    if routing is not None:
+        # the routing the model was trained with becomes dynserve's default for this checkpoint
+        (out / "routing.json").write_text(json.dumps(checkpoint_routing(args), indent=2) + "\n")
+    (out / "train_result.json").write_text(
+        json.dumps(
+            {
+                "routing": args.routing,
+                "top_p": args.top_p if routing is not None else None,
+                "entropy_coef": args.entropy_coef,
+                "steps": step,
+                "seed": args.seed,
+                "train_loss": train_loss,
+                "heldout_loss": held_loss,
+                "heldout_perplexity": math.exp(held_loss),
+                "heldout_experts_per_token": held_experts,
+                "train_minutes": train_time / 60,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    if args.no_samples:
+        print(f"saved to {out} (no samples, no TRAINING.md)", flush=True)
+        return 0
 
     model.eval()
     samples = []
@@ -411,7 +608,12 @@ def main(argv: list[str] | None = None) -> int:
         "depends on the machine and its load. To rerun the same number of steps anywhere (a fixed cosine",
         "schedule over them; deterministic for a given seed, thread count, torch build and standard library):",
         "",
-        f"    python -m dynserve.bench.train_demo --out DIR --steps {step} --seed {args.seed} --threads {args.threads}",
+        f"    python -m dynserve.bench.train_demo --out DIR --steps {step} --seed {args.seed} --threads {args.threads}"
+        + (
+            f" --routing top_p --top-p {args.top_p} --entropy-coef {args.entropy_coef}"
+            if routing is not None
+            else (f" --entropy-coef {args.entropy_coef}" if args.entropy_coef else "")
+        ),
         "",
         "## Corpus",
         "",
@@ -445,9 +647,28 @@ def main(argv: list[str] | None = None) -> int:
         f" weight decay {args.weight_decay}),",
         f"peak lr {args.lr}, {args.warmup} warmup steps, cosine decay to 10%, gradient clipping 1.0;"
         f" batch {args.batch} x {args.seq_len} tokens;",
-        f"a load-balancing loss computed per MoE layer, weight {args.aux_coef}. Experts ran with"
-        " transformers' `grouped_mm`",
-        "implementation (same math as the default; the saved checkpoint is standard).",
+        *(
+            [
+                f'Routing: top-p, p = {args.top_p} (Huang et al. 2024, "Harder Tasks Need More Experts"): softmax'
+                " router probabilities,",
+                "sorted descending; an expert is kept while the probabilities ranked before it sum to less than p",
+                "(the top expert always), and its output is weighted by its raw probability (not renormalised).",
+                "Experts ran on their selected tokens only (a loop over the experts). `routing.json` in this",
+                "directory makes the same rule dynserve's default routing for the checkpoint.",
+                f"Losses: next-token cross-entropy + {args.aux_coef} x a load-balancing loss computed per MoE layer"
+                " (fraction of the",
+                "selected (token, expert) pairs per expert x its mean probability)"
+                f" + {args.entropy_coef} x the router entropy (mean nats",
+                "per token, averaged over the MoE layers).",
+            ]
+            if routing is not None
+            else [
+                f"a load-balancing loss computed per MoE layer, weight {args.aux_coef}"
+                + (f", and a router-entropy loss, weight {args.entropy_coef}" if args.entropy_coef else "")
+                + ". Experts ran with transformers' `grouped_mm`",
+                "implementation (same math as the default; the saved checkpoint is standard).",
+            ]
+        ),
         f"{step} steps ({step * args.batch * args.seq_len:,} tokens) in {train_time / 60:.1f} min of wall time"
         f" ({train_cpu / 60:.1f} min of process CPU time);",
         f"{wall / 60:.1f} min in all, with tokenizer training, encoding, evaluation and saving.",
@@ -457,8 +678,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- train loss ({train_tokens:,} tokens of training windows): {train_loss:.4f}",
         f"- held-out loss ({held_tokens:,} tokens of held-out files): {held_loss:.4f}",
         f"- uniform baseline ln({vocab_size}) = {math.log(vocab_size):.4f}",
+        f"- average experts per token per MoE layer on those held-out tokens: {held_experts:.3f}",
         "",
-        f"Share of top-{args.top_k} assignments per expert on the first {args.max_position} held-out tokens:",
+        f"Share of {'top-p' if routing is not None else f'top-{args.top_k}'} assignments per expert on the"
+        f" first {args.max_position} held-out tokens:",
         "",
         *[f"    layer {i}: " + " ".join(f"{x:.3f}" for x in row) for i, row in enumerate(shares)],
         "",
