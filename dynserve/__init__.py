@@ -13,20 +13,10 @@ The compute kernels live in the top-level kernels/ folder, imported as `dynserve
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
-# Before torch loads libgomp (it reads these once; both torch's ops and the native kernels use it):
-# an OpenMP worker waits for the next parallel region by spinning GOMP_SPINCOUNT times, then sleeps.
-# libgomp's long default spin makes every parallel region wait for a descheduled spinner when other
-# processes share the CPU (batch-1 decode measured 14x slower beside two busy processes); a short spin
-# keeps a decode step's back-to-back kernels warm on a quiet machine. A user's own setting wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-from typing import TYPE_CHECKING  # noqa: E402
-
-from dynserve.config import RoutingConfig  # noqa: E402
-from dynserve.sampling_params import SamplingParams  # noqa: E402
+from dynserve.config import RoutingConfig
+from dynserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from dynserve.llm import LLM
