@@ -182,6 +182,34 @@ def paged_attention(
     return paged_attention_ref(q, kv_cache, batch, scale, sinks, window)
 
 
+def attention_block(
+    x: torch.Tensor,
+    in_norm: tuple[torch.Tensor, float],
+    w_qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    w_o: torch.Tensor,
+    post_norm: tuple[torch.Tensor, float],
+    num_heads: int,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode step's whole attention block (norm, qkv, rope, KV write, attention, o_proj, residual
+    add and the next norm; `attention_ref.attention_block_ref`) in one call where the backend has a
+    kernel for it (cpu: `cpu_native.attention_block`) -> (y, h); None where it has not, and the caller
+    runs the block op by op."""
+    if backend == "cpu" and cpu_native.takes_attention_block(
+        x, w_qkv, w_o, (in_norm[0], post_norm[0]), cos, sin, kv_cache, slot_mapping, batch
+    ):
+        return cpu_native.attention_block(
+            x, in_norm, w_qkv, cos, sin, kv_cache, slot_mapping, batch, scale, w_o, post_norm, num_heads
+        )
+    return None
+
+
 def route_selector(backend: str) -> object | None:
     """The native routing pass for `backend` (`dynserve.routing.policies.route(..., select=...)`): the
     CPU one on the "cpu" backend when the native kernels are built, else None (torch routing)."""

@@ -225,3 +225,36 @@ def _decode(
     qb = q.to(cdt).reshape(B, hkv, g, d)  # [B, Hkv, G, D]: the G heads of a kv head as query rows
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(B, hq, d)
+
+
+def attention_block_ref(
+    x: torch.Tensor,
+    in_norm: tuple[torch.Tensor, float],
+    w_qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    w_o: torch.Tensor,
+    post_norm: tuple[torch.Tensor, float],
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (Llama/Mixtral) attention block from the references, the spec of `cpu_native.attention_block`:
+    x [T, H] -> (y, h) with h = x + attention(rmsnorm(x)) @ w_o^T and y = rmsnorm(h) ([T, H] each);
+    K/V of the new tokens written to kv_cache at slot_mapping [T]."""
+    from dynserve_kernels.norm_ref import add_rms_norm_ref, rms_norm_ref
+    from dynserve_kernels.rope_ref import apply_rope_ref
+
+    T = x.shape[0]
+    hkv, d = kv_cache.shape[3], kv_cache.shape[4]
+    hq = num_heads
+    qkv = F.linear(rms_norm_ref(x, in_norm[0], in_norm[1]), w_qkv)  # [T, (Hq + 2 Hkv) D]
+    qk = apply_rope_ref(qkv[:, : (hq + hkv) * d].view(T, hq + hkv, d), cos, sin)  # [T, Hq + Hkv, D]
+    q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
+    v = qkv[:, (hq + hkv) * d :].reshape(T, hkv, d)  # [T, Hkv, D]
+    write_kv_ref(k, v, kv_cache, slot_mapping)
+    o = paged_attention_ref(q, kv_cache, batch, scale)  # [T, Hq, D]
+    a = F.linear(o.reshape(T, hq * d), w_o)  # [T, H]
+    return add_rms_norm_ref(x, a, post_norm[0], post_norm[1])  # (y, h)

@@ -147,6 +147,9 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     for fn in (lib.dyn_rmsnorm_f32, lib.dyn_rmsnorm_bf16):
         fn.restype = None
         fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+    for fn in (lib.dyn_attn_block_f32, lib.dyn_attn_block_bf16):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [*[_ptr] * 11, *[_i64] * 6, _f32, _f32, _ptr, _i64, _ptr, _i64, _ptr, _i64, _f32, _i64]
     fn = lib.dyn_route
     fn.restype = _i64
     fn.argtypes = [
@@ -561,6 +564,113 @@ def write_kv(
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"slots must lie below the cache's {num_slots} slots")
+
+
+# ------------------------------------------------------------------------------- attention block
+
+
+def takes_attention_block(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_o: torch.Tensor,
+    norm_weights: tuple[torch.Tensor, torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    batch: AttentionMetadata,
+) -> bool:
+    """Whether `attention_block` should run this decode attention block: one query per sequence,
+    contiguous float32 or bfloat16 CPU tensors of one dtype, a cache with dense K/V halves, and in
+    float32 no more rows than the native GEMM takes (`NATIVE_LINEAR_MAX_ROWS`, so the result equals
+    the layer-by-layer path's)."""
+    T = x.shape[0] if x.dim() == 2 else -1
+    return (
+        T > 0
+        and batch.max_query_len == 1
+        and T == batch.num_seqs
+        and (T <= NATIVE_LINEAR_MAX_ROWS or x.dtype is torch.bfloat16)
+        and _cpu_native_dtype(x, w_qkv, w_o, norm_weights[0], norm_weights[1], cos, sin, kv_cache)
+        and x.is_contiguous()
+        and w_qkv.is_contiguous()
+        and w_o.is_contiguous()
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and kv_cache.dim() == 5
+        and kv_halves_dense(kv_cache)
+        and slot_mapping.dtype is torch.int64
+        and slot_mapping.device.type == "cpu"
+        and available()
+    )
+
+
+def attention_block(
+    x: torch.Tensor,
+    in_norm: tuple[torch.Tensor, float],
+    w_qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    batch: AttentionMetadata,
+    scale: float,
+    w_o: torch.Tensor,
+    post_norm: tuple[torch.Tensor, float],
+    num_heads: int,
+    num_threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's attention block in one native call (`attention_ref.attention_block_ref`):
+    x [T, H] (the residual stream, one token per sequence) -> (y, h), h = x + o_proj(attn(rope(
+    qkv_proj(rmsnorm(x))))) and y = rmsnorm(h), both [T, H]; the new K/V rows are written to
+    kv_cache [2, N, bs, Hkv, D] at slot_mapping [T]. `in_norm`/`post_norm`: (weight [H], eps);
+    w_qkv [(Hq + 2 Hkv) D, H] (q rows, then k, then v), w_o [H, Hq D], cos/sin [T, R]. Bit-identical
+    to the layer-by-layer native kernels; `takes_attention_block` must hold."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    T, H = x.shape
+    _, num_blocks, bs, hkv, d = kv_cache.shape
+    hq = num_heads
+    R = cos.shape[1]
+    if (
+        hq % hkv
+        or w_qkv.shape != ((hq + 2 * hkv) * d, H)
+        or w_o.shape != (H, hq * d)
+        or cos.shape != (T, R)
+        or sin.shape != (T, R)
+        or R % 2
+        or R > d
+        or in_norm[0].shape != (H,)
+        or post_norm[0].shape != (H,)
+    ):
+        raise ValueError(
+            f"attention block shapes do not fit: x {tuple(x.shape)}, w_qkv {tuple(w_qkv.shape)}, w_o "
+            f"{tuple(w_o.shape)}, cos {tuple(cos.shape)}, kv_cache {tuple(kv_cache.shape)}, {hq} query heads"
+        )
+    slots = slot_mapping.contiguous()  # [T]
+    bt = batch.block_tables.to(torch.int64).contiguous()  # [T, max_blocks]
+    sl = batch.seq_lens.to(torch.int64).contiguous()  # [T]
+    if slots.shape != (T,) or bt.shape[0] != T or sl.shape != (T,):
+        raise ValueError(f"slot_mapping / block_tables / seq_lens do not fit {T} sequences")
+    if not lib.dyn_in_range(sl.data_ptr(), T, -(2**63), bt.shape[1] * bs + 1):
+        raise ValueError("a sequence is longer than its block table covers")
+    if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, num_blocks):
+        raise ValueError(f"block table entries must lie in [0, {num_blocks})")
+    y = torch.empty_like(x)  # [T, H]
+    h = torch.empty_like(x)  # [T, H]
+    fn = lib.dyn_attn_block_f32 if x.dtype is torch.float32 else lib.dyn_attn_block_bf16
+    status = fn(
+        x.data_ptr(), in_norm[0].data_ptr(), w_qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), w_o.data_ptr(), post_norm[0].data_ptr(), y.data_ptr(),
+        h.data_ptr(), T, H, hq, hkv, d, R, float(in_norm[1]), float(post_norm[1]), slots.data_ptr(),
+        num_blocks * bs, bt.data_ptr(), bt.shape[1], sl.data_ptr(), bs, float(scale),
+        num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if status == -1:
+        raise ValueError(f"slots must lie below the cache's {num_blocks * bs} slots")
+    if status != 0:
+        raise MemoryError("native attention block could not allocate its scratch buffer")
+    return y, h
 
 
 # ------------------------------------------------------------------------------------------- routing

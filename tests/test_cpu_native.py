@@ -689,3 +689,118 @@ def test_native_decode_sinks_on_empty_context_give_zeros():
     lens[1] = 0
     out = cpu_native.paged_decode_attention(q, kv_cache, batch.block_tables, lens, 0.3, sinks=torch.ones(4), window=3)
     assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the decode attention block in one native call (norm, qkv, rope, KV write, attention, o_proj, add, norm)
+
+# (context lengths after the step, block size, Hq, Hkv, D, rotary dims, hidden)
+BLOCK_CASES = [
+    ([5, 17, 1, 8], 4, 4, 4, 8, 8, 24),  # MHA, a length-1 sequence
+    ([33, 2, 16], 16, 6, 2, 16, 6, 40),  # GQA, partial rotary
+    ([9], 8, 4, 1, 24, 24, 33),  # MQA, batch 1, odd hidden size
+    ([300, 7, 129, 64, 1, 250], 16, 8, 4, 64, 64, 512),  # the bench model's attention
+]
+
+
+def _block_problem(lens, bs, hq, hkv, d, R, H, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch, num_blocks = make_batch([(n, 1) for n in lens], bs, seed=seed)
+    cache = torch.zeros(2, num_blocks, bs, hkv, d)  # [2, N, bs, Hkv, D]
+    fill_prefix(cache, batch, gen)
+    T = len(lens)
+    x = torch.randn(T, H, generator=gen)  # [T, H]
+    w_qkv = torch.randn((hq + 2 * hkv) * d, H, generator=gen) / H**0.5
+    w_o = torch.randn(H, hq * d, generator=gen) / (hq * d) ** 0.5
+    in_w, post_w = 1 + 0.1 * torch.randn(H, generator=gen), 1 + 0.1 * torch.randn(H, generator=gen)
+    ang = torch.rand(T, R // 2, generator=gen) * 6
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)  # [T, R] each
+    ts = [t.to(dtype).contiguous() for t in (x, w_qkv, w_o, in_w, post_w, cos, sin, cache)]
+    return batch, ts
+
+
+def _run_block(fn, batch, ts, hq, dtype):
+    x, w_qkv, w_o, in_w, post_w, cos, sin, cache = ts
+    cache = cache.clone()
+    scale = cache.shape[-1] ** -0.5
+    y, h = fn(x, (in_w, 1e-5), w_qkv, cos, sin, cache, batch.slot_mapping, batch, scale, w_o, (post_w, 1e-6), hq)
+    return y, h, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(BLOCK_CASES)))
+def test_native_attention_block_matches_reference_and_the_layer_by_layer_kernels(case, dtype):
+    from dynserve_kernels.attention_ref import attention_block_ref
+
+    lens, bs, hq, hkv, d, R, H = BLOCK_CASES[case]
+    batch, ts = _block_problem(lens, bs, hq, hkv, d, R, H, dtype, seed=case)
+    x, w_qkv, w_o, in_w, post_w, cos, sin, cache = ts
+    assert cpu_native.takes_attention_block(x, w_qkv, w_o, (in_w, post_w), cos, sin, cache, batch.slot_mapping, batch)
+    y, h, kv = _run_block(cpu_native.attention_block, batch, ts, hq, dtype)
+    y_ref, h_ref, kv_ref = _run_block(attention_block_ref, batch, ts, hq, dtype)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    assert _rel_err(kv, kv_ref) <= tol  # the new K/V rows (rope'd K) in the cache, nothing else touched
+    assert _rel_err(h, h_ref) <= tol and _rel_err(y, y_ref) <= tol
+
+    # the same kernels called one by one (the engine's path when the block is not fused): bit for bit
+    def layer_by_layer(x, in_norm, w_qkv, cos, sin, cache, slots, batch, scale, w_o, post_norm, hq):
+        T = x.shape[0]
+        qkv = dynserve_kernels.linear(dynserve_kernels.rms_norm(x, in_norm[0], in_norm[1], "cpu"), w_qkv, None, "cpu")
+        qk = dynserve_kernels.apply_rope(qkv[:, : (hq + hkv) * d].view(T, hq + hkv, d), cos, sin, "cpu")
+        v = qkv[:, (hq + hkv) * d :].view(T, hkv, d)
+        dynserve_kernels.write_kv(qk[:, hq:], v, cache, slots, "cpu")
+        o = dynserve_kernels.paged_attention(qk[:, :hq], cache, batch, scale, "cpu")
+        a = dynserve_kernels.linear(o.reshape(T, hq * d), w_o, None, "cpu")
+        return dynserve_kernels.add_rms_norm(x, a, post_norm[0], post_norm[1], "cpu")
+
+    y2, h2, kv2 = _run_block(layer_by_layer, batch, ts, hq, dtype)
+    assert torch.equal(y, y2) and torch.equal(h, h2) and torch.equal(kv, kv2)
+
+
+def test_native_attention_block_rejects_bad_input_and_writes_nothing():
+    lens, bs, hq, hkv, d, R, H = BLOCK_CASES[0]
+    batch, ts = _block_problem(lens, bs, hq, hkv, d, R, H, torch.float32)
+    x, w_qkv, w_o, in_w, post_w, cos, sin, cache = ts
+    scale = d**-0.5
+    bad_slots = batch.slot_mapping.clone()
+    bad_slots[-1] = cache.shape[1] * bs  # one past the cache
+    before = cache.clone()
+    with pytest.raises(ValueError, match="slots"):
+        cpu_native.attention_block(x, (in_w, 1e-5), w_qkv, cos, sin, cache, bad_slots, batch, scale, w_o,
+                                   (post_w, 1e-5), hq)  # fmt: skip
+    assert torch.equal(cache, before)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_native.attention_block(x, (in_w, 1e-5), w_qkv[1:], cos, sin, cache, batch.slot_mapping, batch, scale, w_o,
+                                   (post_w, 1e-5), hq)  # fmt: skip
+    bad = make_batch([(n, 1) for n in lens], bs, seed=0)[0]
+    bad.block_tables[0, 0] = cache.shape[1]  # a block past the cache
+    with pytest.raises(ValueError, match="block table"):
+        cpu_native.attention_block(x, (in_w, 1e-5), w_qkv, cos, sin, cache, bad.slot_mapping, bad, scale, w_o,
+                                   (post_w, 1e-5), hq)  # fmt: skip
+    # not taken: prefill-shaped batches, float16, more float32 rows than the native GEMM takes
+    pre = make_batch([(6, 3)], bs)[0]
+    assert not cpu_native.takes_attention_block(x[:3], w_qkv, w_o, (in_w, post_w), cos[:3], sin[:3], cache,
+                                                pre.slot_mapping, pre)  # fmt: skip
+    h16 = [t.half() for t in ts]
+    assert not cpu_native.takes_attention_block(h16[0], h16[1], h16[2], (h16[3], h16[4]), h16[5], h16[6], h16[7],
+                                                batch.slot_mapping, batch)  # fmt: skip
+    assert dynserve_kernels.attention_block(x, (in_w, 1e-5), w_qkv, cos, sin, cache, batch.slot_mapping, batch, scale,
+                                            w_o, (post_w, 1e-5), hq, "torch") is None  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_decodes_the_same_tokens_with_the_fused_attention_block(dtype, checkpoint_factory, monkeypatch):
+    from dynserve import LLM, SamplingParams
+    from dynserve.model import layers
+
+    path = checkpoint_factory("mixtral")
+    calls = []
+    real = cpu_native.attention_block
+    monkeypatch.setattr(cpu_native, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [1 + i, 5, 9, 2 + 3 * i, 7][: 2 + i]} for i in range(3)]
+    fused = [o.outputs[0].token_ids for o in LLM(str(path), dtype=dtype).generate(prompts, sp)]
+    assert calls  # the decode steps went through the fused block
+    monkeypatch.setattr(layers.Attention, "forward_block", lambda *a, **k: None)
+    plain = [o.outputs[0].token_ids for o in LLM(str(path), dtype=dtype).generate(prompts, sp)]
+    assert fused == plain

@@ -173,8 +173,16 @@ class DecoderLayer(nn.Module):
         kv_caches: list[torch.Tensor],
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, kv_caches[0], batch)  # [T, H]
-        y, h = self.post_attention_layernorm.forward_add(x, a)  # norm(h), h = x + a: [T, H] each
+        fused = None
+        if isinstance(self.self_attn, Attention):  # decode on the CPU: the block in one native call
+            fused = self.self_attn.forward_block(
+                x, self.input_layernorm, self.post_attention_layernorm, cos, sin, kv_caches[0], batch
+            )
+        if fused is not None:
+            y, h = fused  # norm(h), h = x + attn(norm(x)): [T, H] each
+        else:
+            a = self.self_attn(self.input_layernorm(x), cos, sin, kv_caches[0], batch)  # [T, H]
+            y, h = self.post_attention_layernorm.forward_add(x, a)  # norm(h), h = x + a: [T, H] each
         return h + self.mlp(y, batch)  # [T, H]
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, spec: DecoderSpec) -> None:

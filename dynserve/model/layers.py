@@ -392,6 +392,33 @@ class Attention(nn.Module):
         )  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H]
 
+    def forward_block(
+        self,
+        x: torch.Tensor,
+        input_norm: RMSNorm,
+        post_norm: RMSNorm,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(post_norm(h), h), h = x + self(input_norm(x)), in one kernel call where the backend fuses
+        the block (decode steps of plain attention: no q/k norm, clipping, sinks, window or biases);
+        None otherwise."""
+        if (
+            self.qk_norm is not None
+            or self.clip_qkv is not None
+            or self.sinks is not None
+            or self.window
+            or self.qkv_proj.bias is not None
+            or self.o_proj.bias is not None
+        ):
+            return None
+        return dynserve_kernels.attention_block(
+            x, (input_norm.weight, input_norm.eps), self.qkv_proj.weight, cos, sin, kv_cache, batch.slot_mapping,
+            batch, self.scale, self.o_proj.weight, (post_norm.weight, post_norm.eps), self.num_heads, self.backend,
+        )  # fmt: skip
+
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str) -> None:
         load_linear(self.qkv_proj, ws, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], device)
         load_linear(self.o_proj, ws, [f"{prefix}.o_proj"], device)

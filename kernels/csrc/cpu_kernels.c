@@ -1026,3 +1026,78 @@ int64_t dyn_route(const float *scores, const float *choice, int64_t T, int64_t E
     }
     return offsets[T];
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * One decode attention block (Llama/Mixtral attention: no q/k norm, no clipping, no sinks, no
+ * window, no projection biases), the calls the Python layer would make, in one native call:
+ *
+ *   xn = rmsnorm(x; in_w)                        x [T, H] (the residual stream)
+ *   qkv = xn @ w_qkv^T                           w_qkv [(Hq + 2 Hkv) D, H]
+ *   q, k = rope(q), rope(k)                      cos/sin [T, R]
+ *   kv cache[slots] = k, v                       kc/vc [num_slots, Hkv, D]
+ *   o = paged decode attention(q)                one query per sequence (T = B)
+ *   h = x + o @ w_o^T; y = rmsnorm(h; post_w)    w_o [H, Hq D]
+ *
+ * Each step is the kernel the separate calls use (so the results are bit-identical to them); the
+ * intermediates live in a grow-only buffer of the calling thread. Returns 0; -1 when a slot lies
+ * past the cache (nothing written, as dyn_write_kv); -2 when out of memory.
+ * ------------------------------------------------------------------------------------------- */
+static void *scratch_block(size_t bytes) {
+    static __thread void *buf = NULL;
+    static __thread size_t cap = 0;
+    if (bytes > cap) {
+        free(buf);
+        buf = malloc(bytes);
+        cap = buf ? bytes : 0;
+    }
+    return buf;
+}
+
+#define ATTN_BLOCK_ARGS                                                                                     \
+    int64_t T, int64_t H, int64_t Hq, int64_t Hkv, int64_t D, int64_t R, float in_eps, float post_eps,       \
+        const int64_t *slots, int64_t num_slots, const int64_t *block_tables, int64_t max_blocks,           \
+        const int64_t *seq_lens, int64_t bs, float scale, int64_t num_threads
+
+int dyn_attn_block_f32(const float *x, const float *in_w, const float *w_qkv, const float *cos, const float *sin,
+                       float *kc, float *vc, const float *w_o, const float *post_w, float *y, float *h,
+                       ATTN_BLOCK_ARGS) {
+    const int64_t NQKV = (Hq + 2 * Hkv) * D, QD = Hq * D;
+    float *xn = (float *)scratch_block(sizeof(float) * (size_t)(T * (H + NQKV + QD + Hkv * D + QD + H)));
+    if (!xn) return -2;
+    float *qkv = xn + T * H, *q = qkv + T * NQKV, *k = q + T * QD, *o = k + T * Hkv * D, *a = o + T * QD;
+    dyn_rmsnorm_f32(x, NULL, in_w, xn, NULL, T, H, in_eps);
+    dyn_gemm_nt_f32(xn, H, w_qkv, H, T, NQKV, qkv, NQKV, num_threads);
+    dyn_rope_f32(qkv, NQKV, cos, sin, q, T, Hq, D, R);
+    dyn_rope_f32(qkv + QD, NQKV, cos, sin, k, T, Hkv, D, R);
+    if (dyn_write_kv((const char *)k, Hkv * D, (const char *)(qkv + QD + Hkv * D), NQKV, (char *)kc, (char *)vc,
+                     slots, T, Hkv * D, num_slots, (int64_t)sizeof(float)) != 0)
+        return -1;
+    if (dyn_paged_decode_f32(q, kc, vc, block_tables, max_blocks, seq_lens, T, Hq, Hkv, D, bs, scale, NULL, 0, o,
+                             num_threads) != 0)
+        return -2;
+    dyn_gemm_nt_f32(o, QD, w_o, QD, T, H, a, H, num_threads);
+    dyn_rmsnorm_f32(x, a, post_w, y, h, T, H, post_eps);
+    return 0;
+}
+
+int dyn_attn_block_bf16(const uint16_t *x, const uint16_t *in_w, const uint16_t *w_qkv, const uint16_t *cos,
+                        const uint16_t *sin, uint16_t *kc, uint16_t *vc, const uint16_t *w_o, const uint16_t *post_w,
+                        uint16_t *y, uint16_t *h, ATTN_BLOCK_ARGS) {
+    const int64_t NQKV = (Hq + 2 * Hkv) * D, QD = Hq * D;
+    uint16_t *xn = (uint16_t *)scratch_block(sizeof(uint16_t) * (size_t)(T * (H + NQKV + QD + Hkv * D + QD + H)));
+    if (!xn) return -2;
+    uint16_t *qkv = xn + T * H, *q = qkv + T * NQKV, *k = q + T * QD, *o = k + T * Hkv * D, *a = o + T * QD;
+    dyn_rmsnorm_bf16(x, NULL, in_w, xn, NULL, T, H, in_eps);
+    if (dyn_gemm_nt_bf16(xn, H, w_qkv, H, T, NQKV, qkv, NQKV, NULL, num_threads) != 0) return -2;
+    dyn_rope_bf16(qkv, NQKV, cos, sin, q, T, Hq, D, R);
+    dyn_rope_bf16(qkv + QD, NQKV, cos, sin, k, T, Hkv, D, R);
+    if (dyn_write_kv((const char *)k, Hkv * D, (const char *)(qkv + QD + Hkv * D), NQKV, (char *)kc, (char *)vc,
+                     slots, T, Hkv * D, num_slots, (int64_t)sizeof(uint16_t)) != 0)
+        return -1;
+    if (dyn_paged_decode_bf16(q, kc, vc, block_tables, max_blocks, seq_lens, T, Hq, Hkv, D, bs, scale, NULL, 0, o,
+                              num_threads) != 0)
+        return -2;
+    if (dyn_gemm_nt_bf16(o, QD, w_o, QD, T, H, a, H, NULL, num_threads) != 0) return -2;
+    dyn_rmsnorm_bf16(x, a, post_w, y, h, T, H, post_eps);
+    return 0;
+}
