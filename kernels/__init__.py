@@ -200,9 +200,13 @@ def attention_block(
     """A decode step's whole attention block (norm, qkv, rope, KV write, attention, o_proj, residual
     add and the next norm; `attention_ref.attention_block_ref`) in one call where the backend has a
     kernel for it (cpu: `cpu_native.attention_block`) -> (y, h); None where it has not, and the caller
-    runs the block op by op."""
-    if backend == "cpu" and cpu_native.takes_attention_block(
-        x, w_qkv, w_o, (in_norm[0], post_norm[0]), cos, sin, kv_cache, slot_mapping, batch
+    runs the block op by op. `DYNSERVE_FUSED_BLOCKS=0` turns the fused block off (A/B benchmarks)."""
+    if (
+        backend == "cpu"
+        and os.environ.get("DYNSERVE_FUSED_BLOCKS", "1") != "0"
+        and cpu_native.takes_attention_block(
+            x, w_qkv, w_o, (in_norm[0], post_norm[0]), cos, sin, kv_cache, slot_mapping, batch
+        )
     ):
         return cpu_native.attention_block(
             x, in_norm, w_qkv, cos, sin, kv_cache, slot_mapping, batch, scale, w_o, post_norm, num_heads

@@ -8,10 +8,11 @@ from dynserve.bench import decode_step
 def test_decode_step_variants_agree(checkpoint_factory, capsys):
     path = checkpoint_factory("mixtral")
     res = decode_step.main(
-        ["--model", str(path), "--variants", "torch", "cpu", "cpu-no-hugepages", "--num-prompts", "5", "--steps", "3",
+        ["--model", str(path), "--variants", "torch", "cpu", "cpu-no-hugepages", "cpu-unfused", "--num-prompts", "5",
+         "--steps", "3",
          "--min-prompt-len", "3", "--max-prompt-len", "20"]
     )  # fmt: skip
-    assert set(res["variants"]) == {"torch", "cpu", "cpu-no-hugepages"}
+    assert set(res["variants"]) == {"torch", "cpu", "cpu-no-hugepages", "cpu-unfused"}
     assert all(v["median_ms"] > 0 and v["best_ms"] <= v["median_ms"] for v in res["variants"].values())
     assert res["variants"]["torch"]["x_first"] == 1.0
     assert res["same_tokens"]

@@ -534,3 +534,18 @@ def test_overload_table_and_plot(tmp_path):
     png = overload.plot(results, tmp_path / "o.png")
     if png is not None:  # matplotlib installed
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_test_checkpoint_builds_and_serves_text(tmp_path, monkeypatch):
+    """`python -m loadtests.checkpoints NAME --out DIR` writes a checkpoint dynserve loads, with the
+    demo tokenizer (text prompts, text out) and the named expert layout (here shrunk for speed)."""
+    from dynserve import LLM, SamplingParams
+    from loadtests import checkpoints
+
+    small = dict(checkpoints.SHAPES["olmoe-64x8"], hidden_size=32, intermediate_size=16, num_hidden_layers=2)
+    monkeypatch.setitem(checkpoints.SHAPES, "olmoe-64x8", small)
+    assert checkpoints.main(["olmoe-64x8", "--out", str(tmp_path / "ck")]) == 0
+    llm = LLM(str(tmp_path / "ck"))
+    out = llm.generate(["def main():"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].text
+    assert out.expert_usage.avg_experts_per_token == 8.0  # top-8 of 64 experts

@@ -10,17 +10,20 @@ and best decode-step time per variant, the ratio to the first, and whether every
 the same greedy tokens.
 
 Variants: `torch` (plain-torch references), `cpu` (native CPU kernels where they apply; the
-default on CPU), `cpu-no-hugepages` (the same with weights and KV cache in ordinary 4 KB pages).
+default on CPU), `cpu-no-hugepages` (the same with weights and KV cache in ordinary 4 KB pages),
+`cpu-unfused` (the native kernels called one by one: no fused decode attention block).
 `--dtype` (float32 or bfloat16) applies to every variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,22 +34,31 @@ VARIANTS = {
     "torch": {"DYNSERVE_KERNEL_BACKEND": "torch", "DYNSERVE_HUGEPAGES": "1"},
     "cpu": {"DYNSERVE_KERNEL_BACKEND": "cpu", "DYNSERVE_HUGEPAGES": "1"},
     "cpu-no-hugepages": {"DYNSERVE_KERNEL_BACKEND": "cpu", "DYNSERVE_HUGEPAGES": "0"},
+    "cpu-unfused": {"DYNSERVE_KERNEL_BACKEND": "cpu", "DYNSERVE_HUGEPAGES": "1", "DYNSERVE_FUSED_BLOCKS": "0"},
 }
 
 
-def _build(model_dir: Path, env: dict[str, str], num_kv_blocks: int, max_num_seqs: int, dtype: str = "float32"):  # noqa: ANN202
-    from dynserve import LLM
-
+@contextlib.contextmanager
+def _env(env: dict[str, str]) -> Iterator[None]:
+    """`env` set in os.environ for the block (the variant's knobs, read while the model is built and,
+    for DYNSERVE_FUSED_BLOCKS, while it steps), the previous values restored after."""
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # read while the model and KV cache are built
+    os.environ.update(env)
     try:
-        return LLM(str(model_dir), num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, dtype=dtype).engine
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _build(model_dir: Path, env: dict[str, str], num_kv_blocks: int, max_num_seqs: int, dtype: str = "float32"):  # noqa: ANN202
+    from dynserve import LLM
+
+    with _env(env):
+        return LLM(str(model_dir), num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, dtype=dtype).engine
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,16 +92,18 @@ def main(argv: list[str] | None = None) -> dict:
             eng.add_request(f"{name}-{i}", None, sp, prompt_token_ids=p)
         produced: set[str] = set()
         while len(produced) < len(prompts):  # prefill (chunked by the token budget) and a first token each
-            produced.update(o.request_id for o in eng.step())
+            with _env(VARIANTS[name]):
+                produced.update(o.request_id for o in eng.step())
         engines[name] = eng
     times: dict[str, list[float]] = {name: [] for name in engines}
     tokens: dict[str, dict[str, list[int]]] = {name: {} for name in engines}  # variant -> prompt -> tokens
     experts: dict[str, list[float]] = {name: [] for name in engines}  # avg experts/token per request
     for _ in range(args.steps):
         for name, eng in engines.items():
-            t0 = time.perf_counter()
-            outs = eng.step()
-            times[name].append(time.perf_counter() - t0)
+            with _env(VARIANTS[name]):
+                t0 = time.perf_counter()
+                outs = eng.step()
+                times[name].append(time.perf_counter() - t0)
             for o in outs:
                 tokens[name][o.request_id.split("-")[-1]] = list(o.outputs[0].token_ids)
                 if o.expert_usage.num_tokens:
