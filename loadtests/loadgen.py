@@ -324,6 +324,8 @@ def request_body(cfg: LoadConfig, spec: RequestSpec, model: str) -> dict[str, An
     if spec.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        if cfg.prompt_format == "token-ids":  # a model without a tokenizer streams no text: time the token ids
+            body["return_token_ids"] = True
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     if cfg.routing is not None:
@@ -383,7 +385,7 @@ async def _send_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                 text = _chunk_text(choice)
                 if choice.get("finish_reason"):
                     res.finish_reason = choice["finish_reason"]
-                if text:
+                if text or choice.get("token_ids"):  # new text, or new tokens (return_token_ids)
                     if res.ttft is None:
                         res.ttft = now - res.start
                     else:

@@ -47,6 +47,8 @@ def _fake_app(state: FakeState) -> FastAPI:
         body = await req.json()
         state.bodies.append(body)
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        ids_only = isinstance(prompt, list)  # token-id prompts: a model without a tokenizer, no text out
+        prompt = "" if ids_only else prompt
         if prompt.startswith("fail"):
             return JSONResponse(
                 {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}},
@@ -61,6 +63,13 @@ def _fake_app(state: FakeState) -> FastAPI:
         }
 
         def choice(text: str, finish: str | None) -> dict:
+            if ids_only:
+                return {
+                    "index": 0,
+                    "text": "",
+                    "finish_reason": finish,
+                    "token_ids": [7] if body.get("return_token_ids") else [],
+                }
             if chat:
                 return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
             return {"index": 0, "text": text, "finish_reason": finish}
@@ -549,3 +558,16 @@ def test_load_test_checkpoint_builds_and_serves_text(tmp_path, monkeypatch):
     out = llm.generate(["def main():"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].text
     assert out.expert_usage.avg_experts_per_token == 8.0  # top-8 of 64 experts
+
+
+def test_token_id_prompts_time_tokens_by_their_ids(fake):
+    """A model without a tokenizer streams no text; with token-id prompts the generator asks for
+    `return_token_ids` and times the chunks that carry new ids (else TTFT and ITL would be empty)."""
+    url, state = fake
+    state.bodies.clear()
+    cfg = LoadConfig(base_url=url, num_requests=2, concurrency=2, max_duration=20, prompt_format="token-ids")
+    s = loadgen.summarize(_run(cfg))
+    assert all(b["return_token_ids"] is True and isinstance(b["prompt"], list) for b in state.bodies)
+    assert s["completed"] == 2 and s["total_output_tokens"] == 2 * FAKE_TOKENS
+    assert FAKE_TTFT * 1000 <= s["median_ttft_ms"] < FAKE_TTFT * 1000 + 150
+    assert FAKE_ITL * 1000 * 0.9 <= s["median_itl_ms"] < FAKE_ITL * 1000 + 40

@@ -204,6 +204,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         body = CompletionResponse(
             id=request_id, created=created, model=srv.model_name, choices=choices, usage=usage_body(finals)
         ).model_dump()
+        if req.return_token_ids:
+            ids = [(out.prompt_token_ids, c.token_ids) for out in finals for c in out.outputs]
+            for choice, (prompt_ids, token_ids) in zip(body["choices"], ids, strict=True):
+                choice["prompt_token_ids"], choice["token_ids"] = list(prompt_ids), list(token_ids)
         if req.return_routed_experts:
             add_routed_experts(body, finals, req.n, req.routed_experts_format)
         return JSONResponse(body, headers=headers)
@@ -244,6 +248,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *, ow
         body = ChatCompletionResponse(
             id=request_id, created=created, model=srv.model_name, choices=choices, usage=usage_body(finals)
         ).model_dump()
+        if req.return_token_ids:
+            for choice, c in zip(body["choices"], out.outputs, strict=True):
+                choice["prompt_token_ids"], choice["token_ids"] = list(out.prompt_token_ids), list(c.token_ids)
         if req.return_routed_experts:
             add_routed_experts(body, finals, req.n, req.routed_experts_format)
         return JSONResponse(body, headers=headers)

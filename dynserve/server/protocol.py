@@ -267,6 +267,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
+    # the prompt's and each choice's token ids in the response (streamed: each chunk's new ids), as vLLM's
+    return_token_ids: Bool = False
     # dynserve extensions
     routing: RoutingParams | None = None
     return_routed_experts: Bool = False

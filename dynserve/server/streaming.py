@@ -164,6 +164,7 @@ async def completion_stream(
                     yield text
         echoed: set[int] = set()
         ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
+        ids_started: set[int] = set()  # choices that sent their prompt_token_ids (return_token_ids)
         routed = RoutedStreamer(req.return_routed_experts, req.routed_experts_format)
         async for i, out in merge_streams(streams):
             if echo_later and i not in echoed:
@@ -183,11 +184,17 @@ async def completion_stream(
                 if req.logprobs is not None and c.logprobs_delta:
                     lp, offsets[idx] = completion_logprobs(c.logprobs_delta, tok_text, offsets[idx])
                 rows, top = routed.rows(c), routed.prompt(i, out)
-                if not c.text_delta and lp is None and finish is None and rows is None and not top:
+                new_ids = c.token_ids_delta if req.return_token_ids else None
+                if not c.text_delta and lp is None and finish is None and rows is None and not top and not new_ids:
                     continue
                 choice: dict[str, Any] = {"index": idx, "text": c.text_delta, "logprobs": lp, "finish_reason": finish}
                 if finish is not None:
                     choice["stop_reason"] = c.stop_reason
+                if req.return_token_ids:
+                    if idx not in ids_started:  # the prompt's ids once per choice, with its first chunk
+                        ids_started.add(idx)
+                        choice["prompt_token_ids"] = list(out.prompt_token_ids)
+                    choice["token_ids"] = list(c.token_ids_delta)
                 routed.add(choice, rows)
                 yield chunk([choice], top)
         if req.include_usage:
@@ -243,6 +250,7 @@ async def chat_stream(
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         ended: set[int] = set()  # choices that already sent their finish_reason (each finishes once)
+        ids_started: set[int] = set()  # choices that sent their prompt_token_ids (return_token_ids)
         routed = RoutedStreamer(req.return_routed_experts, req.routed_experts_format)
         async for out in stream:
             if out.finished:
@@ -257,10 +265,16 @@ async def chat_stream(
                 if req.logprobs and c.logprobs_delta:
                     lp = chat_logprobs(c.logprobs_delta, tok_text, num_top)
                 rows, top = routed.rows(c), routed.prompt(0, out)
-                if not c.text_delta and lp is None and finish is None and rows is None and not top:
+                new_ids = c.token_ids_delta if req.return_token_ids else None
+                if not c.text_delta and lp is None and finish is None and rows is None and not top and not new_ids:
                     continue
                 delta = {"content": c.text_delta} if (c.text_delta or lp is not None) else {}
                 extra: dict[str, Any] = {}
+                if req.return_token_ids:
+                    if c.index not in ids_started:  # the prompt's ids once per choice, with its first chunk
+                        ids_started.add(c.index)
+                        extra["prompt_token_ids"] = list(out.prompt_token_ids)
+                    extra["token_ids"] = list(c.token_ids_delta)
                 routed.add(extra, rows)
                 yield chunk(c.index, delta, lp, finish, top, extra)
         if req.include_usage:
