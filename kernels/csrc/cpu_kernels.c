@@ -122,6 +122,184 @@ static void k_order_row(float *row, int64_t n) {
 }
 #endif
 
+/* Decode attention building blocks, on float32 rows (a bfloat16 cache row is widened first).
+ *
+ * qk_row: the scores of one cache position for every query head, s[i * L + t] = scale * q_i . k_h(i)
+ * (h(i) = i / G). Four heads run at once with independent accumulators, so the FMAs do not wait on
+ * each other (one dot product at a time is one dependent FMA chain, ~4x slower), then the four
+ * 8-lane sums are reduced together (three hadds and one add); a head-dim tail (D % 8) is added in
+ * plain C. pv_rows: acc_i += sum over n positions of p_i(t) v_h(i)(t), n <= 4, one FMA per position
+ * in position order (the result equals one position at a time) with each accumulator loaded and
+ * stored once per n positions instead of once per position. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline void qk_row(const float *krow, const float *qf, int64_t Hq, int64_t G, int64_t D, float scale,
+                          float *s, int64_t L, int64_t t) {
+    const int64_t D8 = D & ~(int64_t)7;
+    int64_t i = 0;
+    for (; i + 4 <= Hq; i += 4) {
+        const float *k0 = krow + (i / G) * D, *k1 = krow + ((i + 1) / G) * D;
+        const float *k2 = krow + ((i + 2) / G) * D, *k3 = krow + ((i + 3) / G) * D;
+        const float *q0 = qf + i * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D8; d += 8) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), _mm256_loadu_ps(k1 + d), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + d), _mm256_loadu_ps(k2 + d), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + d), _mm256_loadu_ps(k3 + d), a3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        float dots[4];
+        _mm_storeu_ps(dots, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        const float *ks[4] = {k0, k1, k2, k3}, *qs[4] = {q0, q1, q2, q3};
+        for (int j = 0; j < 4; j++) {
+            float dot = dots[j];
+            for (int64_t d = D8; d < D; d++) dot += qs[j][d] * ks[j][d];
+            s[(i + j) * L + t] = dot * scale;
+        }
+    }
+    for (; i < Hq; i++) {
+        const float *kh = krow + (i / G) * D, *qh = qf + i * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
+        s[i * L + t] = dot * scale;
+    }
+}
+#else
+static inline void qk_row(const float *krow, const float *qf, int64_t Hq, int64_t G, int64_t D, float scale,
+                          float *s, int64_t L, int64_t t) {
+    for (int64_t i = 0; i < Hq; i++) {
+        const float *kh = krow + (i / G) * D, *qh = qf + i * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
+        s[i * L + t] = dot * scale;
+    }
+}
+#endif
+
+/* Softmax pieces of decode attention over a row of scores x[0..n): row_max, and exp_sum, which
+ * replaces x[t] by exp(x[t] - m) (rounded to bfloat16 when round_bf16_out) and returns the float32
+ * sum of the unrounded values. The AVX2 version evaluates fast_expf's polynomial on 8 lanes at once
+ * (the scalar fast_expf does not vectorise: ~4x the time of the dot products at short contexts). */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 fast_exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 half = _mm256_or_ps(_mm256_and_ps(n, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.5f));
+    n = _mm256_round_ps(_mm256_add_ps(n, half), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); /* half away from 0 */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* round each (finite) lane to the nearest bfloat16, ties to even, as f32_to_bf16 */
+static inline __m256 round_bf16_8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline float row_max(const float *x, int64_t n) {
+    int64_t t = 0;
+    float m = x[0];
+    if (n >= 8) {
+        __m256 mv = _mm256_loadu_ps(x);
+        for (t = 8; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + t));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mv);
+        for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    }
+    for (; t < n; t++) m = x[t] > m ? x[t] : m;
+    return m;
+}
+
+static inline float exp_sum(float *x, int64_t n, float m, int round_bf16_out) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + t), mv));
+        sv = _mm256_add_ps(sv, e);
+        _mm256_storeu_ps(x + t, round_bf16_out ? round_bf16_8(e) : e);
+    }
+    float lanes[8], sum = 0.0f;
+    _mm256_storeu_ps(lanes, sv);
+    for (int j = 0; j < 8; j++) sum += lanes[j];
+    for (; t < n; t++) {
+        const float e = fast_expf(x[t] - m);
+        sum += e;
+        x[t] = round_bf16_out ? round_bf16(e) : e;
+    }
+    return sum;
+}
+#else
+static inline float row_max(const float *x, int64_t n) {
+    float m = x[0];
+    for (int64_t t = 1; t < n; t++) m = x[t] > m ? x[t] : m;
+    return m;
+}
+
+static inline float exp_sum(float *x, int64_t n, float m, int round_bf16_out) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float e = fast_expf(x[t] - m);
+        sum += e;
+        x[t] = round_bf16_out ? round_bf16(e) : e;
+    }
+    return sum;
+}
+#endif
+
+/* Prefetch (into L2) the cache rows of block table entry `next` (bs rows of `row_bytes`), issued when
+ * a sequence's walk enters the block before it: blocks are scattered, so the hardware prefetcher
+ * cannot follow the walk across them. */
+static inline void prefetch_block(const char *base, int64_t next, int64_t bs, int64_t row_bytes) {
+#if defined(__AVX2__) && defined(__FMA__)
+    const char *p = base + next * bs * row_bytes;
+    for (int64_t o = 0; o < bs * row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+#else
+    (void)base, (void)next, (void)bs, (void)row_bytes;
+#endif
+}
+
+static inline void pv_rows(const float *const *vrows, int n, const float *s, int64_t L, int64_t t, int64_t Hq,
+                           int64_t G, int64_t D, float *acc) {
+    for (int64_t i = 0; i < Hq; i++) {
+        const int64_t off = (i / G) * D;
+        const float *p = s + i * L + t;
+        float *a = acc + i * D;
+        if (n == 4) {
+            const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+            const float *v0 = vrows[0] + off, *v1 = vrows[1] + off, *v2 = vrows[2] + off, *v3 = vrows[3] + off;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) {
+                float x = a[d];
+                x += p0 * v0[d];
+                x += p1 * v1[d];
+                x += p2 * v2[d];
+                x += p3 * v3[d];
+                a[d] = x;
+            }
+        } else {
+            for (int j = 0; j < n; j++) {
+                const float pj = p[j], *vj = vrows[j] + off;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) a[d] += pj * vj[d];
+            }
+        }
+    }
+}
+
 /* Decode attention over the paged KV cache: one query token per sequence.
  *
  *   q      [B, Hq, D]            float32, contiguous
@@ -161,48 +339,34 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
                 continue;
             }
             const int64_t t0 = window > 0 && L > window ? L - window : 0; /* first visible position */
+            int64_t blk = t0 / bs, off = t0 % bs; /* walks the block table (no division per position) */
+            const int64_t nblk = (L + bs - 1) / bs; /* blocks the sequence uses */
             for (int64_t t = t0; t < L; t++) {
-                const float *kt = kc + (bt[t / bs] * bs + t % bs) * row;
-                for (int64_t h = 0; h < Hkv; h++) {
-                    const float *kh = kt + h * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const float *qh = qb + (h * G + g) * D;
-                        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
-                        s[(h * G + g) * L + t] = dot * scale;
-                    }
-                }
+                if (off == 0 && blk + 1 < nblk) prefetch_block((const char *)kc, bt[blk + 1], bs, row * 4);
+                qk_row(kc + (bt[blk] * bs + off) * row, qb, Hq, G, D, scale, s, L, t);
+                if (++off == bs) off = 0, blk++;
             }
             for (int64_t i = 0; i < Hq; i++) {
                 float *si = s + i * L;
-                float m = si[t0];
-                for (int64_t t = t0 + 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                float m = row_max(si + t0, L - t0);
                 if (sinks && sinks[i] > m) m = sinks[i];
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = t0; t < L; t++) {
-                    float e = fast_expf(si[t] - m);
-                    si[t] = e;
-                    sum += e;
-                }
+                float sum = exp_sum(si + t0, L - t0, m, 0);
                 if (sinks) sum += fast_expf(sinks[i] - m);
                 const float inv = 1.0f / sum;
 #pragma omp simd
                 for (int64_t t = t0; t < L; t++) si[t] *= inv;
             }
             memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
-            for (int64_t t = t0; t < L; t++) {
-                const float *vt = vc + (bt[t / bs] * bs + t % bs) * row;
-                for (int64_t h = 0; h < Hkv; h++) {
-                    const float *vh = vt + h * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const float p = s[(h * G + g) * L + t];
-                        float *a = acc + (h * G + g) * D;
-#pragma omp simd
-                        for (int64_t d = 0; d < D; d++) a[d] += p * vh[d];
-                    }
+            blk = t0 / bs, off = t0 % bs;
+            for (int64_t t = t0; t < L; t += 4) {
+                const int n = L - t < 4 ? (int)(L - t) : 4;
+                const float *vrows[4];
+                for (int j = 0; j < n; j++) {
+                    if (off == 0 && blk + 1 < nblk) prefetch_block((const char *)vc, bt[blk + 1], bs, row * 4);
+                    vrows[j] = vc + (bt[blk] * bs + off) * row;
+                    if (++off == bs) off = 0, blk++;
                 }
+                pv_rows(vrows, n, s, L, t, Hq, G, D, acc);
             }
             memcpy(ob, acc, sizeof(float) * (size_t)(Hq * D));
         }
@@ -666,10 +830,10 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
     const int64_t row = Hkv * D; /* elements per cache position */
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
-        /* [Hq, L] scores, [Hq, D] accumulators, [Hq, D] q in float32, one K/V row [Hkv, D], [Hq] sums */
-        float *s = scratch((size_t)(Hq * L1 + 2 * Hq * D + row + Hq));
+        /* [Hq, L] scores, [Hq, D] accumulators, [Hq, D] q in float32, four K/V rows [Hkv, D], [Hq] sums */
+        float *s = scratch((size_t)(Hq * L1 + 2 * Hq * D + 4 * row + Hq));
         float *acc = s ? s + Hq * L1 : NULL, *qf = s ? acc + Hq * D : NULL, *kv = s ? qf + Hq * D : NULL;
-        float *sums = s ? kv + row : NULL;
+        float *sums = s ? kv + 4 * row : NULL;
         if (!s) {
 #pragma omp atomic write
             failed = 1;
@@ -686,46 +850,34 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
             }
             bf16_row_to_f32(q + b * Hq * D, qf, Hq * D);
             const int64_t t0 = window > 0 && L > window ? L - window : 0; /* first visible position */
+            int64_t blk = t0 / bs, off = t0 % bs; /* walks the block table (no division per position) */
+            const int64_t nblk = (L + bs - 1) / bs; /* blocks the sequence uses */
             for (int64_t t = t0; t < L; t++) {
-                bf16_row_to_f32(kc + (bt[t / bs] * bs + t % bs) * row, kv, row);
-                for (int64_t h = 0; h < Hkv; h++) {
-                    const float *kh = kv + h * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const float *qh = qf + (h * G + g) * D;
-                        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                        for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
-                        s[(h * G + g) * L + t] = dot * scale;
-                    }
-                }
+                if (off == 0 && blk + 1 < nblk) prefetch_block((const char *)kc, bt[blk + 1], bs, row * 2);
+                bf16_row_to_f32(kc + (bt[blk] * bs + off) * row, kv, row);
+                qk_row(kv, qf, Hq, G, D, scale, s, L, t);
+                if (++off == bs) off = 0, blk++;
             }
             for (int64_t i = 0; i < Hq; i++) {
                 float *si = s + i * L;
-                float m = si[t0];
-                for (int64_t t = t0 + 1; t < L; t++) m = si[t] > m ? si[t] : m;
+                float m = row_max(si + t0, L - t0);
                 if (sinks && sinks[i] > m) m = sinks[i];
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = t0; t < L; t++) {
-                    const float e = fast_expf(si[t] - m);
-                    sum += e;
-                    si[t] = round_bf16(e);
-                }
+                float sum = exp_sum(si + t0, L - t0, m, 1);
                 if (sinks) sum += fast_expf(sinks[i] - m);
                 sums[i] = sum;
             }
             memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
-            for (int64_t t = t0; t < L; t++) {
-                bf16_row_to_f32(vc + (bt[t / bs] * bs + t % bs) * row, kv, row);
-                for (int64_t h = 0; h < Hkv; h++) {
-                    const float *vh = kv + h * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const float p = s[(h * G + g) * L + t];
-                        float *a = acc + (h * G + g) * D;
-#pragma omp simd
-                        for (int64_t d = 0; d < D; d++) a[d] += p * vh[d];
-                    }
+            blk = t0 / bs, off = t0 % bs;
+            for (int64_t t = t0; t < L; t += 4) {
+                const int n = L - t < 4 ? (int)(L - t) : 4;
+                const float *vrows[4];
+                for (int j = 0; j < n; j++) {
+                    if (off == 0 && blk + 1 < nblk) prefetch_block((const char *)vc, bt[blk + 1], bs, row * 2);
+                    bf16_row_to_f32(vc + (bt[blk] * bs + off) * row, kv + j * row, row);
+                    vrows[j] = kv + j * row;
+                    if (++off == bs) off = 0, blk++;
                 }
+                pv_rows(vrows, n, s, L, t, Hq, G, D, acc);
             }
             for (int64_t i = 0; i < Hq; i++) {
                 const float inv = 1.0f / sums[i];
