@@ -763,22 +763,22 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if routing is not None
             else [
-                *(
-                    [
-                        f"stochastic expert count (`--k-drop {args.k_drop}`): per token and MoE layer, with probability"
-                        f" {args.k_drop} only the",
-                        "top-1 expert ran (weight 1.0, the top-2 softmax renormalised over it), else the usual top-2;"
-                        " the balancing",
-                        "loss counted the (token, expert) pairs actually selected. Evaluation and the checkpoint are"
-                        " top-2;",
-                    ]
-                    if kdrop is not None
-                    else []
-                ),
                 f"a load-balancing loss computed per MoE layer, weight {args.aux_coef}"
                 + (f", and a router-entropy loss, weight {args.entropy_coef}" if args.entropy_coef else "")
                 + ". Experts ran with transformers' `grouped_mm`",
                 "implementation (same math as the default; the saved checkpoint is standard).",
+                *(
+                    [
+                        f"Stochastic expert count (`--k-drop {args.k_drop}`): per token and MoE layer, with probability"
+                        f" {args.k_drop} only the",
+                        "top-1 expert ran (weight 1.0, the top-2 softmax renormalised over it), else the usual top-2;"
+                        " the balancing",
+                        "loss counted the (token, expert) pairs actually selected. Evaluation and the checkpoint are"
+                        " plain top-2.",
+                    ]
+                    if kdrop is not None
+                    else []
+                ),
             ]
         ),
         f"{step} steps ({step * args.batch * args.seq_len:,} tokens) in {train_time / 60:.1f} min of wall time"
