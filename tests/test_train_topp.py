@@ -3,6 +3,9 @@
 The training script's MoE forward (Huang et al. 2024's top-p, raw probabilities) and dynserve's
 `top_p` policy with renormalize=false must be the same function: a checkpoint carrying that routing
 in its routing.json is served with exactly the logits it was trained with.
+
+Also the stochastic expert count (`--k-drop Q`, `KDropRouting`): Q = 0 is plain top-2 training,
+Q = 1 is top-1 training (and no gradient to the dropped experts), eval stays top-2, draws are seeded.
 """
 
 from __future__ import annotations
