@@ -3,6 +3,9 @@
 The training script's MoE forward (Huang et al. 2024's top-p, raw probabilities) and dynserve's
 `top_p` policy with renormalize=false must be the same function: a checkpoint carrying that routing
 in its routing.json is served with exactly the logits it was trained with.
+
+Also the stochastic expert count (`--k-drop Q`, `KDropRouting`): Q = 0 is plain top-2 training,
+Q = 1 is top-1 training (and no gradient to the dropped experts), eval stays top-2, draws are seeded.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import pytest
 import torch
 
 from dynserve.bench.train_demo import (
+    KDropRouting,
     TopPRouting,
+    build_model,
     checkpoint_routing,
+    load_balancing_loss,
     load_balancing_loss_masks,
     router_entropy_loss,
     top_p_mask,
@@ -165,3 +171,80 @@ def test_llm_serves_a_top_p_checkpoint_with_its_routing(checkpoint_factory, tmp_
     # same weights; the top-p checkpoint spends a varying number of experts per token, not 2
     assert out_top2.expert_usage.avg_experts_per_token == pytest.approx(2.0)
     assert out_topp.expert_usage.avg_experts_per_token != pytest.approx(2.0)
+
+
+# --- stochastic expert count (train_demo --k-drop Q) ---
+
+
+def _tiny_demo_model(seed: int = 0):
+    """A randomly initialised demo-architecture model (train_demo's build_model), small."""
+    args = argparse.Namespace(
+        hidden=32, intermediate=48, layers=2, heads=2, kv_heads=1, max_position=64, experts=8, top_k=2,
+        aux_coef=0.02, tie=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return build_model(100, args, 0)
+
+
+def _batch() -> torch.Tensor:
+    return torch.randint(1, 100, (2, 24), generator=torch.Generator().manual_seed(5))  # [B, S]
+
+
+def test_k_drop_zero_is_plain_top2_training():
+    plain, patched = _tiny_demo_model(), _tiny_demo_model()
+    kdrop = KDropRouting(patched, 0.0, seed=1)
+    plain.train(), patched.train()
+    ids = _batch()
+    ref = plain(input_ids=ids, output_router_logits=True)
+    out = patched(input_ids=ids, output_router_logits=True)
+    assert torch.equal(out.logits, ref.logits)
+    # every token keeps its top-2 and the balancing loss over the selected pairs is the top-2 one
+    assert all(int(m.sum(-1).min()) == 2 == int(m.sum(-1).max()) for m in kdrop.masks)
+    assert load_balancing_loss_masks(kdrop.probs, kdrop.masks).item() == pytest.approx(
+        load_balancing_loss(ref.router_logits, 2).item(), rel=1e-6
+    )
+    # and the same gradients
+    ref.logits.sum().backward()
+    out.logits.sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), patched.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_k_drop_one_trains_top1_and_eval_stays_top2():
+    model, top1 = _tiny_demo_model(), _tiny_demo_model()
+    kdrop = KDropRouting(model, 1.0, seed=1)
+    for block in top1.model.layers:
+        block.mlp.gate.top_k = 1  # Mixtral's own top-1: softmax renormalised over one expert = weight 1.0
+    model.train(), top1.train()
+    ids = _batch()
+    logits = model(input_ids=ids).logits
+    assert all(int(m.sum(-1).min()) == 1 == int(m.sum(-1).max()) for m in kdrop.masks)
+    assert all(torch.equal(m, torch.zeros_like(m).scatter_(1, p.argmax(-1, keepdim=True), True))
+               for m, p in zip(kdrop.masks, kdrop.probs, strict=True))  # fmt: skip
+    ref = top1(input_ids=ids).logits
+    assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-5)
+    # and the gradients of top-1 training: the dropped second experts (weight 0) get none
+    logits.sum().backward()
+    ref.sum().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), top1.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    # eval mode: the checkpoint's top-2, as served
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(int(m.sum(-1).min()) == 2 for m in kdrop.masks)
+
+
+def test_k_drop_is_stochastic_per_token_and_seeded():
+    ids = _batch()
+    runs = []
+    for _ in range(2):
+        model = _tiny_demo_model()
+        kdrop = KDropRouting(model, 0.5, seed=3)
+        model.train()
+        model(input_ids=ids)
+        runs.append([m.clone() for m in kdrop.masks])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))  # deterministic given the seed
+    counts = torch.cat([m.sum(-1) for m in runs[0]])  # [layers * T]
+    assert set(counts.tolist()) == {1, 2}
+    assert 0.3 < float((counts == 1).float().mean()) < 0.7

@@ -25,6 +25,13 @@ probabilities), the balancing loss counts the selected pairs, and a router-entro
 pushes the routers to be confident (fewer experts). The checkpoint stays a standard Mixtral one;
 its ``routing.json`` (top_p, p, renormalize false) makes dynserve serve it with the same rule. The
 progress lines show the average experts per token.
+
+``--k-drop Q`` (with the default ``--routing top_k``, k = 2) trains with a stochastic expert count
+instead: per token and MoE layer, with probability Q only the top-1 expert runs (weight 1.0:
+Mixtral's softmax renormalised over the kept expert), else the usual top-2 (`KDropRouting`). The
+aim is a model as good as plain top-2 training at 2 experts that loses less when serving-time
+routing spends fewer. Evaluation and the checkpoint are unchanged (top-2 config, no routing.json);
+the final lines also report the held-out loss when every token uses top-1.
 """
 
 from __future__ import annotations
@@ -262,6 +269,68 @@ class TopPRouting:
         return forward
 
 
+class KDropRouting:
+    """Stochastic expert count for every MixtralSparseMoeBlock of a model (``--k-drop Q``), installed
+    by patching each block's forward like `TopPRouting` (the saved checkpoint stays standard top-k).
+
+    While the block is training, each token of each MoE layer keeps only its top-1 expert with
+    probability `q` (weight 1.0, Mixtral's top-k softmax renormalised over the one kept expert) and
+    otherwise its usual top-k experts with Mixtral's weights. The dropped experts stay in the top-k
+    index with weight 0, so the experts module (grouped_mm) computes exactly the top-1 output for
+    those tokens and no gradient reaches them. The draws come from a private generator seeded with
+    `seed` (the training batches' generator is untouched, so a run sees the same batches as plain
+    top-k training). In eval mode every token uses top-1 with probability `eval_q` (default 0: the
+    checkpoint's top-k; 1.0: top-1 everywhere). The last forward's router probabilities and
+    selected (token, expert) masks are kept in `self.probs` / `self.masks` (one [T, E] per layer)."""
+
+    def __init__(self, model, q: float, seed: int = 0) -> None:
+        import torch
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        self.q = q
+        self.eval_q = 0.0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.probs: list = []
+        self.masks: list = []
+        self.blocks = [m for m in model.modules() if isinstance(m, MixtralSparseMoeBlock)]
+        for block in self.blocks:
+            block.forward = self._forward_for(block)
+
+    def reset(self) -> None:
+        self.probs, self.masks = [], []
+
+    def _forward_for(self, block):
+        import torch
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            if len(self.probs) == len(self.blocks):  # a new model forward: drop the last one's stats
+                self.reset()
+            B, S, H = hidden_states.shape
+            x = hidden_states.reshape(-1, H)  # [T, H]
+            router_logits, weights, index = block.gate(x)  # [T, E], [T, k], [T, k]
+            q = self.q if block.training else self.eval_q
+            T, k = index.shape
+            with torch.no_grad():
+                if q >= 1.0:
+                    drop = torch.ones(T, dtype=torch.bool)  # [T]
+                elif q <= 0.0:
+                    drop = torch.zeros(T, dtype=torch.bool)  # [T]
+                else:
+                    drop = torch.rand(T, generator=self.gen) < q  # [T]
+                drop = drop.to(index.device)
+                keep = torch.ones_like(index, dtype=torch.bool)  # [T, k] over ranks
+                keep[:, 1:] = ~drop.unsqueeze(1)
+                top1 = torch.zeros_like(weights)  # [T, k]
+                top1[:, 0] = 1.0
+            weights = torch.where(drop.unsqueeze(1), top1, weights)  # [T, k]
+            out = block.experts(x, index, weights)  # [T, H]
+            self.probs.append(torch.softmax(router_logits.float(), dim=-1))
+            self.masks.append(torch.zeros_like(self.probs[-1], dtype=torch.bool).scatter_(1, index, keep))
+            return out.reshape(B, S, H)
+
+        return forward
+
+
 def load_balancing_loss_masks(probs: list, masks: list):
     """The per-layer balancing loss for a variable number of experts per token: E * sum_e(fraction
     of the layer's selected (token, expert) pairs that go to e * mean router probability of e),
@@ -401,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--top-p", type=float, default=0.4, help="p of --routing top_p")
     p.add_argument(
+        "--k-drop",
+        type=float,
+        default=0.0,
+        help="with --routing top_k: per token and MoE layer, the probability of training with the top-1"
+        " expert only (weight 1.0) instead of top-k (stochastic expert count; evaluation and checkpoint stay top-k)",
+    )
+    p.add_argument(
         "--entropy-coef",
         type=float,
         default=0.0,
@@ -421,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         "--calibrate-every", type=int, default=25, help="with --minutes: re-estimate the step count this often"
     )
     args = p.parse_args(argv)
+    if not 0.0 <= args.k_drop <= 1.0:
+        p.error("--k-drop must be in [0, 1]")
+    if args.k_drop and args.routing != "top_k":
+        p.error("--k-drop needs --routing top_k")
 
     import torch
 
@@ -447,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(vocab_size, args, eos_id)
     routing = TopPRouting(model, args.top_p) if args.routing == "top_p" else None
+    # the k-drop draws get their own generator (seed + 1), so the batches are those of plain top-k
+    kdrop = KDropRouting(model, args.k_drop, seed=args.seed + 1) if args.k_drop else None
     n_params = sum(p.numel() for p in model.parameters())
     n_active = n_params - sum(
         p.numel() * (args.experts - args.top_k) // args.experts for n, p in model.named_parameters() if ".experts." in n
@@ -491,12 +573,18 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr
         starts = torch.randint(0, max_start, (args.batch,), generator=gen)  # [B]
         batch = torch.stack([train_ids[s : s + args.seq_len + 1] for s in starts.tolist()])  # [B, S+1]
-        if routing is not None:
-            routing.reset()
+        for r in (routing, kdrop):
+            if r is not None:
+                r.reset()
         outputs = model(input_ids=batch[:, :-1])
         logits = outputs.logits  # [B, S, V]
         ce_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        if routing is None:
+        if kdrop is not None:
+            # the same per-layer loss over the pairs actually selected (top-1 or top-k per token)
+            aux_loss = load_balancing_loss_masks(kdrop.probs, kdrop.masks)
+            probs = kdrop.probs
+            recent_experts.append(experts_per_token(kdrop.masks))
+        elif routing is None:
             aux_loss = load_balancing_loss(outputs.router_logits, args.top_k)
             probs = [torch.softmax(lg.float(), dim=-1) for lg in outputs.router_logits] if args.entropy_coef else []
             recent_experts.append(float(args.top_k))
@@ -541,6 +629,14 @@ def main(argv: list[str] | None = None) -> int:
         f" {held_experts:.3f} experts/token; ln V = {math.log(vocab_size):.3f})",
         flush=True,
     )
+    held_loss_top1 = None
+    if routing is None:
+        # robustness to fewer experts: the same held-out windows with every token on its top-1 expert
+        probe = kdrop if kdrop is not None else KDropRouting(model, 0.0)
+        probe.eval_q = 1.0
+        held_loss_top1, _, _ = eval_loss(model, held_ids, args.seq_len, args.eval_windows)
+        probe.eval_q = 0.0
+        print(f"final: held-out loss at top-1 {held_loss_top1:.4f} (perplexity {math.exp(held_loss_top1):.3f})")
 
     model.config.output_router_logits = False
     model.save_pretrained(out)
@@ -557,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "routing": args.routing,
                 "top_p": args.top_p if routing is not None else None,
+                "k_drop": args.k_drop,
                 "entropy_coef": args.entropy_coef,
                 "steps": step,
                 "seed": args.seed,
@@ -564,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                 "heldout_loss": held_loss,
                 "heldout_perplexity": math.exp(held_loss),
                 "heldout_experts_per_token": held_experts,
+                "heldout_loss_top1": held_loss_top1,
+                "heldout_perplexity_top1": math.exp(held_loss_top1) if held_loss_top1 is not None else None,
                 "train_minutes": train_time / 60,
             },
             indent=2,
@@ -612,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         + (
             f" --routing top_p --top-p {args.top_p} --entropy-coef {args.entropy_coef}"
             if routing is not None
-            else (f" --entropy-coef {args.entropy_coef}" if args.entropy_coef else "")
+            else (f" --k-drop {args.k_drop}" if args.k_drop else "")
+            + (f" --entropy-coef {args.entropy_coef}" if args.entropy_coef else "")
         ),
         "",
         "## Corpus",
@@ -667,6 +767,18 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", and a router-entropy loss, weight {args.entropy_coef}" if args.entropy_coef else "")
                 + ". Experts ran with transformers' `grouped_mm`",
                 "implementation (same math as the default; the saved checkpoint is standard).",
+                *(
+                    [
+                        f"Stochastic expert count (`--k-drop {args.k_drop}`): per token and MoE layer, with probability"
+                        f" {args.k_drop} only the",
+                        "top-1 expert ran (weight 1.0, the top-2 softmax renormalised over it), else the usual top-2;"
+                        " the balancing",
+                        "loss counted the (token, expert) pairs actually selected. Evaluation and the checkpoint are"
+                        " plain top-2.",
+                    ]
+                    if kdrop is not None
+                    else []
+                ),
             ]
         ),
         f"{step} steps ({step * args.batch * args.seq_len:,} tokens) in {train_time / 60:.1f} min of wall time"
@@ -679,6 +791,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- held-out loss ({held_tokens:,} tokens of held-out files): {held_loss:.4f}",
         f"- uniform baseline ln({vocab_size}) = {math.log(vocab_size):.4f}",
         f"- average experts per token per MoE layer on those held-out tokens: {held_experts:.3f}",
+        *(
+            [f"- held-out loss with every token on its top-1 expert: {held_loss_top1:.4f}"]
+            if held_loss_top1 is not None
+            else []
+        ),
         "",
         f"Share of {'top-p' if routing is not None else f'top-{args.top_k}'} assignments per expert on the"
         f" first {args.max_position} held-out tokens:",
