@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dynserve.bench import decode_step
 
 
@@ -17,3 +19,9 @@ def test_decode_step_variants_agree(checkpoint_factory, capsys):
     assert res["variants"]["torch"]["x_first"] == 1.0
     assert res["same_tokens"]
     assert "greedy tokens identical across variants: True" in capsys.readouterr().out
+    # the phase breakdown: every variant's phases add up to its step time, kernels and Python apart
+    for name, ph in res["phases"].items():
+        parts = sum(v for k, v in ph.items() if k != "step")
+        assert parts == pytest.approx(ph["step"], rel=1e-6)
+        assert ph["forward Python"] > 0 and ph["LM head"] > 0
+        assert (ph["forward kernels"] > 0) == (name != "torch")

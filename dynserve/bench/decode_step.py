@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for every variant")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and peak GFLOP/s")
+    ap.add_argument(
+        "--phase-steps", type=int, default=10, help="steps per variant timed phase by phase after the A/B (0: none)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = Path(args.model) if args.model else bench_checkpoint(family=args.family)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, vocab, args.min_prompt_len, args.max_prompt_len)
-    new_tokens = args.steps + 4
+    new_tokens = args.steps + args.phase_steps + 4
     blocks = sum(-(-(len(p) + new_tokens) // 16) for p in prompts) + 16
     sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engines = {}
@@ -130,11 +133,82 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_roofline:
         context = statistics.mean(len(p) for p in prompts) + 2 + args.steps / 2
         res["roofline"] = _roofline(engines, times, experts, args.num_prompts, context)
+    if args.phase_steps > 0:
+        res["phases"] = {name: _phases(eng, VARIANTS[name], args.phase_steps) for name, eng in engines.items()}
+        print("where a step's time goes (ms/step; native kernels timed at their Python entry points):")
+        for name, ph in res["phases"].items():
+            print(f"{name:18s} " + " | ".join(f"{k} {v:.2f}" for k, v in ph.items()))
     for eng in engines.values():
         eng.close()
     if args.json:
         print(json.dumps(res))
     return res
+
+
+# the native kernels' Python entry points (kernels/cpu_native.py): time inside them is kernel time
+_NATIVE = ("fused_moe", "gemm_nt", "attention_block", "paged_decode_attention", "rms_norm", "rope", "write_kv")
+
+
+def _phases(eng, env: dict[str, str], steps: int) -> dict[str, float]:  # noqa: ANN001
+    """`steps` more decode steps of engine `eng` with timers around its phases: ms per step spent in
+    the engine outside the model runner (scheduler, outputs, detokenisation), building the batch, the
+    model's forward in native kernels and in Python (norms, routing, module calls, glue), the LM head,
+    sampling, and the runner's per-step expert accounting (the rest of `execute`)."""
+    from dynserve_kernels import cpu_native
+
+    runner = eng.runner
+    acc = dict.fromkeys(("execute", "build", "forward", "logits", "sample", "native_forward", "native"), 0.0)
+    state = {"in_forward": False}
+
+    def timed(fn, key: str, on_enter=None):  # noqa: ANN001, ANN202
+        def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            if on_enter is not None:
+                on_enter(True)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                acc[key] += dt
+                if key == "native" and state["in_forward"]:
+                    acc["native_forward"] += dt
+                if on_enter is not None:
+                    on_enter(False)
+
+        return wrapper
+
+    patched = {"execute": runner.execute, "build_batch": runner.build_batch}
+    saved_native = {n: getattr(cpu_native, n) for n in _NATIVE if hasattr(cpu_native, n)}
+    model, sampler = runner.model, runner.sampler
+    try:
+        runner.execute = timed(patched["execute"], "execute")
+        runner.build_batch = timed(patched["build_batch"], "build")
+        model.forward = timed(model.forward, "forward", lambda on: state.update(in_forward=on))
+        model.compute_logits = timed(model.compute_logits, "logits")
+        sampler.sample = timed(sampler.sample, "sample")
+        for n, fn in saved_native.items():
+            setattr(cpu_native, n, timed(fn, "native"))
+        total = 0.0
+        with _env(env):
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                eng.step()
+                total += time.perf_counter() - t0
+    finally:
+        del runner.execute, runner.build_batch, model.forward, model.compute_logits, sampler.sample
+        for n, fn in saved_native.items():
+            setattr(cpu_native, n, fn)
+    ms = {k: 1000 * v / steps for k, v in acc.items()}
+    return {
+        "step": 1000 * total / steps,
+        "engine": 1000 * total / steps - ms["execute"],
+        "batch building": ms["build"],
+        "forward kernels": ms["native_forward"],
+        "forward Python": ms["forward"] - ms["native_forward"],
+        "LM head": ms["logits"],
+        "sampling": ms["sample"],
+        "expert accounting": ms["execute"] - ms["build"] - ms["forward"] - ms["logits"] - ms["sample"],
+    }
 
 
 def _roofline(engines: dict, times: dict, experts: dict, batch: int, context: float) -> dict:
