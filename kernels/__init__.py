@@ -47,6 +47,11 @@ _BACKEND_ENV = "DYNSERVE_KERNEL_BACKEND"  # "torch" | "cpu" | "triton" forces a 
 BACKENDS = ("torch", "cpu", "triton")
 
 
+def _fused_blocks_on() -> bool:
+    """`DYNSERVE_FUSED_BLOCKS` (default on), read per call: the decode benchmark flips it per variant."""
+    return os.environ.get("DYNSERVE_FUSED_BLOCKS", "1") != "0"
+
+
 def select_backend(device: torch.device | str, use_triton: bool | None = None) -> str:
     """Triton on CUDA, the CPU path ("cpu") on CPU, unless forced (config or env)."""
     forced = os.environ.get(_BACKEND_ENV)
@@ -203,7 +208,7 @@ def attention_block(
     runs the block op by op. `DYNSERVE_FUSED_BLOCKS=0` turns the fused block off (A/B benchmarks)."""
     if (
         backend == "cpu"
-        and os.environ.get("DYNSERVE_FUSED_BLOCKS", "1") != "0"
+        and _fused_blocks_on()
         and cpu_native.takes_attention_block(
             x, w_qkv, w_o, (in_norm[0], post_norm[0]), cos, sin, kv_cache, slot_mapping, batch
         )
@@ -211,6 +216,26 @@ def attention_block(
         return cpu_native.attention_block(
             x, in_norm, w_qkv, cos, sin, kv_cache, slot_mapping, batch, scale, w_o, post_norm, num_heads
         )
+    return None
+
+
+def moe_block(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    w_router: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    rows: tuple[tuple, ...],
+    config_index: torch.Tensor | None,
+    backend: str = "torch",
+) -> cpu_native.MoEBlockResult | None:
+    """A decode step's whole MoE block (router, softmax, each token's routing config as `rows`, the
+    fused experts and the residual add; `moe_ref.moe_block_ref`) in one call where the backend has a
+    kernel for it (cpu: `cpu_native.moe_block`); None where it has not, or where the native pass
+    cannot promise torch.topk's picks for a checkpoint top_k token, and the caller runs the block op by
+    op. `DYNSERVE_FUSED_BLOCKS=0` turns the fused block off (A/B benchmarks)."""
+    if backend == "cpu" and _fused_blocks_on() and cpu_native.takes_moe_block(y, h, w_router, w13, w2):
+        return cpu_native.moe_block(y, h, w_router, w13, w2, rows, config_index)
     return None
 
 

@@ -150,6 +150,9 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     for fn in (lib.dyn_attn_block_f32, lib.dyn_attn_block_bf16):
         fn.restype = ctypes.c_int
         fn.argtypes = [*[_ptr] * 11, *[_i64] * 6, _f32, _f32, _ptr, _i64, _ptr, _i64, _ptr, _i64, _f32, _i64]
+    for fn in (lib.dyn_moe_block_f32, lib.dyn_moe_block_bf16):
+        fn.restype = _i64
+        fn.argtypes = [*[_ptr] * 6, *[_i64] * 4, *[_ptr] * 17, _i64]
     fn = lib.dyn_route
     fn.restype = _i64
     fn.argtypes = [
@@ -798,3 +801,102 @@ class _CpuRouteSelector:
 
 
 ROUTE_SELECTOR = _CpuRouteSelector()
+
+
+# ----------------------------------------------------------------------------------------- MoE block
+
+
+def takes_moe_block(
+    y: torch.Tensor, h: torch.Tensor, w_router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> bool:
+    """Whether `moe_block` should run this decode MoE block: contiguous float32 or bfloat16 CPU tensors
+    of one dtype, y/h [T, H], w_router [E, H] with E <= 4096, w13 [E, 2I, H] and w2 [E, H, I], and in
+    float32 at most NATIVE_MOE_MAX_ROWS tokens (so no expert can have more rows than `fused_moe` takes
+    natively, and the router GEMM is the native one `linear` would run)."""
+    if y.dim() != 2 or w_router.dim() != 2 or w13.dim() != 3:
+        return False
+    T, H = y.shape
+    E = w_router.shape[0]
+    return (
+        0 < T
+        and (T <= NATIVE_MOE_MAX_ROWS or y.dtype is torch.bfloat16)
+        and 0 < E <= MAX_ROUTE_EXPERTS
+        and h.shape == y.shape
+        and w_router.shape[1] == H
+        and w13.shape[0] == E
+        and w13.shape[2] == H
+        and w2.shape == (E, H, w13.shape[1] // 2)
+        and _cpu_native_dtype(y, h, w_router, w13, w2)
+        and y.is_contiguous()
+        and h.is_contiguous()
+        and w_router.is_contiguous()
+        and w13.is_contiguous()
+        and w2.is_contiguous()
+        and available()
+    )
+
+
+@dataclass(frozen=True)
+class MoEBlockResult:
+    """What `moe_block` returns: out [T, H] = h + the routed experts' weighted sum; the layer's pairs
+    (token-major: token t owns pairs offsets[t]..[t+1]-1, each with token_ids / expert_ids / weights);
+    token_counts [T] (experts per token) and expert_counts [E] (tokens per expert), int64."""
+
+    out: torch.Tensor
+    offsets: torch.Tensor
+    token_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    token_counts: torch.Tensor
+    expert_counts: torch.Tensor
+
+
+def moe_block(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    w_router: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    rows: tuple[tuple, ...],
+    config_index: torch.Tensor | None,
+    num_threads: int | None = None,
+) -> MoEBlockResult | None:
+    """A decode step's MoE block in one native call (`moe_ref.moe_block_ref`): router logits y [T, H] @
+    w_router [E, H]^T, softmax in float32, each token's routing config (`rows` as `route_select`'s
+    tables, `config_index` [T] or None for config 0), the fused experts on the pairs, and the residual
+    add h [T, H] + experts. Probabilities agree with torch's softmax to float32 rounding; a token of
+    the checkpoint's top_k (policy 0) whose last kept and best dropped expert are within that rounding
+    of each other makes the call return None before any expert runs (torch.topk's rounding and tie
+    order decide such a pick: the caller routes the layer op by op). `takes_moe_block` must hold."""
+    lib = _lib if _tried else _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+    T, H = y.shape
+    E, two_i = w13.shape[0], w13.shape[1]
+    t = _CpuRouteSelector._table(rows)
+    C = t.policy.numel()
+    if config_index is not None:
+        config_index = config_index.to(torch.int64).contiguous()
+        if config_index.shape != (T,) or not lib.dyn_in_range(config_index.data_ptr(), T, 0, C):
+            raise ValueError(f"config_index must be [T] ids in [0, {C})")
+    elif C < 1:
+        raise ValueError("moe_block needs at least one config")
+    idx = torch.empty(T + 1 + 3 * T * E + T + E, dtype=torch.int64)
+    offsets, tok, ids = idx[: T + 1], idx[T + 1 : T + 1 + T * E], idx[T + 1 + T * E : T + 1 + 2 * T * E]
+    token_counts, expert_counts = idx[T + 1 + 3 * T * E : 2 * T + 1 + 3 * T * E], idx[2 * T + 1 + 3 * T * E :]
+    w = torch.empty(T * E, dtype=torch.float32)
+    out = torch.empty_like(y)  # [T, H]
+    fn = lib.dyn_moe_block_f32 if y.dtype is torch.float32 else lib.dyn_moe_block_bf16
+    P = fn(
+        y.data_ptr(), h.data_ptr(), w_router.data_ptr(), w13.data_ptr(), w2.data_ptr(), out.data_ptr(), T, H, E,
+        two_i // 2, config_index.data_ptr() if config_index is not None else None, t.policy.data_ptr(),
+        t.k.data_ptr(), t.p.data_ptr(), t.threshold.data_ptr(), t.lo.data_ptr(), t.hi.data_ptr(),
+        t.renorm.data_ptr(), t.ent_off.data_ptr(), t.ent_thr.data_ptr(), t.ent_k.data_ptr(), offsets.data_ptr(),
+        tok.data_ptr(), ids.data_ptr(), w.data_ptr(), token_counts.data_ptr(), expert_counts.data_ptr(),
+        num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if P == -1:
+        return None
+    if P < 0:
+        raise MemoryError("native MoE block could not allocate its scratch buffer")
+    return MoEBlockResult(out, offsets, tok[:P], ids[:P], w[:P], token_counts, expert_counts)

@@ -12,6 +12,7 @@ Triton kernels do not; `fused_moe` sends such layers here on every backend (stil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,3 +113,21 @@ def dense_moe_reference(
         y = y + b2.float()[:, None, :]
     out = torch.einsum("te,eth->th", dense, y)  # [T, H]
     return out.to(x.dtype)
+
+
+def moe_block_ref(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    w_router: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    route: Callable[[torch.Tensor], Assignment],
+) -> tuple[torch.Tensor, Assignment]:
+    """A MoE block op by op (what `cpu_native.moe_block` fuses): router logits y [T, H] @ w_router
+    [E, H]^T in y's dtype, softmax in float32 (a NaN or +inf logit: the token's probabilities are 0),
+    `route(probs [T, E]) -> Assignment`, and h [T, H] + `fused_moe_ref` on its pairs. Returns
+    (out [T, H], the Assignment)."""
+    logits = F.linear(y, w_router)  # [T, E]
+    probs = torch.softmax(logits.float(), dim=-1).nan_to_num_(nan=0.0)  # [T, E]
+    a = route(probs)
+    return h + fused_moe_ref(y, w13, w2, a), a

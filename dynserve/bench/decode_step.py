@@ -146,7 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 # the native kernels' Python entry points (kernels/cpu_native.py): time inside them is kernel time
-_NATIVE = ("fused_moe", "gemm_nt", "attention_block", "paged_decode_attention", "rms_norm", "rope", "write_kv")
+_NATIVE = (
+    "moe_block",
+    "fused_moe",
+    "gemm_nt",
+    "attention_block",
+    "paged_decode_attention",
+    "rms_norm",
+    "rope",
+    "write_kv",
+)
 
 
 def _phases(eng, env: dict[str, str], steps: int) -> dict[str, float]:  # noqa: ANN001

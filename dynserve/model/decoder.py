@@ -183,6 +183,10 @@ class DecoderLayer(nn.Module):
         else:
             a = self.self_attn(self.input_layernorm(x), cos, sin, kv_caches[0], batch)  # [T, H]
             y, h = self.post_attention_layernorm.forward_add(x, a)  # norm(h), h = x + a: [T, H] each
+        if self.is_moe:  # on the CPU: router, routing, experts and the residual add in one native call
+            out = self.mlp.forward_block(y, h, batch)
+            if out is not None:
+                return out  # [T, H]
         return h + self.mlp(y, batch)  # [T, H]
 
     def load_hf(self, ws: WeightSource, prefix: str, device: torch.device | str, spec: DecoderSpec) -> None:

@@ -17,9 +17,10 @@ from dynserve_kernels.moe_ref import ClampedSwiGLU
 from torch import nn
 
 from dynserve.model.base import ForwardBatch
-from dynserve.model.experts import LOCAL_EXPERTS, ExpertExecutor
+from dynserve.model.experts import LOCAL_EXPERTS, ExpertExecutor, LocalExperts
 from dynserve.model.layers import GatedMLP, Linear, WeightSource, assign_param
 from dynserve.routing import Assignment, CheckpointRule, RouterRecord, route
+from dynserve.routing.policies import fused_route_rows
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,49 @@ class MoEBlock(nn.Module):
             batch.router_records.append(RouterRecord(layer, logits, self.rule, bias))
         select = dynserve_kernels.route_selector(self.backend)
         return route(logits, batch.routing, self.rule, bias, layer=layer, select=select)
+
+    def _fusable(self) -> bool:
+        """Whether the block is what a fused MoE-block kernel computes: a plain softmax router (no bias,
+        float32 weight, groups or selection bias), routed experts without biases or a custom activation,
+        no shared expert, this class's own routing and executor."""
+        return (
+            type(self).assign is MoEBlock.assign
+            and type(self).forward is MoEBlock.forward
+            and type(self.experts) is LocalExperts
+            and not self.rule.group_limited
+            and not self.router_fp32
+            and self.gate.bias is None
+            and self.e_score_correction_bias is None
+            and self.b13 is None
+            and self.activation is None
+            and self.shared_expert is None
+        )
+
+    def forward_block(self, y: torch.Tensor, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor | None:
+        """h + self(y, batch) in one kernel call where the backend fuses the block (router, routing by
+        each token's config, experts and the residual add; the same bookkeeping on `batch`); None
+        otherwise (then the caller runs it op by op)."""
+        fusable = self.__dict__.get("_fusable_cached")
+        if fusable is None:
+            fusable = self.__dict__["_fusable_cached"] = self._fusable()
+        if not fusable or self.backend != "cpu" or batch.router_records is not None:
+            return None
+        layer = batch.moe_layer_index
+        rows = fused_route_rows(batch.routing, self.rule, layer)
+        if rows is None:
+            return None
+        r = dynserve_kernels.moe_block(
+            y, h, self.gate.weight, self.w13, self.w2, rows, batch.routing.config_index, self.backend
+        )
+        if r is None:
+            return None
+        batch.assignments.append(
+            Assignment(y.shape[0], self.num_experts, r.token_ids, r.expert_ids, r.weights, r.offsets)
+        )
+        batch.expert_counts.append(r.token_counts)  # [T]
+        if batch.expert_token_counts is not None:
+            batch.expert_token_counts.append(r.expert_counts)  # [E]
+        return r.out  # [T, H]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         assignment = self.assign(x, batch)

@@ -22,6 +22,7 @@ Native dynamic routing for architectures that define their own rule (no RoutingC
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -91,6 +92,24 @@ def route(
         excluded = None if steer is None else torch.isneginf(steer)
         return limit_active_experts(a, router_probs(logits, rule), batch, rule, N, excluded)
     return a
+
+
+def fused_route_rows(batch: RoutingBatch, rule: CheckpointRule, layer: int = 0) -> tuple[tuple, ...] | None:
+    """The routing of MoE layer `layer` as per-config parameter rows (what a `RouteSelector` takes:
+    `batch.config_index` maps tokens to them) for a kernel that routes inside a fused MoE block on the
+    router's float32 softmax; None where such a kernel cannot follow this batch (group-limited or
+    sigmoid rules, steering, batch-aware expert selection): the caller routes by `route`. Cached per
+    (configs, rule, layer): the same few configs recur every layer and step."""
+    if rule.group_limited or batch.max_active_experts is not None:
+        return None
+    if batch.steering(layer, rule.num_experts, "cpu") is not None:
+        return None
+    return _fused_rows(tuple(batch.configs), rule, layer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_rows(configs: tuple[RoutingConfig, ...], rule: CheckpointRule, layer: int) -> tuple[tuple, ...]:
+    return _rows_key([_resolve(c, rule, rule.num_experts, layer) for c in configs])
 
 
 def _route(

@@ -1253,3 +1253,145 @@ int dyn_attn_block_bf16(const uint16_t *x, const uint16_t *in_w, const uint16_t 
     dyn_rmsnorm_bf16(x, a, post_w, y, h, T, H, post_eps);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * One decode MoE block (a softmax router without groups, selection bias, steering or shared experts;
+ * routed experts without biases), the calls the Python layer would make, in one native call:
+ *
+ *   logits = y @ w_router^T                      y [T, H] (the normed residual), w_router [E, H]
+ *   q = softmax(logits) in float32               a NaN / +inf logit: the token's q are all 0
+ *   pairs = each token's RoutingConfig (dyn_route's rules, cfg_index / table as dyn_route)
+ *   out = h + fused MoE over the pairs           h [T, H] (the residual stream)
+ *
+ * The router GEMM and the expert kernels are the ones the separate calls use; the softmax is libm's
+ * expf, so probabilities (and weights) agree with torch's to float32 rounding, not bit for bit. The
+ * checkpoint's top_k (policy 0) must pick the experts torch.topk picks: where a token's last picked
+ * and best unpicked probabilities lie within 4e-6 (relative) of each other, which expert torch.topk
+ * takes is decided by its rounding and tie order, so the call returns -1 before the experts run and
+ * the caller routes the layer op by op. Otherwise returns P (pairs, token-major as dyn_route) and
+ * fills offsets [T+1], tok/ids/w [T*E] (first P used), token_counts [T], expert_counts [E] and
+ * out [T, H]; -2 when out of memory.
+ * ------------------------------------------------------------------------------------------- */
+#define MOE_BLOCK_ARGS                                                                                      \
+    int64_t T, int64_t H, int64_t E, int64_t I, const int64_t *cfg_index, const int32_t *policy,            \
+        const int64_t *kk, const float *pp, const float *thr, const int64_t *lo, const int64_t *hi,          \
+        const int32_t *renorm, const int64_t *ent_off, const float *ent_thr, const int64_t *ent_k,           \
+        int64_t *offsets, int64_t *tok, int64_t *ids, float *w, int64_t *token_counts, int64_t *expert_counts, \
+        int64_t num_threads
+
+/* probs [T, E] from float32 logits; then routing into offsets/tok/ids/w. Returns P or -1 (an
+ * ambiguous top_k token). */
+static int64_t moe_block_route(float *probs, int64_t T, int64_t E, const int64_t *cfg_index, const int32_t *policy,
+                               const int64_t *kk, const float *pp, const float *thr, const int64_t *lo,
+                               const int64_t *hi, const int32_t *renorm, const int64_t *ent_off,
+                               const float *ent_thr, const int64_t *ent_k, int64_t *offsets, int64_t *tok,
+                               int64_t *ids, float *w, int64_t *token_counts) {
+    int ambiguous = 0;
+    int64_t *counts = offsets + 1;
+#pragma omp parallel for schedule(static) if (T >= 64) reduction(| : ambiguous)
+    for (int64_t t = 0; t < T; t++) {
+        unsigned char avail[4096];
+        float *q = probs + t * E;
+        float m = -INFINITY;
+        int bad = 0;
+        for (int64_t e = 0; e < E; e++) {
+            bad |= isnan(q[e]);
+            if (q[e] > m) m = q[e];
+        }
+        if (bad || m == INFINITY) {
+            for (int64_t e = 0; e < E; e++) q[e] = 0.0f;
+        } else {
+            float s = 0.0f;
+            for (int64_t e = 0; e < E; e++) s += (q[e] = expf(q[e] - m));
+            for (int64_t e = 0; e < E; e++) q[e] = q[e] / s;
+        }
+        const int64_t ci = cfg_index ? cfg_index[t] : 0;
+        const int64_t o = ent_off[ci];
+        const int64_t n = route_token(q, q, E, 1, 1, 0, 0, policy[ci], kk[ci], pp[ci], thr[ci], lo[ci], hi[ci],
+                                      renorm[ci], ent_thr + o, ent_k + o + ci, ent_off[ci + 1] - o, 1.0f,
+                                      ids + t * E, w + t * E, avail);
+        counts[t] = n;
+        if (policy[ci] == 0 && n > 0 && n < E) {
+            const float last = q[ids[t * E + n - 1]];
+            float next = -1.0f;
+            for (int64_t e = 0; e < E; e++)
+                if (avail[e] && q[e] > next) next = q[e];
+            if (last - next <= 4e-6f * last) ambiguous = 1;
+        }
+    }
+    if (ambiguous) return -1;
+    offsets[0] = 0;
+    for (int64_t t = 0; t < T; t++) {
+        token_counts[t] = offsets[t + 1];
+        offsets[t + 1] += offsets[t];
+    }
+    for (int64_t t = 0; t < T; t++) { /* compact token-major, as dyn_route */
+        const int64_t n = offsets[t + 1] - offsets[t], dst = offsets[t], src = t * E;
+        for (int64_t j = 0; j < n; j++) {
+            ids[dst + j] = ids[src + j];
+            w[dst + j] = w[src + j];
+            tok[dst + j] = t;
+        }
+    }
+    return offsets[T];
+}
+
+/* The expert half: group the P pairs by expert and run the fused MoE into moe_out via `run`. */
+static int64_t *moe_block_group(int64_t P, int64_t E, const int64_t *tok, const int64_t *ids, const float *w,
+                                int64_t *expert_counts, float **sorted_w_out, size_t extra_bytes, void **extra) {
+    char *buf = (char *)scratch_block(sizeof(int64_t) * (size_t)(E + 1 + 2 * P) + sizeof(float) * (size_t)P +
+                                      extra_bytes + 64);
+    if (!buf) return NULL;
+    int64_t *idx = (int64_t *)buf; /* expert_off [E + 1], order [P], sorted_tok [P] */
+    float *sorted_w = (float *)(idx + E + 1 + 2 * P);
+    *extra = (void *)(((uintptr_t)(sorted_w + P) + 63) & ~(uintptr_t)63);
+    dyn_moe_group(ids, tok, w, P, E, idx, idx + E + 1, idx + E + 1 + P, sorted_w);
+    for (int64_t e = 0; e < E; e++) expert_counts[e] = idx[e + 1] - idx[e];
+    *sorted_w_out = sorted_w;
+    return idx;
+}
+
+int64_t dyn_moe_block_f32(const float *y, const float *h, const float *w_router, const float *w13, const float *w2,
+                          float *out, MOE_BLOCK_ARGS) {
+    if (E > 4096) return -2;
+    float *probs = (float *)scratch_block(sizeof(float) * (size_t)(T * E > 0 ? T * E : 1)); /* [T, E] */
+    if (!probs) return -2;
+    dyn_gemm_nt_f32(y, H, w_router, H, T, E, probs, E, num_threads); /* logits, then probabilities */
+    const int64_t P = moe_block_route(probs, T, E, cfg_index, policy, kk, pp, thr, lo, hi, renorm, ent_off, ent_thr,
+                                      ent_k, offsets, tok, ids, w, token_counts);
+    if (P < 0) return -1;
+    float *sorted_w;
+    void *extra;
+    int64_t *idx = moe_block_group(P, E, tok, ids, w, expert_counts, &sorted_w, sizeof(float) * (size_t)(P * H),
+                                   &extra);
+    if (!idx) return -2;
+    if (dyn_moe_f32(y, T, H, w13, w2, E, I, idx + E + 1 + P, sorted_w, idx + E + 1, idx, offsets, (float *)extra,
+                    out, num_threads) != 0)
+        return -2;
+    for (int64_t i = 0; i < T * H; i++) out[i] = h[i] + out[i];
+    return P;
+}
+
+int64_t dyn_moe_block_bf16(const uint16_t *y, const uint16_t *h, const uint16_t *w_router, const uint16_t *w13,
+                           const uint16_t *w2, uint16_t *out, MOE_BLOCK_ARGS) {
+    if (E > 4096) return -2;
+    const size_t n = (size_t)(T * E > 0 ? T * E : 1);
+    float *probs = (float *)scratch_block(sizeof(float) * n + sizeof(uint16_t) * n); /* [T, E] each */
+    if (!probs) return -2;
+    uint16_t *logits = (uint16_t *)(probs + n);
+    if (dyn_gemm_nt_bf16(y, H, w_router, H, T, E, logits, E, NULL, num_threads) != 0) return -2;
+    for (int64_t i = 0; i < T * E; i++) probs[i] = bf16_to_f32(logits[i]); /* the bfloat16 logits, widened */
+    const int64_t P = moe_block_route(probs, T, E, cfg_index, policy, kk, pp, thr, lo, hi, renorm, ent_off, ent_thr,
+                                      ent_k, offsets, tok, ids, w, token_counts);
+    if (P < 0) return -1;
+    float *sorted_w;
+    void *extra;
+    int64_t *idx = moe_block_group(P, E, tok, ids, w, expert_counts, &sorted_w, sizeof(float) * (size_t)(P * H),
+                                   &extra);
+    if (!idx) return -2;
+    if (dyn_moe_bf16(y, T, H, w13, w2, E, I, idx + E + 1 + P, sorted_w, idx + E + 1, idx, offsets, (float *)extra,
+                     out, num_threads) != 0)
+        return -2;
+    for (int64_t i = 0; i < T * H; i++) out[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(out[i]));
+    return P;
+}
