@@ -47,11 +47,6 @@ _BACKEND_ENV = "DYNSERVE_KERNEL_BACKEND"  # "torch" | "cpu" | "triton" forces a 
 BACKENDS = ("torch", "cpu", "triton")
 
 
-def _fused_blocks_on() -> bool:
-    """`DYNSERVE_FUSED_BLOCKS` (default on), read per call: the decode benchmark flips it per variant."""
-    return os.environ.get("DYNSERVE_FUSED_BLOCKS", "1") != "0"
-
-
 def select_backend(device: torch.device | str, use_triton: bool | None = None) -> str:
     """Triton on CUDA, the CPU path ("cpu") on CPU, unless forced (config or env)."""
     forced = os.environ.get(_BACKEND_ENV)
@@ -205,13 +200,9 @@ def attention_block(
     """A decode step's whole attention block (norm, qkv, rope, KV write, attention, o_proj, residual
     add and the next norm; `attention_ref.attention_block_ref`) in one call where the backend has a
     kernel for it (cpu: `cpu_native.attention_block`) -> (y, h); None where it has not, and the caller
-    runs the block op by op. `DYNSERVE_FUSED_BLOCKS=0` turns the fused block off (A/B benchmarks)."""
-    if (
-        backend == "cpu"
-        and _fused_blocks_on()
-        and cpu_native.takes_attention_block(
-            x, w_qkv, w_o, (in_norm[0], post_norm[0]), cos, sin, kv_cache, slot_mapping, batch
-        )
+    runs the block op by op."""
+    if backend == "cpu" and cpu_native.takes_attention_block(
+        x, w_qkv, w_o, (in_norm[0], post_norm[0]), cos, sin, kv_cache, slot_mapping, batch
     ):
         return cpu_native.attention_block(
             x, in_norm, w_qkv, cos, sin, kv_cache, slot_mapping, batch, scale, w_o, post_norm, num_heads
@@ -233,8 +224,8 @@ def moe_block(
     fused experts and the residual add; `moe_ref.moe_block_ref`) in one call where the backend has a
     kernel for it (cpu: `cpu_native.moe_block`); None where it has not, or where the native pass
     cannot promise torch.topk's picks for a checkpoint top_k token, and the caller runs the block op by
-    op. `DYNSERVE_FUSED_BLOCKS=0` turns the fused block off (A/B benchmarks)."""
-    if backend == "cpu" and _fused_blocks_on() and cpu_native.takes_moe_block(y, h, w_router, w13, w2):
+    op."""
+    if backend == "cpu" and cpu_native.takes_moe_block(y, h, w_router, w13, w2):
         return cpu_native.moe_block(y, h, w_router, w13, w2, rows, config_index)
     return None
 

@@ -330,7 +330,7 @@ def _cpu_native_dtype(*ts: torch.Tensor) -> bool:
     if dtype is not torch.float32 and dtype is not torch.bfloat16:
         return False
     for t in ts:
-        if t.dtype is not dtype or t.device.type != "cpu":
+        if t.dtype is not dtype or not t.is_cpu:
             return False
     return True
 
@@ -588,22 +588,25 @@ def takes_attention_block(
     float32 no more rows than the native GEMM takes (`NATIVE_LINEAR_MAX_ROWS`, so the result equals
     the layer-by-layer path's)."""
     T = x.shape[0] if x.dim() == 2 else -1
+    memo = batch.kernel_memo
+    step_ok = memo.get("attention_block_step")  # the step's layout: the same in every layer
+    if step_ok is None:
+        step_ok = memo["attention_block_step"] = batch.max_query_len == 1 and available()
     return (
-        T > 0
-        and batch.max_query_len == 1
+        step_ok
+        and T > 0
         and T == batch.num_seqs
+        and slot_mapping.dtype is torch.int64
+        and slot_mapping.is_cpu
+        and cos.is_contiguous()
+        and sin.is_contiguous()
         and (T <= NATIVE_LINEAR_MAX_ROWS or x.dtype is torch.bfloat16)
         and _cpu_native_dtype(x, w_qkv, w_o, norm_weights[0], norm_weights[1], cos, sin, kv_cache)
         and x.is_contiguous()
         and w_qkv.is_contiguous()
         and w_o.is_contiguous()
-        and cos.is_contiguous()
-        and sin.is_contiguous()
         and kv_cache.dim() == 5
         and kv_halves_dense(kv_cache)
-        and slot_mapping.dtype is torch.int64
-        and slot_mapping.device.type == "cpu"
-        and available()
     )
 
 
@@ -651,14 +654,21 @@ def attention_block(
             f"{tuple(w_o.shape)}, cos {tuple(cos.shape)}, kv_cache {tuple(kv_cache.shape)}, {hq} query heads"
         )
     slots = slot_mapping.contiguous()  # [T]
-    bt = batch.block_tables.to(torch.int64).contiguous()  # [T, max_blocks]
-    sl = batch.seq_lens.to(torch.int64).contiguous()  # [T]
-    if slots.shape != (T,) or bt.shape[0] != T or sl.shape != (T,):
-        raise ValueError(f"slot_mapping / block_tables / seq_lens do not fit {T} sequences")
-    if not lib.dyn_in_range(sl.data_ptr(), T, -(2**63), bt.shape[1] * bs + 1):
-        raise ValueError("a sequence is longer than its block table covers")
-    if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, num_blocks):
-        raise ValueError(f"block table entries must lie in [0, {num_blocks})")
+    if slots.shape != (T,):
+        raise ValueError(f"slot_mapping {tuple(slots.shape)} does not fit {T} sequences")
+    key = ("attention_block", T, num_blocks, bs)  # converted and checked once per step, not per layer
+    tables = batch.kernel_memo.get(key)
+    if tables is None:
+        bt = batch.block_tables.to(torch.int64).contiguous()  # [T, max_blocks]
+        sl = batch.seq_lens.to(torch.int64).contiguous()  # [T]
+        if bt.shape[0] != T or sl.shape != (T,):
+            raise ValueError(f"block_tables / seq_lens do not fit {T} sequences")
+        if not lib.dyn_in_range(sl.data_ptr(), T, -(2**63), bt.shape[1] * bs + 1):
+            raise ValueError("a sequence is longer than its block table covers")
+        if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, num_blocks):
+            raise ValueError(f"block table entries must lie in [0, {num_blocks})")
+        tables = batch.kernel_memo[key] = (bt, sl)
+    bt, sl = tables
     y = torch.empty_like(x)  # [T, H]
     h = torch.empty_like(x)  # [T, H]
     fn = lib.dyn_attn_block_f32 if x.dtype is torch.float32 else lib.dyn_attn_block_bf16

@@ -30,6 +30,9 @@ class AttentionMetadata:
     # query_start_loc / seq_lens as Python lists (host copies: loops must not sync a device)
     query_start_loc_host: list[int] = field(default_factory=list)
     seq_lens_host: list[int] = field(default_factory=list)
+    # what kernel wrappers derive once per step and reuse in every layer (converted, validated block
+    # tables; checks of the step's layout), keyed by the wrapper; owned by the kernels package
+    kernel_memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -40,4 +43,15 @@ def kv_halves_dense(kv_cache: torch.Tensor) -> bool:
     """Whether a paged cache [2, N, bs, Hkv, D] fits the kernels: each half (K, V) dense. The halves
     may share storage (stride(0) == 0, `kv_cache = latent.expand(2, ...)`): then K and V are one
     tensor, the layout of multi-head latent attention's compressed cache."""
-    return kv_cache.dim() == 5 and kv_cache[0].is_contiguous() and kv_cache[1].is_contiguous()
+    if kv_cache.dim() != 5:
+        return False
+    # kv_cache[i].is_contiguous() for both halves, from the strides (no views: this runs every layer)
+    shape, strides = kv_cache.shape, kv_cache.stride()
+    if 0 in shape:
+        return True
+    expected = 1
+    for i in range(4, 0, -1):
+        if shape[i] != 1 and strides[i] != expected:
+            return False
+        expected *= shape[i]
+    return True

@@ -183,3 +183,25 @@ def test_engine_decodes_and_accounts_the_same_with_the_fused_moe_block(dtype, ch
     monkeypatch.setattr(moe.MoEBlock, "forward_block", lambda *a, **k: None)
     plain = run()
     assert fused == plain
+
+
+def test_fused_blocks_switch_is_read_when_the_model_is_built(checkpoint_factory, monkeypatch):
+    """DYNSERVE_FUSED_BLOCKS=0 (the decode benchmark's `cpu-unfused` A/B variant): an engine built
+    with it runs every decode block op by op, and decodes the same tokens."""
+    from dynserve import LLM, SamplingParams
+
+    path = checkpoint_factory("mixtral")
+    calls = []
+    for name in ("moe_block", "attention_block"):
+        real = getattr(cpu_native, name)
+        monkeypatch.setattr(cpu_native, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [3, 1, 4, 1, 5]}, {"prompt_token_ids": [9, 2, 6]}]
+    monkeypatch.setenv("DYNSERVE_FUSED_BLOCKS", "0")
+    unfused = LLM(str(path))
+    monkeypatch.delenv("DYNSERVE_FUSED_BLOCKS")
+    plain = [o.outputs[0].token_ids for o in unfused.generate(prompts, sp)]
+    assert calls == []
+    fused = [o.outputs[0].token_ids for o in LLM(str(path)).generate(prompts, sp)]
+    assert set(calls) == {"moe_block", "attention_block"}
+    assert fused == plain

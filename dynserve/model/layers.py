@@ -9,6 +9,7 @@ load time (q/k/v into one projection, gate/up into one projection).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,12 +116,19 @@ class Linear(nn.Linear):
         return dynserve_kernels.linear(x, self.weight, self.bias, self.backend)
 
 
-def set_backend(model: nn.Module, backend: str) -> None:
+def set_backend(model: nn.Module, backend: str, fused_blocks: bool | None = None) -> None:
     """Point every module of `model` that calls kernels (those with a `backend` class attribute:
-    Linear, attention, MoE blocks, the model itself) at the kernel backend: the one place it is set."""
+    Linear, attention, MoE blocks, the model itself) at the kernel backend: the one place it is set.
+    `fused_blocks` (None: `DYNSERVE_FUSED_BLOCKS`, default on) lets the modules that have a fused
+    decode block (a `fused_blocks` class attribute) run it in one kernel call where the backend can;
+    off, they run op by op (the A/B switch of the decode benchmark)."""
+    if fused_blocks is None:
+        fused_blocks = os.environ.get("DYNSERVE_FUSED_BLOCKS", "1") != "0"
     for m in model.modules():
         if hasattr(type(m), "backend"):
             m.backend = backend
+        if hasattr(type(m), "fused_blocks"):
+            m.fused_blocks = fused_blocks
 
 
 class RMSNorm(nn.Module):
@@ -321,6 +329,7 @@ class Attention(nn.Module):
     (> 0: each query sees its last `window` positions), both applied by every kernel backend."""
 
     backend: str = "torch"  # set by `set_backend`
+    fused_blocks: bool = True  # set by `set_backend`: `forward_block` may fuse the decode block
 
     def __init__(
         self,
@@ -406,7 +415,8 @@ class Attention(nn.Module):
         the block (decode steps of plain attention: no q/k norm, clipping, sinks, window or biases);
         None otherwise."""
         if (
-            self.qk_norm is not None
+            not self.fused_blocks
+            or self.qk_norm is not None
             or self.clip_qkv is not None
             or self.sinks is not None
             or self.window

@@ -76,6 +76,7 @@ class MoEBlock(nn.Module):
     experts: ExpertExecutor = LOCAL_EXPERTS
 
     backend: str = "torch"  # set by `set_backend`
+    fused_blocks: bool = True  # set by `set_backend`: `forward_block` may fuse the decode block
 
     def __init__(
         self,
@@ -151,7 +152,7 @@ class MoEBlock(nn.Module):
         fusable = self.__dict__.get("_fusable_cached")
         if fusable is None:
             fusable = self.__dict__["_fusable_cached"] = self._fusable()
-        if not fusable or self.backend != "cpu" or batch.router_records is not None:
+        if not fusable or not self.fused_blocks or self.backend != "cpu" or batch.router_records is not None:
             return None
         layer = batch.moe_layer_index
         rows = fused_route_rows(batch.routing, self.rule, layer)
@@ -162,9 +163,9 @@ class MoEBlock(nn.Module):
         )
         if r is None:
             return None
-        batch.assignments.append(
-            Assignment(y.shape[0], self.num_experts, r.token_ids, r.expert_ids, r.weights, r.offsets)
-        )
+        T, E = y.shape[0], self.num_experts
+        a = Assignment(T, E, r.token_ids, r.expert_ids, r.weights, r.offsets, expert_counts=r.expert_counts)
+        batch.assignments.append(a)
         batch.expert_counts.append(r.token_counts)  # [T]
         if batch.expert_token_counts is not None:
             batch.expert_token_counts.append(r.expert_counts)  # [E]

@@ -39,6 +39,9 @@ class Assignment:
     # every expert the router picked, zero-computation ones included (ids >= num_experts), when that
     # differs from the pairs (LongCat-Flash): what routed-experts reporting returns for replay
     selection: Assignment | None = None
+    # [E] int64 pairs per FFN expert, where the routing kernel counted them anyway (the CPU's fused MoE
+    # block); None: usage accounting counts from expert_ids
+    expert_counts: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:

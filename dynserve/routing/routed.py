@@ -250,6 +250,8 @@ def expert_token_counts(assignments: list[Assignment], num_experts: int) -> torc
     if not assignments:
         return torch.zeros(0, num_experts, dtype=torch.int64)
     L = len(assignments)
+    if all(a.expert_counts is not None for a in assignments):  # counted by the routing kernel
+        return torch.stack([a.expert_counts for a in assignments])  # [L, E]
     flat = torch.cat([a.expert_ids.to(torch.int64) + layer * num_experts for layer, a in enumerate(assignments)])  # [P]
     if flat.is_cuda:
         out = torch.zeros(L * num_experts, dtype=torch.int64, device=flat.device)

@@ -87,7 +87,7 @@ def stack_counts(expert_counts: list[torch.Tensor], num_tokens: int | None = Non
 
 
 def sequence_layer_counts(
-    expert_counts: list[torch.Tensor], query_start_loc: torch.Tensor, skip: list[int] | None = None
+    expert_counts: list[torch.Tensor] | torch.Tensor, query_start_loc: torch.Tensor, skip: list[int] | None = None
 ) -> torch.Tensor:
     """[B, L] int64: expert activations of each sequence of a step in each MoE layer.
 
@@ -97,9 +97,9 @@ def sequence_layer_counts(
     cumulative sum over tokens and a difference at the sequence boundaries.
     """
     B = max(int(query_start_loc.numel()) - 1, 0)
-    if not expert_counts:
+    counts = expert_counts if isinstance(expert_counts, torch.Tensor) else stack_counts(expert_counts)  # [L, T]
+    if counts.shape[0] == 0:
         return torch.zeros(B, 0, dtype=torch.int64, device=query_start_loc.device)
-    counts = stack_counts(expert_counts)  # [L, T]
     L = counts.shape[0]
     csum = torch.zeros(L, counts.shape[1] + 1, dtype=torch.int64, device=counts.device)  # [L, T+1]
     csum[:, 1:] = torch.cumsum(counts, dim=1)
@@ -110,10 +110,11 @@ def sequence_layer_counts(
     return (csum[:, qsl[1:]] - csum[:, starts]).T.contiguous()  # [B, L]
 
 
-def experts_per_token_histogram(expert_counts: list[torch.Tensor], num_experts: int) -> torch.Tensor:
+def experts_per_token_histogram(expert_counts: list[torch.Tensor] | torch.Tensor, num_experts: int) -> torch.Tensor:
     """[L, E+1] int64: entry [l, j] = number of token positions that used exactly j FFN experts in
-    MoE layer l (j in 0..E; counts must lie in that range). One bincount over all layers."""
-    counts = stack_counts(expert_counts)  # [L, T]
+    MoE layer l (j in 0..E; counts must lie in that range). One bincount over all layers.
+    `expert_counts`: the per-layer [T] counts, or already stacked [L, T]."""
+    counts = expert_counts if isinstance(expert_counts, torch.Tensor) else stack_counts(expert_counts)  # [L, T]
     L = counts.shape[0]
     if L == 0:
         return torch.zeros(0, num_experts + 1, dtype=torch.int64)
@@ -151,7 +152,8 @@ class ExpertUsageAccumulator:
     ) -> torch.Tensor:
         """Add one step's per-layer counts (and per-expert token counts, [E] per layer); return
         its per-sequence sums [B, L] int64, leaving out each sequence's first `skip[b]` tokens."""
-        hist = experts_per_token_histogram(expert_counts, self.num_experts)  # [L, E+1]
+        stacked = stack_counts(expert_counts)  # [L, T], once for both sums below
+        hist = experts_per_token_histogram(stacked, self.num_experts)  # [L, E+1]
         if hist.shape[0]:
             if self.histogram.device != hist.device or self.histogram.shape != hist.shape:
                 if self.histogram.shape != hist.shape:
@@ -162,7 +164,7 @@ class ExpertUsageAccumulator:
             step = torch.stack(expert_token_counts)  # [L, E]
             self.expert_tokens = self.expert_tokens.to(step.device) + step
         self.num_steps += 1
-        return sequence_layer_counts(expert_counts, query_start_loc, skip)
+        return sequence_layer_counts(stacked, query_start_loc, skip)
 
     def total_activations(self) -> int:
         return int(self.activations_per_layer().sum())
