@@ -30,7 +30,8 @@ from dynserve.bench.offline import FAMILIES, bench_checkpoint, make_prompts
 
 
 class MoETimer:
-    """Sums wall time spent inside every MoE block of a model (forward hooks)."""
+    """Sums wall time spent inside every MoE block of a model (forward hooks, and the fused decode
+    block `MoEBlock.forward_block`, which runs outside the module call)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         from dynserve.model.moe import MoEBlock
@@ -42,6 +43,17 @@ class MoETimer:
             if isinstance(m, MoEBlock):
                 m.register_forward_pre_hook(self._pre)
                 m.register_forward_hook(self._post)
+                m.forward_block = self._timed(m.forward_block)
+
+    def _timed(self, fn):  # noqa: ANN001, ANN202
+        def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            self._pre()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._post()
+
+        return wrapper
 
     def _sync(self) -> None:
         if self._cuda:
