@@ -194,6 +194,19 @@ def test_native_moe_same_result_for_any_thread_count():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ks,experts", [([1], [3]), ([1, 1, 0, 1], [5]), ([2, 1], [0, 6])])
+def test_native_moe_with_fewer_experts_than_threads_splits_rows_and_matches(ks, experts, dtype):
+    """Fewer active experts than threads (batch 1 at k=1): the experts run in turn with each GEMM's
+    rows split over the threads; the result equals the one-thread schedule bit for bit."""
+    x, w13, w2, a = _moe_problem(ks, 8, experts, 72, 200)  # 2I = 400, H = 72 rows to split
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    outs = [_native_moe(x, w13, w2, a, n) for n in (1, 2, 3, 8)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0].float(), fused_moe_ref(x, w13, w2, a).float(), atol=tol, rtol=tol)
+
+
 def test_native_moe_rejects_bad_input():
     x, w13, w2, a = _moe_problem([1, 2], 3, None, 16, 8)
     with pytest.raises(ValueError, match="float32"):

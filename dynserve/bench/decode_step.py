@@ -11,7 +11,7 @@ the same greedy tokens.
 
 Variants: `torch` (plain-torch references), `cpu` (native CPU kernels where they apply; the
 default on CPU), `cpu-no-hugepages` (the same with weights and KV cache in ordinary 4 KB pages),
-`cpu-unfused` (the native kernels called one by one: no fused decode attention block).
+`cpu-unfused` (the native kernels called one by one: no fused decode attention or MoE block).
 `--dtype` (float32 or bfloat16) applies to every variant.
 """
 
@@ -40,8 +40,8 @@ VARIANTS = {
 
 @contextlib.contextmanager
 def _env(env: dict[str, str]) -> Iterator[None]:
-    """`env` set in os.environ for the block (the variant's knobs, read while the model is built and,
-    for DYNSERVE_FUSED_BLOCKS, while it steps), the previous values restored after."""
+    """`env` set in os.environ for the block (the variant's knobs, read while the model is built),
+    the previous values restored after."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

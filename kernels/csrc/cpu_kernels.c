@@ -674,10 +674,61 @@ void dyn_gemm_nt_f32(const float *x, int64_t ldx, const float *w, int64_t K, int
  * pair weight into y_pairs [P, H] (caller-provided); tokens then sum their rows in pair order, so
  * the result does not depend on the thread count.
  */
+/* Fewer active experts than threads (batch 1 at k=1, or k=2 on more cores): the experts run one after
+ * another, each GEMM's output rows split over the threads (the same per-row arithmetic as the
+ * expert-parallel schedule, so the result is identical), instead of threads idling. */
+static int64_t active_experts(const int64_t *expert_off, int64_t E) {
+    int64_t a = 0;
+    for (int64_t e = 0; e < E; e++) a += expert_off[e + 1] > expert_off[e];
+    return a;
+}
+
+static int moe_split_f32(const float *x, int64_t T, int64_t H, const float *w13, const float *w2, int64_t E,
+                         int64_t I, const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
+                         const int64_t *expert_off, const int64_t *token_off, float *y_pairs, float *out,
+                         int64_t num_threads) {
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t p0 = expert_off[e], n = expert_off[e + 1] - p0;
+        if (n <= 0) continue;
+        float *xe = scratch((size_t)(n * (H + 2 * I + I + H)));
+        if (!xe) return -1;
+        float *gu = xe + n * H, *h = gu + n * 2 * I, *ye = h + n * I;
+        for (int64_t r = 0; r < n; r++) memcpy(xe + r * H, x + sorted_tok[p0 + r] * H, sizeof(float) * (size_t)H);
+        dyn_gemm_nt_f32(xe, H, w13 + e * 2 * I * H, H, n, 2 * I, gu, 2 * I, num_threads);
+        for (int64_t r = 0; r < n; r++) {
+            const float *g = gu + r * 2 * I, *u = g + I;
+            float *hr = h + r * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) hr[i] = g[i] / (1.0f + fast_expf(-g[i])) * u[i];
+        }
+        dyn_gemm_nt_f32(h, I, w2 + e * H * I, I, n, H, ye, H, num_threads);
+        for (int64_t r = 0; r < n; r++) {
+            const float wt = sorted_w[p0 + r];
+            const float *src = ye + r * H;
+            float *dst = y_pairs + sorted_dst[p0 + r] * H;
+#pragma omp simd
+            for (int64_t c = 0; c < H; c++) dst[c] = wt * src[c];
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * H;
+        memset(o, 0, sizeof(float) * (size_t)H);
+        for (int64_t p = token_off[t]; p < token_off[t + 1]; p++) {
+            const float *src = y_pairs + p * H;
+#pragma omp simd
+            for (int64_t c = 0; c < H; c++) o[c] += src[c];
+        }
+    }
+    return 0;
+}
+
 int dyn_moe_f32(const float *x, int64_t T, int64_t H, const float *w13, const float *w2, int64_t E, int64_t I,
                 const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
                 const int64_t *expert_off, const int64_t *token_off, float *y_pairs, float *out,
                 int64_t num_threads) {
+    if (num_threads > 1 && active_experts(expert_off, E) < num_threads)
+        return moe_split_f32(x, T, H, w13, w2, E, I, sorted_tok, sorted_w, sorted_dst, expert_off, token_off, y_pairs,
+                             out, num_threads);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
@@ -755,10 +806,77 @@ int dyn_gemm_nt_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t 
  * and out [T, H] in bfloat16 (y_pairs [P, H] stays float32). Rounds as fused_moe_ref does in
  * bfloat16: gate/up and down outputs, SiLU(gate) and SiLU(gate) * up to bfloat16; the pair weight
  * and the per-token sum in float32; the sum to bfloat16 once. */
+/* gemm_nt_bf16 (float32 input rows, float32 out) with the output rows split over threads, as
+ * dyn_gemm_nt_bf16 splits them. */
+static void gemm_nt_bf16_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t K, int64_t M, int64_t N,
+                              float *y, int64_t ldy, int64_t num_threads) {
+    if (num_threads <= 1 || N < 64 * num_threads) {
+        gemm_nt_bf16(x, ldx, w, K, M, N, y, NULL, ldy, NULL);
+        return;
+    }
+    int64_t per = (N + num_threads - 1) / num_threads;
+    per += (BTILE_N - per % BTILE_N) % BTILE_N;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_threads; t++) {
+        const int64_t n0 = t * per, n = N - n0 < per ? N - n0 : per;
+        if (n > 0) gemm_nt_bf16(x, ldx, w + n0 * K, K, M, n, y + n0, NULL, ldy, NULL);
+    }
+}
+
+/* moe_split_f32 in bfloat16 (dyn_moe_bf16's per-expert arithmetic). */
+static int moe_split_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *w13, const uint16_t *w2, int64_t E,
+                          int64_t I, const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
+                          const int64_t *expert_off, const int64_t *token_off, float *y_pairs, uint16_t *out,
+                          int64_t num_threads) {
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t p0 = expert_off[e], n = expert_off[e + 1] - p0;
+        if (n <= 0) continue;
+        float *xe = scratch((size_t)(n * (H + 2 * I + I + H) + H));
+        if (!xe) return -1;
+        float *gu = xe + n * H, *h = gu + n * 2 * I, *ye = h + n * I;
+        for (int64_t r = 0; r < n; r++) bf16_row_to_f32_k(x + sorted_tok[p0 + r] * H, xe + r * H, H);
+        gemm_nt_bf16_rows(xe, H, w13 + e * 2 * I * H, H, n, 2 * I, gu, 2 * I, num_threads);
+        for (int64_t r = 0; r < n; r++) {
+            const float *g = gu + r * 2 * I, *u = g + I;
+            float *hr = h + r * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) {
+                const float gi = round_bf16(g[i]);
+                hr[i] = round_bf16(round_bf16(gi / (1.0f + fast_expf(-gi))) * round_bf16(u[i]));
+            }
+            k_order_row(hr, I);
+        }
+        gemm_nt_bf16_rows(h, I, w2 + e * H * I, I, n, H, ye, H, num_threads);
+        for (int64_t r = 0; r < n; r++) {
+            const float wt = sorted_w[p0 + r];
+            const float *src = ye + r * H;
+            float *dst = y_pairs + sorted_dst[p0 + r] * H;
+#pragma omp simd
+            for (int64_t c = 0; c < H; c++) dst[c] = round_bf16(src[c]) * wt;
+        }
+    }
+    float *acc = scratch((size_t)H);
+    if (!acc) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        memset(acc, 0, sizeof(float) * (size_t)H);
+        for (int64_t p = token_off[t]; p < token_off[t + 1]; p++) {
+            const float *src = y_pairs + p * H;
+#pragma omp simd
+            for (int64_t c = 0; c < H; c++) acc[c] += src[c];
+        }
+        uint16_t *o = out + t * H;
+        for (int64_t c = 0; c < H; c++) o[c] = f32_to_bf16(acc[c]);
+    }
+    return 0;
+}
+
 int dyn_moe_bf16(const uint16_t *x, int64_t T, int64_t H, const uint16_t *w13, const uint16_t *w2, int64_t E,
                  int64_t I, const int64_t *sorted_tok, const float *sorted_w, const int64_t *sorted_dst,
                  const int64_t *expert_off, const int64_t *token_off, float *y_pairs, uint16_t *out,
                  int64_t num_threads) {
+    if (num_threads > 1 && active_experts(expert_off, E) < num_threads)
+        return moe_split_bf16(x, T, H, w13, w2, E, I, sorted_tok, sorted_w, sorted_dst, expert_off, token_off,
+                              y_pairs, out, num_threads);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
