@@ -51,6 +51,26 @@ def test_native_decode_matches_reference(lens, bs, hq, hkv, d, threads):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lens,hq,hkv,sinks,window",
+    [([40], 8, 4, False, None), ([130], 16, 2, True, None), ([70, 9], 8, 2, False, 16), ([25], 12, 3, True, 7),
+     ([33], 6, 3, False, None), ([3], 8, 4, True, None)],
+)  # fmt: skip
+def test_native_decode_splits_heads_when_sequences_are_fewer_than_threads(lens, hq, hkv, sinks, window, dtype):
+    """Fewer sequences than threads (batch-1 decode): each sequence's query heads are split over the
+    threads in groups of four (not split: 6 query heads over 3 KV heads); the result equals the
+    one-thread run's bit for bit, and the reference's."""
+    batch, kv_cache, q = _decode_setup(lens, 8, hq, hkv, 16)
+    q, kv_cache = q.to(dtype), kv_cache.to(dtype)
+    sk = torch.randn(hq, generator=torch.Generator().manual_seed(3)) if sinks else None
+    args = (q, kv_cache, batch.block_tables, batch.seq_lens, 0.25)
+    outs = [cpu_native.paged_decode_attention(*args, n, sinks=sk, window=window) for n in (1, 2, 4, 8)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    ref = paged_attention_ref(q, kv_cache, batch, 0.25, sk, window)
+    assert _rel_err(outs[0], ref) <= (1e-5 if dtype == torch.float32 else BF16_TOL["attention"])
+
+
 def test_native_decode_extreme_scores():
     # a score gap of ~1e4 would overflow a softmax without max subtraction; a tied max gives 1/2 each
     batch, kv_cache, q = _decode_setup([20, 3], 4, 2, 2, 8)

@@ -132,13 +132,13 @@ static void k_order_row(float *row, int64_t n) {
  * in position order (the result equals one position at a time) with each accumulator loaded and
  * stored once per n positions instead of once per position. */
 #if defined(__AVX2__) && defined(__FMA__)
-static inline void qk_row(const float *krow, const float *qf, int64_t Hq, int64_t G, int64_t D, float scale,
+static inline void qk_row(const float *krow, const float *qf, int64_t Hq, const int64_t *koff, int64_t D, float scale,
                           float *s, int64_t L, int64_t t) {
     const int64_t D8 = D & ~(int64_t)7;
     int64_t i = 0;
     for (; i + 4 <= Hq; i += 4) {
-        const float *k0 = krow + (i / G) * D, *k1 = krow + ((i + 1) / G) * D;
-        const float *k2 = krow + ((i + 2) / G) * D, *k3 = krow + ((i + 3) / G) * D;
+        const float *k0 = krow + koff[i], *k1 = krow + koff[i + 1];
+        const float *k2 = krow + koff[i + 2], *k3 = krow + koff[i + 3];
         const float *q0 = qf + i * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         for (int64_t d = 0; d < D8; d += 8) {
@@ -158,7 +158,7 @@ static inline void qk_row(const float *krow, const float *qf, int64_t Hq, int64_
         }
     }
     for (; i < Hq; i++) {
-        const float *kh = krow + (i / G) * D, *qh = qf + i * D;
+        const float *kh = krow + koff[i], *qh = qf + i * D;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
@@ -166,10 +166,10 @@ static inline void qk_row(const float *krow, const float *qf, int64_t Hq, int64_
     }
 }
 #else
-static inline void qk_row(const float *krow, const float *qf, int64_t Hq, int64_t G, int64_t D, float scale,
+static inline void qk_row(const float *krow, const float *qf, int64_t Hq, const int64_t *koff, int64_t D, float scale,
                           float *s, int64_t L, int64_t t) {
     for (int64_t i = 0; i < Hq; i++) {
-        const float *kh = krow + (i / G) * D, *qh = qf + i * D;
+        const float *kh = krow + koff[i], *qh = qf + i * D;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
@@ -273,9 +273,9 @@ static inline void prefetch_block(const char *base, int64_t next, int64_t bs, in
 }
 
 static inline void pv_rows(const float *const *vrows, int n, const float *s, int64_t L, int64_t t, int64_t Hq,
-                           int64_t G, int64_t D, float *acc) {
+                           const int64_t *koff, int64_t D, float *acc) {
     for (int64_t i = 0; i < Hq; i++) {
-        const int64_t off = (i / G) * D;
+        const int64_t off = koff[i];
         const float *p = s + i * L + t;
         float *a = acc + i * D;
         if (n == 4) {
@@ -311,6 +311,17 @@ static inline void pv_rows(const float *const *vrows, int n, const float *s, int
  * cache row [Hkv, D] is read once for all Hq heads. Two passes per sequence: scores for all
  * positions, then softmax and the weighted sum of V. Sequences run in parallel (OpenMP).
  */
+/* Work items of a decode attention call: whole sequences when there are at least as many as threads;
+ * else each sequence's query heads split into `parts` groups of a multiple of four heads (qk_row's
+ * four-head path, so each head's arithmetic is the unsplit one), one item per group. */
+static int64_t decode_parts(int64_t B, int64_t Hq, int64_t Hkv, int64_t num_threads) {
+    if (B >= num_threads || num_threads <= 1) return 1;
+    int64_t parts = (num_threads + B - 1) / B;
+    if (parts > Hkv) parts = Hkv;
+    while (parts > 1 && (Hkv % parts || (Hq / parts) % 4)) parts--;
+    return parts;
+}
+
 int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const int64_t *block_tables,
                          int64_t max_blocks, const int64_t *seq_lens, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t D, int64_t bs, float scale, const float *sinks, int64_t window, float *out, int64_t num_threads) {
@@ -319,23 +330,29 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
     int64_t lmax = 0;
     for (int64_t b = 0; b < B; b++) lmax = seq_lens[b] > lmax ? seq_lens[b] : lmax;
     const int64_t row = Hkv * D; /* floats per cache position */
+    const int64_t parts = decode_parts(B, Hq, Hkv, num_threads);
+    const int64_t nq = Hq / parts; /* query heads per work item */
+    int64_t koff[Hq > 0 ? Hq : 1]; /* query head i reads K/V elements koff[i] .. + D of a cache row */
+    for (int64_t i = 0; i < Hq; i++) koff[i] = (i / G) * D; /* (no 64-bit division per position) */
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
-        float *s = scratch((size_t)(Hq * ((lmax > 0 ? lmax : 1) + D))); /* [Hq, L] scores, then [Hq, D] */
-        float *acc = s ? s + Hq * (lmax > 0 ? lmax : 1) : NULL;
+        float *s = scratch((size_t)(nq * ((lmax > 0 ? lmax : 1) + D))); /* [nq, L] scores, then [nq, D] */
+        float *acc = s ? s + nq * (lmax > 0 ? lmax : 1) : NULL;
         if (!s) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t item = 0; item < B * parts; item++) {
             if (!s) continue;
+            const int64_t b = item / parts, i0 = (item % parts) * nq; /* sequence, first query head */
             const int64_t L = seq_lens[b];
-            const float *qb = q + b * Hq * D;
-            float *ob = out + b * Hq * D;
+            const float *qb = q + (b * Hq + i0) * D;
+            const float *sk = sinks ? sinks + i0 : NULL;
+            float *ob = out + (b * Hq + i0) * D;
             const int64_t *bt = block_tables + b * max_blocks;
             if (L <= 0) {
-                memset(ob, 0, sizeof(float) * (size_t)(Hq * D));
+                memset(ob, 0, sizeof(float) * (size_t)(nq * D));
                 continue;
             }
             const int64_t t0 = window > 0 && L > window ? L - window : 0; /* first visible position */
@@ -343,20 +360,20 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
             const int64_t nblk = (L + bs - 1) / bs; /* blocks the sequence uses */
             for (int64_t t = t0; t < L; t++) {
                 if (off == 0 && blk + 1 < nblk) prefetch_block((const char *)kc, bt[blk + 1], bs, row * 4);
-                qk_row(kc + (bt[blk] * bs + off) * row, qb, Hq, G, D, scale, s, L, t);
+                qk_row(kc + (bt[blk] * bs + off) * row, qb, nq, koff + i0, D, scale, s, L, t);
                 if (++off == bs) off = 0, blk++;
             }
-            for (int64_t i = 0; i < Hq; i++) {
+            for (int64_t i = 0; i < nq; i++) {
                 float *si = s + i * L;
                 float m = row_max(si + t0, L - t0);
-                if (sinks && sinks[i] > m) m = sinks[i];
+                if (sk && sk[i] > m) m = sk[i];
                 float sum = exp_sum(si + t0, L - t0, m, 0);
-                if (sinks) sum += fast_expf(sinks[i] - m);
+                if (sk) sum += fast_expf(sk[i] - m);
                 const float inv = 1.0f / sum;
 #pragma omp simd
                 for (int64_t t = t0; t < L; t++) si[t] *= inv;
             }
-            memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
+            memset(acc, 0, sizeof(float) * (size_t)(nq * D));
             blk = t0 / bs, off = t0 % bs;
             for (int64_t t = t0; t < L; t += 4) {
                 const int n = L - t < 4 ? (int)(L - t) : 4;
@@ -366,9 +383,9 @@ int dyn_paged_decode_f32(const float *q, const float *kc, const float *vc, const
                     vrows[j] = vc + (bt[blk] * bs + off) * row;
                     if (++off == bs) off = 0, blk++;
                 }
-                pv_rows(vrows, n, s, L, t, Hq, G, D, acc);
+                pv_rows(vrows, n, s, L, t, nq, koff + i0, D, acc);
             }
-            memcpy(ob, acc, sizeof(float) * (size_t)(Hq * D));
+            memcpy(ob, acc, sizeof(float) * (size_t)(nq * D));
         }
     }
     return failed ? -1 : 0;
@@ -946,45 +963,51 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
     for (int64_t b = 0; b < B; b++) lmax = seq_lens[b] > lmax ? seq_lens[b] : lmax;
     const int64_t L1 = lmax > 0 ? lmax : 1;
     const int64_t row = Hkv * D; /* elements per cache position */
+    int64_t koff[Hq > 0 ? Hq : 1]; /* query head i reads K/V elements koff[i] .. + D of a cache row */
+    for (int64_t i = 0; i < Hq; i++) koff[i] = (i / G) * D;
+    const int64_t parts = decode_parts(B, Hq, Hkv, num_threads);
+    const int64_t nq = Hq / parts; /* query heads per work item */
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
-        /* [Hq, L] scores, [Hq, D] accumulators, [Hq, D] q in float32, four K/V rows [Hkv, D], [Hq] sums */
-        float *s = scratch((size_t)(Hq * L1 + 2 * Hq * D + 4 * row + Hq));
-        float *acc = s ? s + Hq * L1 : NULL, *qf = s ? acc + Hq * D : NULL, *kv = s ? qf + Hq * D : NULL;
+        /* [nq, L] scores, [nq, D] accumulators, [nq, D] q in float32, four K/V rows [Hkv, D], [nq] sums */
+        float *s = scratch((size_t)(nq * L1 + 2 * nq * D + 4 * row + nq));
+        float *acc = s ? s + nq * L1 : NULL, *qf = s ? acc + nq * D : NULL, *kv = s ? qf + nq * D : NULL;
         float *sums = s ? kv + 4 * row : NULL;
         if (!s) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t item = 0; item < B * parts; item++) {
             if (!s) continue;
+            const int64_t b = item / parts, i0 = (item % parts) * nq; /* sequence, first query head */
             const int64_t L = seq_lens[b];
-            uint16_t *ob = out + b * Hq * D;
+            const float *sk = sinks ? sinks + i0 : NULL;
+            uint16_t *ob = out + (b * Hq + i0) * D;
             const int64_t *bt = block_tables + b * max_blocks;
             if (L <= 0) {
-                memset(ob, 0, sizeof(uint16_t) * (size_t)(Hq * D));
+                memset(ob, 0, sizeof(uint16_t) * (size_t)(nq * D));
                 continue;
             }
-            bf16_row_to_f32(q + b * Hq * D, qf, Hq * D);
+            bf16_row_to_f32(q + (b * Hq + i0) * D, qf, nq * D);
             const int64_t t0 = window > 0 && L > window ? L - window : 0; /* first visible position */
             int64_t blk = t0 / bs, off = t0 % bs; /* walks the block table (no division per position) */
             const int64_t nblk = (L + bs - 1) / bs; /* blocks the sequence uses */
             for (int64_t t = t0; t < L; t++) {
                 if (off == 0 && blk + 1 < nblk) prefetch_block((const char *)kc, bt[blk + 1], bs, row * 2);
                 bf16_row_to_f32(kc + (bt[blk] * bs + off) * row, kv, row);
-                qk_row(kv, qf, Hq, G, D, scale, s, L, t);
+                qk_row(kv, qf, nq, koff + i0, D, scale, s, L, t);
                 if (++off == bs) off = 0, blk++;
             }
-            for (int64_t i = 0; i < Hq; i++) {
+            for (int64_t i = 0; i < nq; i++) {
                 float *si = s + i * L;
                 float m = row_max(si + t0, L - t0);
-                if (sinks && sinks[i] > m) m = sinks[i];
+                if (sk && sk[i] > m) m = sk[i];
                 float sum = exp_sum(si + t0, L - t0, m, 1);
-                if (sinks) sum += fast_expf(sinks[i] - m);
+                if (sk) sum += fast_expf(sk[i] - m);
                 sums[i] = sum;
             }
-            memset(acc, 0, sizeof(float) * (size_t)(Hq * D));
+            memset(acc, 0, sizeof(float) * (size_t)(nq * D));
             blk = t0 / bs, off = t0 % bs;
             for (int64_t t = t0; t < L; t += 4) {
                 const int n = L - t < 4 ? (int)(L - t) : 4;
@@ -995,9 +1018,9 @@ int dyn_paged_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t 
                     vrows[j] = kv + j * row;
                     if (++off == bs) off = 0, blk++;
                 }
-                pv_rows(vrows, n, s, L, t, Hq, G, D, acc);
+                pv_rows(vrows, n, s, L, t, nq, koff + i0, D, acc);
             }
-            for (int64_t i = 0; i < Hq; i++) {
+            for (int64_t i = 0; i < nq; i++) {
                 const float inv = 1.0f / sums[i];
                 for (int64_t d = 0; d < D; d++) ob[i * D + d] = f32_to_bf16(acc[i * D + d] * inv);
             }
