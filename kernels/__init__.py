@@ -230,6 +230,25 @@ def moe_block(
     return None
 
 
+def decode_layers(
+    layers: list[cpu_native.DecodeLayerWeights],
+    num_heads: int,
+    in_eps: float,
+    post_eps: float,
+    scale: float,
+    backend: str = "torch",
+) -> cpu_native.DecodeLayers | None:
+    """A model's [attention block, MoE block] decode layers as one native call per step where the
+    backend has it (cpu: `cpu_native.DecodeLayers`, the fused blocks' kernels layer after layer); None
+    where it has not or the layers are not what it takes (then each layer runs its own blocks)."""
+    if backend != "cpu" or not cpu_native.available():
+        return None
+    try:
+        return cpu_native.DecodeLayers(layers, num_heads, in_eps, post_eps, scale)
+    except ValueError:
+        return None
+
+
 def route_selector(backend: str) -> object | None:
     """The native routing pass for `backend` (`dynserve.routing.policies.route(..., select=...)`): the
     CPU one on the "cpu" backend when the native kernels are built, else None (torch routing)."""

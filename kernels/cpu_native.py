@@ -150,6 +150,12 @@ def build_library(flags: list[str], out_dir: Path | None = None) -> ctypes.CDLL:
     for fn in (lib.dyn_attn_block_f32, lib.dyn_attn_block_bf16):
         fn.restype = ctypes.c_int
         fn.argtypes = [*[_ptr] * 11, *[_i64] * 6, _f32, _f32, _ptr, _i64, _ptr, _i64, _ptr, _i64, _f32, _i64]
+    for fn in (lib.dyn_decode_layers_f32, lib.dyn_decode_layers_bf16):
+        fn.restype = _i64
+        fn.argtypes = [
+            *[_ptr] * 7, *[_i64] * 8, _f32, _f32, _ptr, _i64, _ptr, _i64, _ptr, _i64, _f32, _i64, _i64,
+            *[_ptr] * 8, _i64,
+        ]  # fmt: skip
     for fn in (lib.dyn_moe_block_f32, lib.dyn_moe_block_bf16):
         fn.restype = _i64
         fn.argtypes = [*[_ptr] * 6, *[_i64] * 4, *[_ptr] * 17, _i64]
@@ -910,3 +916,188 @@ def moe_block(
     if P < 0:
         raise MemoryError("native MoE block could not allocate its scratch buffer")
     return MoEBlockResult(out, offsets, tok[:P], ids[:P], w[:P], token_counts, expert_counts)
+
+
+# ---------------------------------------------------------------------------------- decode layers
+
+
+@dataclass(frozen=True)
+class DecodeLayerWeights:
+    """One decoder layer's tensors as `decode_layers` reads them: the attention block's (input norm
+    weight [H], w_qkv [(Hq + 2 Hkv) D, H], w_o [H, Hq D], post-attention norm weight [H]), its paged
+    cache [2, N, bs, Hkv, D] and the MoE block's (router [E, H], w13 [E, 2I, H], w2 [E, H, I])."""
+
+    in_norm: torch.Tensor
+    w_qkv: torch.Tensor
+    w_o: torch.Tensor
+    post_norm: torch.Tensor
+    kv_cache: torch.Tensor
+    w_router: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+
+class DecodeLayers:
+    """A model's stack of [attention block, MoE block] decode layers for `run`: every layer's tensor
+    addresses gathered once (weights and caches never move while a model serves), checked to be what
+    the fused kernels take (one dtype, contiguous, dense cache halves, one shape for every layer)."""
+
+    def __init__(
+        self, layers: list[DecodeLayerWeights], num_heads: int, in_eps: float, post_eps: float, scale: float
+    ) -> None:
+        if not layers:
+            raise ValueError("no layers")
+        first = layers[0]
+        self.dtype = first.w_qkv.dtype
+        self.H = first.w_qkv.shape[1]
+        _, self.num_blocks, self.bs, self.hkv, self.d = first.kv_cache.shape
+        self.hq = num_heads
+        self.E, self.I = first.w13.shape[0], first.w13.shape[1] // 2
+        self.in_eps, self.post_eps, self.scale = float(in_eps), float(post_eps), float(scale)
+        H, hq, hkv, d, E, I = self.H, self.hq, self.hkv, self.d, self.E, self.I  # noqa: E741
+        shapes = [(H,), ((hq + 2 * hkv) * d, H), (H, hq * d), (H,), tuple(first.kv_cache.shape), (E, H),
+                  (E, 2 * I, H), (E, H, I)]  # fmt: skip
+        rows = []
+        for lw in layers:
+            ts = (lw.in_norm, lw.w_qkv, lw.w_o, lw.post_norm, lw.kv_cache, lw.w_router, lw.w13, lw.w2)
+            if any(tuple(t.shape) != sh for t, sh in zip(ts, shapes, strict=True)) or hq % hkv:
+                raise ValueError("decode layers must share one shape")
+            if not (_cpu_native_dtype(*ts) and kv_halves_dense(lw.kv_cache)):
+                raise ValueError("decode layers take contiguous float32 or bfloat16 CPU tensors of one dtype")
+            if not all(t.is_contiguous() for t in ts if t is not lw.kv_cache):
+                raise ValueError("decode layer weights must be contiguous")
+            kv = lw.kv_cache
+            rows.append([lw.in_norm.data_ptr(), lw.w_qkv.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(),
+                         lw.w_o.data_ptr(), lw.post_norm.data_ptr(), lw.w_router.data_ptr(), lw.w13.data_ptr(),
+                         lw.w2.data_ptr()])  # fmt: skip
+        self._keep = layers  # the addresses below stay valid while these tensors live
+        self.addresses = torch.tensor(rows, dtype=torch.int64)  # [L, 9]
+        self.num_layers = len(layers)
+        self._tables: dict[tuple, tuple[torch.Tensor, list[RouteTable]]] = {}
+
+    def takes(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionMetadata) -> bool:
+        """Whether `run` takes this step: one token per sequence, x [T, H] of the layers' dtype (float32:
+        at most NATIVE_MOE_MAX_ROWS tokens), contiguous cos/sin [T, R]."""
+        T = x.shape[0] if x.dim() == 2 else -1
+        return (
+            0 < T
+            and batch.max_query_len == 1
+            and T == batch.num_seqs
+            and (T <= NATIVE_MOE_MAX_ROWS or x.dtype is torch.bfloat16)
+            and x.dtype is self.dtype
+            and x.is_cpu
+            and x.shape[1] == self.H
+            and cos.dtype is self.dtype
+            and cos.is_contiguous()
+            and sin.is_contiguous()
+            and available()
+        )
+
+    def _route_tables(self, rows_per_layer: tuple[tuple[tuple, ...], ...]) -> torch.Tensor:
+        """[L, 10] addresses of each layer's routing table (cached per set of rows)."""
+        hit = self._tables.get(rows_per_layer)
+        if hit is None:
+            if len(self._tables) > 256:
+                self._tables.clear()
+            tables = [_CpuRouteSelector._table(r) for r in rows_per_layer]
+            addr = torch.tensor(
+                [[t.policy.data_ptr(), t.k.data_ptr(), t.p.data_ptr(), t.threshold.data_ptr(), t.lo.data_ptr(),
+                  t.hi.data_ptr(), t.renorm.data_ptr(), t.ent_off.data_ptr(), t.ent_thr.data_ptr(),
+                  t.ent_k.data_ptr()] for t in tables],
+                dtype=torch.int64,
+            )  # fmt: skip
+            hit = self._tables[rows_per_layer] = (addr, tables)  # the tables stay alive with their addresses
+        return hit[0]
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        batch: AttentionMetadata,
+        rows_per_layer: tuple[tuple[tuple, ...], ...],
+        config_index: torch.Tensor | None,
+        start: int = 0,
+        num_threads: int | None = None,
+    ) -> DecodeLayersResult:
+        """Layers start.. of a decode step (`takes` must hold): x [T, H] (the residual stream; updated in
+        place) through each layer's attention block and MoE block (`attention_block`, `moe_block`: the
+        same kernels). `rows_per_layer`: each layer's routing config rows (`route_select`'s), with
+        `config_index` [T] or None. Stops early at a layer whose routing `moe_block` would refuse (a
+        checkpoint top_k near-tie): its attention has run; `y`/`h` of the result are its MoE inputs."""
+        lib = _lib if _tried else _load()
+        if lib is None:
+            raise RuntimeError(f"native CPU kernels unavailable: {_reason}")
+        T, H = x.shape
+        L, E, R = self.num_layers, self.E, cos.shape[1]
+        if len(rows_per_layer) != L or not 0 <= start < L:
+            raise ValueError(f"{len(rows_per_layer)} routing rows / start {start} for {L} layers")
+        if cos.shape != (T, R) or sin.shape != (T, R) or R % 2 or R > self.d or not x.is_contiguous():
+            raise ValueError(f"x {tuple(x.shape)} / cos {tuple(cos.shape)} do not fit the decode layers")
+        slots = slot_mapping.contiguous()  # [T]
+        if slots.shape != (T,) or slots.dtype is not torch.int64:
+            raise ValueError(f"slot_mapping {tuple(slots.shape)} does not fit {T} sequences")
+        bs, num_blocks = self.bs, self.num_blocks
+        key = ("attention_block", T, num_blocks, bs)  # shared with attention_block: once per step
+        tables = batch.kernel_memo.get(key)
+        if tables is None:
+            bt = batch.block_tables.to(torch.int64).contiguous()  # [T, max_blocks]
+            sl = batch.seq_lens.to(torch.int64).contiguous()  # [T]
+            if bt.shape[0] != T or sl.shape != (T,):
+                raise ValueError(f"block_tables / seq_lens do not fit {T} sequences")
+            if not lib.dyn_in_range(sl.data_ptr(), T, -(2**63), bt.shape[1] * bs + 1):
+                raise ValueError("a sequence is longer than its block table covers")
+            if not lib.dyn_in_range(bt.data_ptr(), bt.numel(), 0, num_blocks):
+                raise ValueError(f"block table entries must lie in [0, {num_blocks})")
+            tables = batch.kernel_memo[key] = (bt, sl)
+        bt, sl = tables
+        if config_index is not None:
+            C = max(len(r) for r in rows_per_layer)
+            config_index = config_index.to(torch.int64).contiguous()
+            if config_index.shape != (T,) or not lib.dyn_in_range(config_index.data_ptr(), T, 0, C):
+                raise ValueError(f"config_index must be [T] ids in [0, {C})")
+        tp = self._route_tables(rows_per_layer)  # [L, 10]
+        idx = torch.empty(L * (T + 1) + 3 * L * T * E + L * T + L * E + L, dtype=torch.int64)
+        a = L * (T + 1)
+        offsets = idx[:a].view(L, T + 1)
+        tok, ids = idx[a : a + L * T * E].view(L, T * E), idx[a + L * T * E : a + 2 * L * T * E].view(L, T * E)
+        a += 3 * L * T * E
+        token_counts, expert_counts = idx[a : a + L * T].view(L, T), idx[a + L * T : a + L * T + L * E].view(L, E)
+        pairs = idx[a + L * T + L * E :]  # [L]
+        w = torch.empty(L, T * E, dtype=torch.float32)
+        y = torch.empty_like(x)  # [T, H]
+        h = torch.empty_like(x)  # [T, H]
+        fn = lib.dyn_decode_layers_f32 if x.dtype is torch.float32 else lib.dyn_decode_layers_bf16
+        stop = fn(
+            x.data_ptr(), y.data_ptr(), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.addresses.data_ptr(),
+            tp.data_ptr(), start, L, T, H, self.hq, self.hkv, self.d, R, self.in_eps, self.post_eps, slots.data_ptr(),
+            num_blocks * bs, bt.data_ptr(), bt.shape[1], sl.data_ptr(), bs, self.scale, E, self.I,
+            config_index.data_ptr() if config_index is not None else None, offsets.data_ptr(), tok.data_ptr(),
+            ids.data_ptr(), w.data_ptr(), token_counts.data_ptr(), expert_counts.data_ptr(), pairs.data_ptr(),
+            num_threads or torch.get_num_threads(),
+        )  # fmt: skip
+        if stop == -1:
+            raise ValueError(f"slots must lie below the cache's {num_blocks * bs} slots")
+        if stop < 0:
+            raise MemoryError("native decode layers could not allocate their scratch buffers")
+        return DecodeLayersResult(int(stop), y, h, offsets, tok, ids, w, token_counts, expert_counts, pairs)
+
+
+@dataclass(frozen=True)
+class DecodeLayersResult:
+    """What `DecodeLayers.run` returns: layers start..stop-1 ran (stop == L: all); per layer l, its
+    pairs (pairs[l] of them, token-major) in offsets[l] [T+1] / token_ids[l] / expert_ids[l] /
+    weights[l] [T*E] (first pairs[l] used), token_counts[l] [T] and expert_counts[l] [E]. When stop <
+    L, y and h [T, H] are layer stop's MoE inputs (normed input and residual)."""
+
+    stop: int
+    y: torch.Tensor
+    h: torch.Tensor
+    offsets: torch.Tensor
+    token_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    token_counts: torch.Tensor
+    expert_counts: torch.Tensor
+    pairs: torch.Tensor

@@ -827,11 +827,13 @@ def test_native_attention_block_rejects_bad_input_and_writes_nothing():
 def test_engine_decodes_the_same_tokens_with_the_fused_attention_block(dtype, checkpoint_factory, monkeypatch):
     from dynserve import LLM, SamplingParams
     from dynserve.model import layers
+    from dynserve.model.decoder import DecoderForCausalLM
 
     path = checkpoint_factory("mixtral")
     calls = []
     real = cpu_native.attention_block
     monkeypatch.setattr(cpu_native, "attention_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(DecoderForCausalLM, "native_decode", False)  # the blocks layer by layer
     sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": [1 + i, 5, 9, 2 + 3 * i, 7][: 2 + i]} for i in range(3)]
     fused = [o.outputs[0].token_ids for o in LLM(str(path), dtype=dtype).generate(prompts, sp)]

@@ -158,11 +158,13 @@ def test_what_the_fused_block_does_not_take():
 def test_engine_decodes_and_accounts_the_same_with_the_fused_moe_block(dtype, checkpoint_factory, monkeypatch):
     from dynserve import LLM, SamplingParams
     from dynserve.model import moe
+    from dynserve.model.decoder import DecoderForCausalLM
 
     path = checkpoint_factory("mixtral")
     calls = []
     real = cpu_native.moe_block
     monkeypatch.setattr(cpu_native, "moe_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(DecoderForCausalLM, "native_decode", False)  # the blocks layer by layer
     common = dict(temperature=0.0, max_tokens=12, ignore_eos=True, return_routed_experts=True)
     greedy = SamplingParams(**common)
     top_p = SamplingParams(**common, routing=RoutingConfig(policy="top_p", p=0.5))
@@ -195,6 +197,10 @@ def test_fused_blocks_switch_is_read_when_the_model_is_built(checkpoint_factory,
     for name in ("moe_block", "attention_block"):
         real = getattr(cpu_native, name)
         monkeypatch.setattr(cpu_native, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    real_run = cpu_native.DecodeLayers.run
+    monkeypatch.setattr(
+        cpu_native.DecodeLayers, "run", lambda *a, **k: calls.append("decode_layers") or real_run(*a, **k)
+    )
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": [3, 1, 4, 1, 5]}, {"prompt_token_ids": [9, 2, 6]}]
     monkeypatch.setenv("DYNSERVE_FUSED_BLOCKS", "0")
@@ -203,5 +209,48 @@ def test_fused_blocks_switch_is_read_when_the_model_is_built(checkpoint_factory,
     plain = [o.outputs[0].token_ids for o in unfused.generate(prompts, sp)]
     assert calls == []
     fused = [o.outputs[0].token_ids for o in LLM(str(path)).generate(prompts, sp)]
-    assert set(calls) == {"moe_block", "attention_block"}
+    # every decode step's layers in one native call (prefill steps' MoE blocks: `moe_block`)
+    assert "decode_layers" in calls and "attention_block" not in calls
     assert fused == plain
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_decode_layers_equal_the_blocks_layer_by_layer(dtype, checkpoint_factory, monkeypatch):
+    """The whole decode step's layers in one native call (`cpu_native.DecodeLayers`) against the same
+    fused blocks called layer by layer: the same tokens, expert usage and routed experts, for a mixed
+    batch; with one layer whose router ties every expert (every step's top_k pick there is torch's:
+    the native call stops before that layer's MoE, which runs op by op, and resumes after it)."""
+    from dynserve import LLM, SamplingParams
+    from dynserve.model.decoder import DecoderForCausalLM
+
+    path = checkpoint_factory("mixtral")
+    runs = []
+    real_run = cpu_native.DecodeLayers.run
+    monkeypatch.setattr(
+        cpu_native.DecodeLayers,
+        "run",
+        lambda *a, **k: runs.append(a[-1] if len(a) > 8 else k.get("start", 0)) or real_run(*a, **k),
+    )
+    common = dict(temperature=0.0, max_tokens=10, ignore_eos=True, return_routed_experts=True)
+    params = [SamplingParams(**common), SamplingParams(**common, routing=RoutingConfig(policy="top_p", p=0.5))] * 2
+    prompts = [{"prompt_token_ids": [2 + i, 7, 1, 8, 2, 8][: 3 + i]} for i in range(4)]
+
+    def run(tie_layer=None):
+        llm = LLM(str(path), dtype=dtype)
+        if tie_layer is not None:
+            gate = llm.engine.runner.model.layers[tie_layer].mlp.gate.weight
+            gate.copy_(gate[:1].expand_as(gate))  # every expert the same logit: all tied
+        outs = llm.generate(prompts, params)
+        return [(o.outputs[0].token_ids, o.expert_usage.per_layer, o.outputs[0].routed_experts.counts.tolist(),
+                 o.outputs[0].routed_experts.ids.tolist()) for o in outs]  # fmt: skip
+
+    for tie_layer in (None, 0):
+        runs.clear()
+        native = run(tie_layer)
+        assert runs and (tie_layer is None or max(runs) == tie_layer + 1)  # resumed after the tied layer
+        monkeypatch.setattr(DecoderForCausalLM, "native_decode", False)
+        runs.clear()
+        layered = run(tie_layer)
+        assert not runs
+        monkeypatch.setattr(DecoderForCausalLM, "native_decode", True)
+        assert native == layered

@@ -188,6 +188,7 @@ def _phases(eng, env: dict[str, str], steps: int) -> dict[str, float]:  # noqa: 
 
     patched = {"execute": runner.execute, "build_batch": runner.build_batch}
     saved_native = {n: getattr(cpu_native, n) for n in _NATIVE if hasattr(cpu_native, n)}
+    saved_run = cpu_native.DecodeLayers.run  # every decode layer in one native call
     model, sampler = runner.model, runner.sampler
     try:
         runner.execute = timed(patched["execute"], "execute")
@@ -197,6 +198,7 @@ def _phases(eng, env: dict[str, str], steps: int) -> dict[str, float]:  # noqa: 
         sampler.sample = timed(sampler.sample, "sample")
         for n, fn in saved_native.items():
             setattr(cpu_native, n, timed(fn, "native"))
+        cpu_native.DecodeLayers.run = timed(saved_run, "native")
         total = 0.0
         with _env(env):
             for _ in range(steps):
@@ -207,6 +209,7 @@ def _phases(eng, env: dict[str, str], steps: int) -> dict[str, float]:  # noqa: 
         del runner.execute, runner.build_batch, model.forward, model.compute_logits, sampler.sample
         for n, fn in saved_native.items():
             setattr(cpu_native, n, fn)
+        cpu_native.DecodeLayers.run = saved_run
     ms = {k: 1000 * v / steps for k, v in acc.items()}
     return {
         "step": 1000 * total / steps,

@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+import dynserve_kernels
 import torch
 import torch.nn.functional as F
+from dynserve_kernels.cpu_native import DecodeLayerWeights
 from dynserve_kernels.moe_ref import ClampedSwiGLU
 from torch import nn
 
@@ -33,7 +35,8 @@ from dynserve.model.layers import (
     assign_param,
 )
 from dynserve.model.moe import ExpertNames, MoEBlock
-from dynserve.routing import CheckpointRule
+from dynserve.routing import Assignment, CheckpointRule
+from dynserve.routing.policies import fused_route_rows
 
 logger = logging.getLogger(__name__)
 
@@ -258,9 +261,90 @@ class DecoderForCausalLM(CausalLM):
         n = self.spec.attention_per_layer
         if len(kv_caches) != len(self.layers) * n:
             raise ValueError(f"expected {len(self.layers) * n} KV caches, got {len(kv_caches)}")
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_caches[i * n : (i + 1) * n], batch)
+        start = 0
+        native = self._native_layers(kv_caches)
+        if native is not None and batch.router_records is None and native.takes(x, cos, sin, batch):
+            x, start = self._forward_native(native, x, cos, sin, batch)
+        for i in range(start, len(self.layers)):
+            x = self.layers[i](x, cos, sin, kv_caches[i * n : (i + 1) * n], batch)
         return self.norm(x)  # [T, H]
+
+    # the whole decode step's layers in one native call (CPU, every layer plain attention + a fusable
+    # MoE block): no Python between the layers' kernels
+    native_decode: bool = True  # set False to run each layer's blocks by itself (benchmarks timing a block)
+
+    def _native_layers(self, kv_caches: list[torch.Tensor]):  # noqa: ANN202
+        """The `dynserve_kernels.decode_layers` plan of this model over these caches (built once per set
+        of caches), or None where the layers do not all fit it."""
+        key = (self.native_decode, tuple(c.data_ptr() for c in kv_caches))
+        hit = self.__dict__.get("_native_plan")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        plan = None
+        layers = list(self.layers)
+        if (
+            self.native_decode
+            and self.spec.attention_per_layer == 1
+            and layers
+            and all(
+                type(layer) is DecoderLayer
+                and layer.is_moe
+                and isinstance(layer.self_attn, Attention)
+                and layer.self_attn.fusable_block()
+                and layer.mlp.fused_blocks
+                and layer.mlp.backend == "cpu"
+                and layer.mlp._fusable()
+                for layer in layers
+            )
+        ):
+            a0 = layers[0].self_attn
+            eps = {(lay.input_layernorm.eps, lay.post_attention_layernorm.eps, lay.self_attn.scale) for lay in layers}
+            if len(eps) == 1:
+                in_eps, post_eps, scale = eps.pop()
+                weights = [
+                    DecodeLayerWeights(
+                        lay.input_layernorm.weight,
+                        lay.self_attn.qkv_proj.weight,
+                        lay.self_attn.o_proj.weight,
+                        lay.post_attention_layernorm.weight,
+                        kv,
+                        lay.mlp.gate.weight,
+                        lay.mlp.w13,
+                        lay.mlp.w2,
+                    )  # fmt: skip
+                    for lay, kv in zip(layers, kv_caches, strict=True)
+                ]
+                plan = dynserve_kernels.decode_layers(weights, a0.num_heads, in_eps, post_eps, scale, a0.backend)
+        self.__dict__["_native_plan"] = (key, plan)
+        return plan
+
+    def _forward_native(self, native, x, cos, sin, batch: ForwardBatch) -> tuple[torch.Tensor, int]:  # noqa: ANN001
+        """Run the decode layers natively: -> (x after them, the first layer left to the caller, i.e.
+        len(layers), or where the routing of a layer could not be fused: its MoE then runs op by op
+        here and the native call resumes after it)."""
+        L = len(self.layers)
+        rows = tuple(fused_route_rows(batch.routing, layer.mlp.rule, i) for i, layer in enumerate(self.layers))
+        if any(r is None for r in rows):
+            return x, 0
+        x = x.contiguous()
+        start = 0
+        while start < L:
+            r = native.run(x, cos, sin, batch.slot_mapping, batch, rows, batch.routing.config_index, start)
+            pairs = r.pairs.tolist()
+            for i in range(start, r.stop):
+                P, E = pairs[i], self.layers[i].mlp.num_experts
+                batch.assignments.append(
+                    Assignment(x.shape[0], E, r.token_ids[i, :P], r.expert_ids[i, :P], r.weights[i, :P],
+                               r.offsets[i], expert_counts=r.expert_counts[i])
+                )  # fmt: skip
+                batch.expert_counts.append(r.token_counts[i])  # [T]
+                if batch.expert_token_counts is not None:
+                    batch.expert_token_counts.append(r.expert_counts[i])  # [E]
+            if r.stop == L:
+                break
+            x = (r.h + self.layers[r.stop].mlp(r.y, batch)).contiguous()  # a near-tie: this MoE op by op
+            start = r.stop + 1
+        return x, L
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [S, V]

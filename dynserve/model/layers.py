@@ -401,6 +401,19 @@ class Attention(nn.Module):
         )  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H]
 
+    def fusable_block(self) -> bool:
+        """Whether this attention is what the fused decode attention block computes (plain attention:
+        no q/k norm, clipping, sinks, window or projection biases) and fused blocks are on."""
+        return not (
+            not self.fused_blocks
+            or self.qk_norm is not None
+            or self.clip_qkv is not None
+            or self.sinks is not None
+            or self.window
+            or self.qkv_proj.bias is not None
+            or self.o_proj.bias is not None
+        )
+
     def forward_block(
         self,
         x: torch.Tensor,
@@ -414,15 +427,7 @@ class Attention(nn.Module):
         """(post_norm(h), h), h = x + self(input_norm(x)), in one kernel call where the backend fuses
         the block (decode steps of plain attention: no q/k norm, clipping, sinks, window or biases);
         None otherwise."""
-        if (
-            not self.fused_blocks
-            or self.qk_norm is not None
-            or self.clip_qkv is not None
-            or self.sinks is not None
-            or self.window
-            or self.qkv_proj.bias is not None
-            or self.o_proj.bias is not None
-        ):
+        if not self.fusable_block():
             return None
         return dynserve_kernels.attention_block(
             x, (input_norm.weight, input_norm.eps), self.qkv_proj.weight, cos, sin, kv_cache, batch.slot_mapping,

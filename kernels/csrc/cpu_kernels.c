@@ -1536,3 +1536,52 @@ int64_t dyn_moe_block_bf16(const uint16_t *y, const uint16_t *h, const uint16_t 
     for (int64_t i = 0; i < T * H; i++) out[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(out[i]));
     return P;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * A decode step's layers [fused attention block, fused MoE block] x L in one native call, for models
+ * whose every layer is both (dyn_attn_block_* then dyn_moe_block_*; the same kernels, so the same
+ * results as calling them layer by layer). x [T, H] is the residual stream in and out; y/h [T, H] are
+ * the last layer's normed input to its MoE block and its residual (for the caller's fallback).
+ * lp [L, 9]: per layer the addresses of in_w, w_qkv, kc, vc, w_o, post_w, w_router, w13, w2; tp [L, 10]:
+ * per layer the addresses of its routing table (cfg_index aside, dyn_route's tables in order). Per-layer
+ * routing outputs at offsets [L, T+1], tok/ids/w [L, T*E], token_counts [L, T], expert_counts [L, E],
+ * pairs [L]. Runs layers l0.. and returns L when all ran; l when layer l's routing was ambiguous
+ * (its attention ran; y and h hold its MoE inputs: the caller runs that MoE op by op and calls again
+ * from l + 1); -1 when a slot lies past the cache; -2 when out of memory.
+ * ------------------------------------------------------------------------------------------- */
+#define DECODE_LAYERS_ARGS                                                                                  \
+    const int64_t *lp, const int64_t *tp, int64_t l0, int64_t L, int64_t T, int64_t H, int64_t Hq,          \
+        int64_t Hkv, int64_t D, int64_t R, float in_eps, float post_eps, const int64_t *slots,               \
+        int64_t num_slots, const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens,        \
+        int64_t bs, float scale, int64_t E, int64_t I, const int64_t *cfg_index, int64_t *offsets,           \
+        int64_t *tok, int64_t *ids, float *w, int64_t *token_counts, int64_t *expert_counts, int64_t *pairs, \
+        int64_t num_threads
+
+#define DECODE_LAYERS_BODY(T_, ATTN, MOE)                                                                   \
+    for (int64_t l = l0; l < L; l++) {                                                                      \
+        const int64_t *p = lp + l * 9, *t = tp + l * 10;                                                    \
+        int st = ATTN(x, (const T_ *)p[0], (const T_ *)p[1], cos, sin, (T_ *)p[2], (T_ *)p[3],            \
+                      (const T_ *)p[4], (const T_ *)p[5], y, h, T, H, Hq, Hkv, D, R, in_eps, post_eps, slots,  \
+                      num_slots, block_tables, max_blocks, seq_lens, bs, scale, num_threads);               \
+        if (st != 0) return st == -1 ? -1 : -2;                                                             \
+        const int64_t P = MOE(y, h, (const T_ *)p[6], (const T_ *)p[7], (const T_ *)p[8], x, T, H, E, I,     \
+                              cfg_index, (const int32_t *)t[0], (const int64_t *)t[1], (const float *)t[2],   \
+                              (const float *)t[3], (const int64_t *)t[4], (const int64_t *)t[5],             \
+                              (const int32_t *)t[6], (const int64_t *)t[7], (const float *)t[8],             \
+                              (const int64_t *)t[9], offsets + l * (T + 1), tok + l * T * E, ids + l * T * E, \
+                              w + l * T * E, token_counts + l * T, expert_counts + l * E, num_threads);      \
+        if (P == -1) return l;                                                                              \
+        if (P < 0) return -2;                                                                               \
+        pairs[l] = P;                                                                                       \
+    }                                                                                                       \
+    return L;
+
+int64_t dyn_decode_layers_f32(float *x, float *y, float *h, const float *cos, const float *sin,
+                              DECODE_LAYERS_ARGS) {
+    DECODE_LAYERS_BODY(float, dyn_attn_block_f32, dyn_moe_block_f32)
+}
+
+int64_t dyn_decode_layers_bf16(uint16_t *x, uint16_t *y, uint16_t *h, const uint16_t *cos, const uint16_t *sin,
+                               DECODE_LAYERS_ARGS) {
+    DECODE_LAYERS_BODY(uint16_t, dyn_attn_block_bf16, dyn_moe_block_bf16)
+}
