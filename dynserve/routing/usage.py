@@ -83,7 +83,7 @@ def stack_counts(expert_counts: list[torch.Tensor], num_tokens: int | None = Non
     """[L, T] int64 from the per-layer [T] counts (L may be 0: then `num_tokens` gives T)."""
     if not expert_counts:
         return torch.zeros(0, num_tokens or 0, dtype=torch.int64)
-    return torch.stack([c.to(torch.int64) for c in expert_counts])  # [L, T]
+    return torch.stack([c if c.dtype is torch.int64 else c.to(torch.int64) for c in expert_counts])  # [L, T]
 
 
 def sequence_layer_counts(
@@ -101,6 +101,8 @@ def sequence_layer_counts(
     if counts.shape[0] == 0:
         return torch.zeros(B, 0, dtype=torch.int64, device=query_start_loc.device)
     L = counts.shape[0]
+    if counts.shape[1] == B and not (skip is not None and any(skip)) and _one_token_each(query_start_loc):
+        return counts.T.contiguous()  # [B, L]: a decode step, one token per sequence
     csum = torch.zeros(L, counts.shape[1] + 1, dtype=torch.int64, device=counts.device)  # [L, T+1]
     csum[:, 1:] = torch.cumsum(counts, dim=1)
     qsl = query_start_loc.to(counts.device, torch.int64)  # [B+1]
@@ -108,6 +110,15 @@ def sequence_layer_counts(
     if skip is not None and any(skip):
         starts = starts + torch.tensor(skip, dtype=torch.int64, device=counts.device)
     return (csum[:, qsl[1:]] - csum[:, starts]).T.contiguous()  # [B, L]
+
+
+def _one_token_each(query_start_loc: torch.Tensor) -> bool:
+    """Whether every sequence of the step has exactly one token (query_start_loc = 0, 1, ..., B): a
+    decode step. Host tensors only (a device tensor would need a sync to tell: then False)."""
+    if query_start_loc.is_cuda:
+        return False
+    n = int(query_start_loc.numel())
+    return torch.equal(query_start_loc.to(torch.int64), torch.arange(n, dtype=torch.int64))
 
 
 def experts_per_token_histogram(expert_counts: list[torch.Tensor] | torch.Tensor, num_experts: int) -> torch.Tensor:
